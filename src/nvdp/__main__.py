@@ -1,0 +1,3 @@
+from nvdp.cli import main
+
+main()

@@ -1,0 +1,158 @@
+"""Composition root: builds the backend, the device tree and the manager from a Config and runs
+them until told to stop. Signals: SIGHUP reloads, SIGTERM/SIGINT stop. Only `cli` decides exit codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from nvdp.backend import GpuBackend
+from nvdp.config import Config
+from nvdp.devices import DeviceTree, Node
+from nvdp.errors import ConfigError, DiscoveryError, NoDevicesFound
+from nvdp.manager import Manager
+from nvdp.resources import build_tree
+from nvdp.server import ServingContext
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[Config], GpuBackend]
+# Config fields that need a new backend when they change (the rest only rebuild the tree).
+BACKEND_FIELDS = ("simulate", "container_driver_root", "driver_root", "dev_root", "device_discovery_strategy")
+
+
+def open_backend(cfg: Config) -> GpuBackend:
+    """The simulated backend when --simulate is set, real NVML otherwise."""
+    if cfg.simulate:
+        from nvdp.simulated import SimulatedBackend
+
+        return SimulatedBackend(cfg.simulate)
+    from nvdp.nvml import NvmlBackend
+
+    return NvmlBackend(driver_root=cfg.container_driver_root, dev_root=cfg.dev_root)
+
+
+def discover_tree(backend: GpuBackend, cfg: Config) -> tuple[Node, DeviceTree]:
+    node = backend.discover()
+    tree = build_tree(node, cfg)
+    if not tree:
+        raise NoDevicesFound(f"no devices found by the {backend.name} backend")
+    return node, tree
+
+
+class Plugin:
+    """The running plugin.
+
+    Resource handling: `run()` owns the backend and every socket; both are released when it
+    returns, whether by `stop()`, a signal or an error.
+    Error handling: start-up DiscoveryError propagates when fail_on_init_error is set; otherwise
+    it is logged and the plugin idles until SIGHUP (retry) or SIGTERM. A bad config on SIGHUP is
+    logged and the running config is kept.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        backend_factory: BackendFactory = open_backend,
+        reload_config: Callable[[], Config] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._backend_factory = backend_factory
+        self._reload_config = reload_config
+        self.backend: GpuBackend | None = None
+        self.node: Node | None = None
+        self.manager = Manager(cfg.kubelet_socket, ServingContext(cfg, Node(gpus=()).topology, ()))
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.started = asyncio.Event()  # set once serving (or idling after an init error)
+        self.init_error: DiscoveryError | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    async def run(self, handle_signals: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            loop.add_signal_handler(signal.SIGTERM, self.stop)
+            loop.add_signal_handler(signal.SIGINT, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        log.info("Running with config: %s", self.cfg.to_json())
+        try:
+            await self._start()
+            async with asyncio.TaskGroup() as tasks:
+                background = [
+                    tasks.create_task(self.manager.keep_registered()),
+                    tasks.create_task(self.manager.watch_folder()),
+                ]
+                await self._serve_until_stopped()
+                for task in background:
+                    task.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.manager.close()
+            if self.backend is not None:
+                self.backend.close()
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+            log.info("stopped")
+
+    async def _start(self) -> None:
+        try:
+            await self._load(self.cfg, new_backend=True)
+            self.init_error = None
+        except DiscoveryError as exc:
+            if self.cfg.fail_on_init_error:
+                raise
+            self.init_error = exc
+            log.error(
+                "initialisation failed; fail-on-init-error=false, so idling until SIGHUP or SIGTERM",
+                extra={"error": str(exc)},
+            )
+        self.started.set()
+
+    async def _load(self, cfg: Config, new_backend: bool) -> None:
+        if new_backend or self.backend is None:
+            if self.backend is not None:
+                self.backend.close()
+                self.backend = None
+            self.backend = await asyncio.to_thread(self._backend_factory, cfg)
+        node, tree = await asyncio.to_thread(discover_tree, self.backend, cfg)
+        self.cfg, self.node = cfg, node
+        await self.manager.apply(tree, ServingContext(cfg, node.topology, node.control_devices))
+
+    async def _serve_until_stopped(self) -> None:
+        while not self._stop.is_set():
+            stop = asyncio.ensure_future(self._stop.wait())
+            reload = asyncio.ensure_future(self._reload.wait())
+            await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            reload.cancel()
+            if self._reload.is_set() and not self._stop.is_set():
+                self._reload.clear()
+                await self.reload()
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config, rediscover, and apply the new tree (unchanged resources keep
+        their sockets and streams)."""
+        try:
+            cfg = self._reload_config() if self._reload_config else self.cfg
+        except ConfigError as exc:
+            log.error("reload: invalid configuration, keeping the running one", extra={"error": str(exc)})
+            return
+        new_backend = self.init_error is not None or any(
+            getattr(cfg, f) != getattr(self.cfg, f) for f in BACKEND_FIELDS
+        )
+        try:
+            await self._load(cfg, new_backend=new_backend)
+            self.init_error = None
+            log.info("reloaded", extra={"resources": ",".join(self.manager.servers)})
+        except DiscoveryError as exc:
+            log.error("reload: discovery failed, keeping the running devices", extra={"error": str(exc)})

@@ -1,0 +1,394 @@
+"""Configuration: one frozen `Config`, resolved once from CLI > env > config file > default.
+
+Every option of the official plugin is a row of `OPTIONS` (flag, aliases, env vars, config-file
+key, default, allowed values). The CLI, the env lookup, the file lookup and the validation all read
+that one table, so adding an option is one row and one `Config` field. Nothing else in nvdp reads
+`os.environ` or argv.
+
+Parsing follows the official plugin (urfave/cli v2): booleans as Go's `strconv.ParseBool`, an env
+var that is set but empty counts as set (false for a boolean), lists split on "," and trimmed, and
+for options with two env names the first one present wins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from nvdp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["bool", "str", "list", "intlist", "float", "int"]
+
+_GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_GO_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configurable setting and every way to set it."""
+
+    field: str  # Config attribute
+    flag: str  # long CLI name without dashes
+    kind: Kind
+    default: Any
+    envs: tuple[str, ...] = ()
+    file_key: str | None = None  # dotted path in the config file, e.g. "flags.plugin.passDeviceSpecs"
+    aliases: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+
+LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
+
+OPTIONS: tuple[Option, ...] = (
+    Option("mig_strategy", "mig-strategy", "str", "none", ("MIG_STRATEGY",), "flags.migStrategy",
+           choices=("none", "single", "mixed"), help="how MIG devices are exposed"),
+    Option("fail_on_init_error", "fail-on-init-error", "bool", True, ("FAIL_ON_INIT_ERROR",),
+           "flags.failOnInitError", help="exit 1 when NVML cannot load or no GPU is found (else idle)"),
+    Option("driver_root", "driver-root", "str", "/", ("NVIDIA_DRIVER_ROOT",), "flags.nvidiaDriverRoot",
+           aliases=("nvidia-driver-root",), help="root of the driver installation on the host"),
+    Option("dev_root", "dev-root", "str", None, ("NVIDIA_DEV_ROOT",), "flags.nvidiaDevRoot",
+           aliases=("nvidia-dev-root",), help="root of /dev on the host (default: the driver root)"),
+    Option("pass_device_specs", "pass-device-specs", "bool", False, ("PASS_DEVICE_SPECS",),
+           "flags.plugin.passDeviceSpecs", help="return device nodes in Allocate (CPU manager compat)"),
+    Option("device_list_strategy", "device-list-strategy", "list", ("envvar",), ("DEVICE_LIST_STRATEGY",),
+           "flags.plugin.deviceListStrategy", choices=LIST_STRATEGIES,
+           help="how the device list reaches the runtime"),
+    Option("device_id_strategy", "device-id-strategy", "str", "uuid", ("DEVICE_ID_STRATEGY",),
+           "flags.plugin.deviceIDStrategy", choices=("uuid", "index"), help="IDs passed to the runtime"),
+    Option("gdrcopy_enabled", "gdrcopy-enabled", "bool", False, ("GDRCOPY_ENABLED",), "flags.gdrcopyEnabled"),
+    Option("gds_enabled", "gds-enabled", "bool", False, ("GDS_ENABLED",), "flags.gdsEnabled"),
+    Option("mofed_enabled", "mofed-enabled", "bool", False, ("MOFED_ENABLED",), "flags.mofedEnabled"),
+    Option("cdi_annotation_prefix", "cdi-annotation-prefix", "str", "cdi.k8s.io/", ("CDI_ANNOTATION_PREFIX",),
+           "flags.plugin.cdiAnnotationPrefix"),
+    Option("nvidia_cdi_hook_path", "nvidia-cdi-hook-path", "str", "/usr/bin/nvidia-ctk",
+           ("NVIDIA_CDI_HOOK_PATH", "NVIDIA_CTK_PATH"), "flags.plugin.nvidiaCTKPath",
+           aliases=("nvidia-ctk-path",)),
+    Option("container_driver_root", "driver-root-ctr-path", "str", "/driver-root",
+           ("DRIVER_ROOT_CTR_PATH", "CONTAINER_DRIVER_ROOT"), "flags.plugin.containerDriverRoot",
+           aliases=("container-driver-root",), help="where the host driver root is mounted in this container"),
+    Option("mps_root", "mps-root", "str", "", ("MPS_ROOT",), "flags.mpsRoot"),
+    Option("shared_devices_allocation_policy", "shared-devices-allocation-policy", "str", "distributed",
+           ("SHARED_DEVICES_ALLOCATION_POLICY",), "flags.plugin.sharedDevicesAllocationPolicy",
+           choices=("distributed", "packed")),
+    Option("device_discovery_strategy", "device-discovery-strategy", "str", "auto",
+           ("DEVICE_DISCOVERY_STRATEGY",), "flags.deviceDiscoveryStrategy", choices=("auto", "nvml", "tegra")),
+    Option("imex_channel_ids", "imex-channel-ids", "intlist", (), ("IMEX_CHANNEL_IDS",), "imex.channelIDs"),
+    Option("imex_required", "imex-required", "bool", False, ("IMEX_REQUIRED",), "imex.required"),
+    Option("kubelet_socket", "kubelet-socket", "str", "/var/lib/kubelet/device-plugins/kubelet.sock",
+           ("KUBELET_SOCKET",), help="the kubelet's registration socket; empty: do not register"),
+    Option("config_file", "config-file", "str", None, ("CONFIG_FILE",), help="config file (schema v1)"),
+    Option("cdi_feature_flags", "cdi-feature-flags", "list", (), ("CDI_FEATURE_FLAGS",)),
+    Option("cdi_disable_hooks", "cdi-disable-hooks", "list", (), ("CDI_DISABLE_HOOKS",)),
+    # nvdp's own options.
+    Option("simulate", "simulate", "str", None, ("NVDP_SIMULATE",), "flags.nvdp.simulate",
+           help="run on a simulated node: a built-in profile name or a YAML file"),
+    Option("log_level", "log-level", "str", "info", ("NVDP_LOG_LEVEL",), "flags.nvdp.logLevel",
+           choices=("debug", "info", "warning", "error")),
+)
+
+OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class TimeSlicingResource:
+    name: str
+    replicas: int
+    rename: str | None = None
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """Time-slicing settings from the config file (MPS is parsed but not served yet)."""
+
+    strategy: Literal["none", "time-slicing", "mps"] = "none"
+    rename_by_default: bool = False
+    fail_requests_greater_than_one: bool = False
+    resources: tuple[TimeSlicingResource, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    mig_strategy: str = "none"
+    fail_on_init_error: bool = True
+    driver_root: str = "/"
+    dev_root: str = "/"
+    pass_device_specs: bool = False
+    device_list_strategy: tuple[str, ...] = ("envvar",)
+    device_id_strategy: str = "uuid"
+    gdrcopy_enabled: bool = False
+    gds_enabled: bool = False
+    mofed_enabled: bool = False
+    cdi_annotation_prefix: str = "cdi.k8s.io/"
+    nvidia_cdi_hook_path: str = "/usr/bin/nvidia-ctk"
+    container_driver_root: str = "/driver-root"
+    mps_root: str = ""
+    shared_devices_allocation_policy: str = "distributed"
+    device_discovery_strategy: str = "auto"
+    imex_channel_ids: tuple[int, ...] = ()
+    imex_required: bool = False
+    kubelet_socket: str = "/var/lib/kubelet/device-plugins/kubelet.sock"
+    config_file: str | None = None
+    cdi_feature_flags: tuple[str, ...] = ()
+    cdi_disable_hooks: tuple[str, ...] = ()
+    simulate: str | None = None
+    log_level: str = "info"
+    sharing: Sharing = field(default_factory=Sharing)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsing, Go-style
+
+
+def parse_go_bool(name: str, raw: str) -> bool:
+    if raw in _GO_TRUE:
+        return True
+    if raw in _GO_FALSE:
+        return False
+    raise ConfigError(name, f"{raw!r} is not a boolean (use true/false, 1/0, t/f)")
+
+
+def _split(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _parse_text(opt: Option, name: str, raw: str) -> Any:
+    """Parse a value given as text (a CLI argument or an env var)."""
+    match opt.kind:
+        case "bool":
+            return False if raw == "" else parse_go_bool(name, raw)
+        case "list":
+            return _split(raw)
+        case "intlist":
+            try:
+                return tuple(int(x) for x in _split(raw))
+            except ValueError:
+                raise ConfigError(name, f"{raw!r} is not a comma-separated list of integers") from None
+        case "int":
+            try:
+                return int(raw)
+            except ValueError:
+                raise ConfigError(name, f"{raw!r} is not an integer") from None
+        case "float":
+            try:
+                return float(raw)
+            except ValueError:
+                raise ConfigError(name, f"{raw!r} is not a number") from None
+        case _:
+            return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# The config file (schema v1)
+
+
+class _FileModel(BaseModel):
+    # The official plugin ignores unknown keys (encoding/json); so do we, so existing files load.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class _TimeSlicingResourceFile(_FileModel):
+    name: str
+    replicas: int = Field(ge=1)
+    rename: str | None = None
+    devices: Any = "all"
+
+
+class _SharingStrategyFile(_FileModel):
+    renameByDefault: bool = False
+    failRequestsGreaterThanOne: bool | None = None
+    resources: list[_TimeSlicingResourceFile] = Field(default_factory=list)
+
+
+class _SharingFile(_FileModel):
+    timeSlicing: _SharingStrategyFile | None = None
+    mps: _SharingStrategyFile | None = None
+
+
+class _ConfigFile(_FileModel):
+    version: str = "v1"
+    flags: dict[str, Any] = Field(default_factory=dict)
+    sharing: _SharingFile | None = None
+    imex: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: str) -> str:
+        if v != "v1":
+            raise ValueError(f"unknown version: {v}")
+        return v
+
+
+def _lookup(doc: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = doc
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _file_value(opt: Option, raw: Any) -> Any:
+    """Check and convert a value read from the config file (typed YAML, not text)."""
+    key = f"config file field {opt.file_key}"
+    match opt.kind:
+        case "bool":
+            if not isinstance(raw, bool):
+                raise ConfigError(key, f"{raw!r} is not a boolean")
+            return raw
+        case "list":
+            # deviceListStrategy may be one string or a list of strings.
+            if isinstance(raw, str):
+                return (raw,)
+            if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+                return tuple(raw)
+            raise ConfigError(key, f"{raw!r} is not a string or a list of strings")
+        case "intlist":
+            if isinstance(raw, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+                return tuple(raw)
+            raise ConfigError(key, f"{raw!r} is not a list of integers")
+        case "int" | "float":
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                raise ConfigError(key, f"{raw!r} is not a number")
+            return raw if opt.kind == "float" else int(raw)
+        case _:
+            if not isinstance(raw, str):
+                raise ConfigError(key, f"{raw!r} is not a string")
+            return raw
+
+
+def read_config_file(path: str, read_text: Callable[[str], str]) -> tuple[dict[str, Any], Sharing]:
+    """Parse a config file into {dotted key: raw value} lookups and the sharing block."""
+    try:
+        text = read_text(path)
+    except OSError as exc:
+        raise ConfigError("--config-file", f"error opening config file {path}: {exc.strerror or exc}") from exc
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config-file", f"{path} is not valid YAML or JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError("--config-file", f"{path}: the top level must be a mapping")
+    try:
+        model = _ConfigFile.model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"config file field {where}", first["msg"]) from exc
+    return doc, _sharing_from(model.sharing)
+
+
+def _sharing_from(block: _SharingFile | None) -> Sharing:
+    if block is None or (block.timeSlicing is None and block.mps is None):
+        return Sharing()
+    if block.mps is not None and block.mps.resources:
+        raise ConfigError("config file field sharing.mps", "MPS sharing is not supported by nvdp yet")
+    ts = block.timeSlicing
+    if ts is None or not ts.resources:
+        return Sharing()
+    resources = []
+    for i, r in enumerate(ts.resources):
+        name = r.name if "/" in r.name else f"nvidia.com/{r.name}"
+        rename = r.rename
+        if rename is None and ts.renameByDefault:
+            rename = f"{name}.shared"
+        elif rename is not None and "/" not in rename:
+            rename = f"nvidia.com/{rename}"
+        if r.devices != "all":
+            log.warning("sharing.timeSlicing.resources[%d].devices=%r: only 'all' is honoured "
+                        "(as in the official plugin)", i, r.devices)
+        resources.append(TimeSlicingResource(name=name, replicas=r.replicas, rename=rename))
+    return Sharing(
+        strategy="time-slicing",
+        rename_by_default=ts.renameByDefault,
+        fail_requests_greater_than_one=bool(ts.failRequestsGreaterThanOne),
+        resources=tuple(resources),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+
+
+def _flag_name(opt: Option) -> str:
+    return f"--{opt.flag}"
+
+
+def load(
+    cli: Mapping[str, Any],
+    environ: Mapping[str, str],
+    read_text: Callable[[str], str] = lambda p: open(p, encoding="utf-8").read(),  # noqa: SIM115
+) -> Config:
+    """Resolve the configuration: CLI > env > config file > default, then validate.
+
+    `cli` maps Config field names to what the command line gave: None when not given, a string
+    (or a sequence of strings for list options) otherwise.
+    """
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        values[opt.field] = _from_cli_or_env(opt, cli.get(opt.field), environ)
+
+    doc: Mapping[str, Any] = {}
+    sharing = Sharing()
+    config_file = values["config_file"]
+    if config_file is not _UNSET and config_file:
+        doc, sharing = read_config_file(config_file, read_text)
+
+    for opt in OPTIONS:
+        if values[opt.field] is _UNSET:
+            raw = _lookup(doc, opt.file_key) if opt.file_key else None
+            values[opt.field] = _file_value(opt, raw) if raw is not None else opt.default
+
+    if not values["dev_root"]:
+        values["dev_root"] = values["driver_root"]
+    cfg = Config(**values, sharing=sharing)
+    validate(cfg)
+    return cfg
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+_UNSET: Any = _Unset()
+
+
+def _from_cli_or_env(opt: Option, given: Any, environ: Mapping[str, str]) -> Any:
+    if given is not None:
+        if isinstance(given, str):
+            return _parse_text(opt, _flag_name(opt), given)
+        if isinstance(given, Sequence):  # a repeated list flag; each occurrence may hold commas
+            return _parse_text(opt, _flag_name(opt), ",".join(given))
+        return given
+    for env in opt.envs:
+        if env in environ:
+            return _parse_text(opt, env, environ[env])
+    return _UNSET
+
+
+def validate(cfg: Config) -> None:
+    """Reject values outside the allowed sets, naming the flag and what is allowed."""
+    for opt in OPTIONS:
+        if opt.choices is None:
+            continue
+        value = getattr(cfg, opt.field)
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if item not in opt.choices:
+                raise ConfigError(
+                    _flag_name(opt), f"invalid strategy: {item!r} (allowed: {', '.join(opt.choices)})"
+                )
+    if cfg.imex_channel_ids not in ((), (0,)):
+        raise ConfigError("--imex-channel-ids", f"channelIDs must be [] or [0]; found {list(cfg.imex_channel_ids)}")

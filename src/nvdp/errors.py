@@ -1,0 +1,78 @@
+"""The exceptions nvdp raises, by meaning rather than by library.
+
+    PluginError
+    ├── ConfigError            a flag, env var or config-file field is invalid (names the field)
+    ├── DiscoveryError         the GPUs could not be enumerated
+    │   ├── NvmlUnavailable    libnvidia-ml could not be loaded or initialised (lists the paths tried)
+    │   └── NoDevicesFound     NVML works but there is nothing to advertise
+    ├── DeviceError            one device misbehaved at run time (NVML call failed, GPU lost)
+    ├── AllocationError        a kubelet request cannot be honoured
+    │   ├── UnknownDevice      an ID the resource does not advertise
+    │   └── UnhealthyDevice    an ID that is currently Unhealthy
+    └── RegistrationError      the kubelet refused or did not answer Register
+
+Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where they enter
+(`nvml.py`, `kubelet.py`) and re-raised `from` the original.
+"""
+
+from __future__ import annotations
+
+
+class PluginError(Exception):
+    """Base of every error nvdp raises on purpose."""
+
+
+class ConfigError(PluginError):
+    """An invalid configuration value; the message names the flag or field and what is allowed."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"invalid {field}: {message}")
+        self.field = field
+
+
+class DiscoveryError(PluginError):
+    """GPU discovery failed."""
+
+
+class NvmlUnavailable(DiscoveryError):
+    """NVML could not be loaded or initialised."""
+
+    def __init__(self, message: str, searched: tuple[str, ...] = ()) -> None:
+        detail = f"{message}; searched: {', '.join(searched)}" if searched else message
+        super().__init__(detail)
+        self.searched = searched
+
+
+class NoDevicesFound(DiscoveryError):
+    """NVML answered but reported no usable device."""
+
+
+class DeviceError(PluginError):
+    """A run-time failure of one GPU (an NVML call failed, the GPU fell off the bus)."""
+
+    def __init__(self, gpu: str, message: str) -> None:
+        super().__init__(f"GPU {gpu}: {message}")
+        self.gpu = gpu
+
+
+class AllocationError(PluginError):
+    """A request from the kubelet that cannot be honoured."""
+
+
+class UnknownDevice(AllocationError):
+    def __init__(self, resource: str, device_id: str) -> None:
+        super().__init__(f"invalid allocation request for {resource!r}: unknown device: {device_id}")
+        self.resource = resource
+        self.device_id = device_id
+
+
+class UnhealthyDevice(AllocationError):
+    def __init__(self, resource: str, device_id: str, reason: str = "") -> None:
+        why = f" ({reason})" if reason else ""
+        super().__init__(f"invalid allocation request for {resource!r}: unhealthy device: {device_id}{why}")
+        self.resource = resource
+        self.device_id = device_id
+
+
+class RegistrationError(PluginError):
+    """The kubelet refused our Register call, or did not answer in time."""

@@ -1,0 +1,164 @@
+"""Applies device-tree snapshots to resource servers and keeps every resource registered.
+
+`apply(tree)` is the one place where resources start, change or stop. A registration loop keeps
+every served resource registered with the kubelet, retrying with bounded back-off while the
+kubelet is absent or refuses, and starts over when the kubelet restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+from nvdp._proto import api_pb2 as pb
+from nvdp.devices import DeviceTree, diff
+from nvdp.errors import RegistrationError
+from nvdp.kubelet import register
+from nvdp.server import ResourceServer, ServingContext
+
+log = logging.getLogger(__name__)
+
+Registrar = Callable[[str, str, str, pb.DevicePluginOptions], Awaitable[None]]
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 5.0
+
+
+class Manager:
+    """Owns the resource servers.
+
+    Resource handling: servers are started by `apply` and stopped by `apply` (resource gone) or
+    `close`. Error handling: only RegistrationError is retried; anything else propagates.
+    """
+
+    def __init__(
+        self,
+        kubelet_socket: str,
+        context: ServingContext,
+        registrar: Registrar | None = None,
+        socket_dir: str | None = None,
+    ) -> None:
+        self.kubelet_socket = kubelet_socket
+        self.socket_dir = socket_dir or os.path.dirname(kubelet_socket) or "."
+        self.context = context
+        self.servers: dict[str, ResourceServer] = {}
+        self.registered: set[str] = set()
+        self.registrations = 0  # successful Register calls, for metrics
+        self.kubelet_restarts = 0
+        self._register = registrar or (lambda sock, name, endpoint, opts: register(sock, name, endpoint, opts))
+        self._wake = asyncio.Event()
+        self._kubelet_identity: tuple[int, int] | None = None
+        self._last_failure: str | None = None
+        self.on_new_server: Callable[[ResourceServer], None] | None = None
+
+    @property
+    def tree(self) -> DeviceTree:
+        return {name: s.resource for name, s in self.servers.items()}
+
+    @property
+    def all_registered(self) -> bool:
+        return bool(self.servers) and set(self.servers) <= self.registered
+
+    async def apply(self, tree: DeviceTree, context: ServingContext | None = None) -> None:
+        """Start servers for new resources, update changed ones, stop vanished ones."""
+        if context is not None:
+            self.context = context
+        change = diff(self.tree, tree)
+        for name in change.removed:
+            await self.servers.pop(name).stop()
+            self.registered.discard(name)
+            log.info("resource removed", extra={"resource": name})
+        for name in tree:
+            if name in self.servers:
+                server = self.servers[name]
+                if name in change.updated or server.context is not self.context:
+                    await server.update(tree[name], self.context)
+        for name in change.added:
+            server = ResourceServer(tree[name], self.context, self.socket_dir)
+            if self.on_new_server is not None:
+                self.on_new_server(server)
+            await server.start()
+            self.servers[name] = server
+        if change.added:
+            self._wake.set()
+
+    async def close(self) -> None:
+        for server in self.servers.values():
+            await server.stop()
+        self.servers.clear()
+        self.registered.clear()
+
+    def _kubelet_socket_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.kubelet_socket)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_ctime_ns)
+
+    async def check_sockets(self) -> None:
+        """After a change in the folder: serve again where our socket vanished; re-register all
+        when kubelet.sock was re-created (a kubelet restart)."""
+        restarted = False
+        for name, server in self.servers.items():
+            if not server.socket_alive():
+                log.info("socket removed, serving again", extra={"resource": name})
+                await server.restart()
+                self.registered.discard(name)
+                restarted = True
+        identity = self._kubelet_socket_identity()
+        if identity is not None and self._kubelet_identity is not None and identity != self._kubelet_identity:
+            log.info("kubelet restarted", extra={"socket": self.kubelet_socket})
+            self.kubelet_restarts += 1
+            self.registered.clear()
+            restarted = True
+        if restarted or (identity is not None and not self.all_registered):
+            self._wake.set()
+
+    async def watch_folder(self) -> None:
+        from nvdp.kubelet import folder_changes
+
+        async for _ in folder_changes(self.socket_dir):
+            await self.check_sockets()
+
+    async def keep_registered(self) -> None:
+        """Runs forever: register every served resource that is not registered yet."""
+        failures = 0
+        while True:
+            self._wake.clear()  # before the work: a wake-up set while registering is kept
+            delay: float | None = None
+            pending = [s for n, s in self.servers.items() if n not in self.registered]
+            for server in pending:
+                try:
+                    await self._register(
+                        self.kubelet_socket, server.name, os.path.basename(server.socket_path), server.options()
+                    )
+                except RegistrationError as exc:
+                    self._log_failure_once(str(exc))
+                    delay = min(BACKOFF_FIRST_S * 2**failures, BACKOFF_MAX_S)
+                    failures += 1
+                    break
+                self.registered.add(server.name)
+                self.registrations += 1
+                self._kubelet_identity = self._kubelet_socket_identity()
+                self._last_failure = None
+                failures = 0
+                log.info("registered with the kubelet", extra={"resource": server.name})
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+
+    def _log_failure_once(self, message: str) -> None:
+        if message != self._last_failure:
+            log.warning("registration failed, retrying with back-off", extra={"error": message})
+            self._last_failure = message
+
+    async def wait_registered(self, timeout: float = 10.0) -> float:
+        """Wait until every resource is registered; returns the seconds waited (for the demo)."""
+        start = time.monotonic()
+        async with asyncio.timeout(timeout):
+            while not self.all_registered:
+                await asyncio.sleep(0.002)
+        return time.monotonic() - start
