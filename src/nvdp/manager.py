@@ -71,11 +71,10 @@ class Manager:
             await self.servers.pop(name).stop()
             self.registered.discard(name)
             log.info("resource removed", extra={"resource": name})
-        for name in tree:
-            if name in self.servers:
-                server = self.servers[name]
-                if name in change.updated or server.context is not self.context:
-                    await server.update(tree[name], self.context)
+        for name, server in self.servers.items():
+            server.context = self.context  # settings for the next request; streams need no resend
+            if name in change.updated:
+                await server.update(tree[name])
         for name in change.added:
             server = ResourceServer(tree[name], self.context, self.socket_dir)
             if self.on_new_server is not None:

@@ -89,11 +89,10 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         """The one source of the options sent in Register and in GetDevicePluginOptions."""
         return pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
 
-    async def update(self, resource: Resource, context: ServingContext | None = None) -> None:
+    async def update(self, resource: Resource) -> None:
+        """A new device snapshot: every open ListAndWatch stream sends the full list again."""
         async with self._changed:
             self.resource = resource
-            if context is not None:
-                self.context = context
             self.version += 1
             self._changed.notify_all()
 

@@ -142,12 +142,11 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
             problem = self.refuse_with
         if problem is None:
             problem = await self._connect(request)
-        if problem is not None:
-            self._record("rejected", name, problem)
-            await context.abort(grpc.StatusCode.UNKNOWN, problem)
-        self._record("register", name, request.endpoint)
         async with self._changed:
+            self._record("rejected" if problem else "register", name, problem or request.endpoint)
             self._changed.notify_all()
+        if problem is not None:
+            await context.abort(grpc.StatusCode.UNKNOWN, problem)
         return pb.Empty()
 
     def _registration_problem(self, request: pb.RegisterRequest) -> str | None:

@@ -1,0 +1,187 @@
+"""The CLI as operators run it: subprocesses of the console scripts, real signals, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from nvdp.testing import FakeKubelet
+
+BIN = Path(sys.executable).parent
+GPU = "nvidia.com/gpu"
+
+
+def script(name: str) -> str:
+    return str(BIN / name)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NVDP_", "MIG_", "DEVICE_", "FAIL_ON"))}
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def plugin_process(*args: str, **env: str) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [script("nvidia-device-plugin"), *args],
+        env=clean_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=15)
+    return proc.returncode, out
+
+
+def test_version_and_help() -> None:
+    out = subprocess.run([script("nvidia-device-plugin"), "--version"], capture_output=True, text=True, check=True)
+    assert "nvidia-device-plugin, version" in out.stdout
+    help_text = subprocess.run([script("nvidia-device-plugin"), "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    for flag in ("--mig-strategy", "--fail-on-init-error", "--pass-device-specs", "--device-list-strategy",
+                 "--device-id-strategy", "--nvidia-driver-root", "--kubelet-socket", "--config-file"):
+        assert flag in help_text
+    assert "MIG_STRATEGY" in help_text
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "field"),
+    [
+        pytest.param(["--mig-strategy", "double"], {}, "--mig-strategy", id="flag"),
+        pytest.param([], {"DEVICE_ID_STRATEGY": "serial"}, "--device-id-strategy", id="env"),
+        pytest.param([], {"PASS_DEVICE_SPECS": "yes"}, "PASS_DEVICE_SPECS", id="env bool"),
+        pytest.param(["--config-file", "/nonexistent.yaml"], {}, "--config-file", id="missing file"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_field_before_touching_sockets(
+    plugin_dir: Path, args: list[str], env: dict[str, str], field: str
+) -> None:
+    result = subprocess.run(
+        [script("nvidia-device-plugin"), "--simulate", "dgx-h100", "--kubelet-socket",
+         str(plugin_dir / "kubelet.sock"), *args],
+        env=clean_env(**env), capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert field in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(plugin_dir.iterdir()) == []
+
+
+async def test_sigterm_stops_cleanly_and_removes_sockets(plugin_dir: Path) -> None:
+    async with FakeKubelet(str(plugin_dir)) as kubelet:
+        with plugin_process("--simulate", "pcie-l40s", "--kubelet-socket", str(plugin_dir / "kubelet.sock")) as proc:
+            await kubelet.wait_registered(GPU, timeout=20, min_devices=4)
+            assert (plugin_dir / "nvidia-gpu.sock").exists()
+            code, out = stop(proc)
+    assert code == 0, out
+    assert not (plugin_dir / "nvidia-gpu.sock").exists()
+    assert "Running with config:" in out
+
+
+async def test_sigint_also_stops_cleanly(plugin_dir: Path) -> None:
+    async with FakeKubelet(str(plugin_dir)) as kubelet:
+        with plugin_process("--simulate", "h200", "--kubelet-socket", str(plugin_dir / "kubelet.sock")) as proc:
+            await kubelet.wait_registered(GPU, timeout=20)
+            code, _ = stop(proc, signal.SIGINT)
+    assert code == 0
+
+
+async def test_sighup_rereads_the_config_file(plugin_dir: Path) -> None:
+    config = plugin_dir / "config.yaml"
+    config.write_text("version: v1\n")
+    async with FakeKubelet(str(plugin_dir)) as kubelet:
+        with plugin_process("--kubelet-socket", str(plugin_dir / "kubelet.sock"),
+                            NVDP_SIMULATE="pcie-l40s", CONFIG_FILE=str(config)) as proc:
+            await kubelet.wait_registered(GPU, timeout=20, min_devices=4)
+            config.write_text("version: v1\nsharing:\n  timeSlicing:\n"
+                              "    resources: [{name: nvidia.com/gpu, replicas: 3}]\n")
+            proc.send_signal(signal.SIGHUP)
+            await kubelet.wait_for(lambda: len(kubelet.plugins[GPU].devices) == 12, timeout=20)
+            code, out = stop(proc)
+    assert code == 0, out
+
+
+@pytest.mark.parametrize(
+    ("fail", "expect_exit"), [pytest.param("true", 1, id="fail-on-init-error"),
+                              pytest.param("false", None, id="idle")]
+)
+def test_no_devices(plugin_dir: Path, tmp_path: Path, fail: str, expect_exit: int | None) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("gpus: []\n")
+    with plugin_process("--simulate", str(empty), "--kubelet-socket", str(plugin_dir / "kubelet.sock"),
+                        f"--fail-on-init-error={fail}") as proc:
+        if expect_exit is not None:
+            out, _ = proc.communicate(timeout=20)
+            assert proc.returncode == expect_exit
+            assert "no devices found" in out
+        else:
+            time.sleep(1.5)
+            assert proc.poll() is None  # idles instead of crash-looping
+            code, out = stop(proc)
+            assert code == 0
+            assert "idling until SIGHUP or SIGTERM" in out
+
+
+def nvml_loads() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(nvml_loads(), reason="NVML is present on this machine")
+def test_nvml_absent_exits_1_naming_the_paths(plugin_dir: Path) -> None:
+    result = subprocess.run(
+        [script("nvidia-device-plugin"), "--kubelet-socket", str(plugin_dir / "kubelet.sock"),
+         "--driver-root-ctr-path", "/opt/driver"],
+        env=clean_env(), capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert "/opt/driver/usr/lib64/libnvidia-ml.so.1" in result.stderr
+    assert "libnvidia-ml.so.1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_devices_command_json() -> None:
+    out = subprocess.run([script("nvdp"), "devices", "--simulate", "dgx-h100", "--json"],
+                         env=clean_env(), capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    assert len(data["gpus"]) == 8
+    assert [d["numa_node"] for d in data["resources"][GPU]] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_devices_command_table_uses_env() -> None:
+    out = subprocess.run([script("nvdp"), "devices"], env=clean_env(NVDP_SIMULATE="h200"),
+                         capture_output=True, text=True, check=True).stdout
+    assert "GPU-561c5ac8-2525-530f-236a-f8e1e82e0c3b" in out and "NVIDIA H200" in out
+
+
+def test_demo_runs() -> None:
+    result = subprocess.run([script("nvdp"), "demo"], env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "registered again" in result.stdout
+    assert "NVIDIA_VISIBLE_DEVICES=" in result.stdout
