@@ -31,6 +31,8 @@ def open_backend(cfg: Config) -> GpuBackend:
         from nvdp.simulated import SimulatedBackend
 
         return SimulatedBackend(cfg.simulate)
+    if cfg.device_discovery_strategy == "tegra":
+        raise DiscoveryError("--device-discovery-strategy=tegra: Tegra (Jetson) discovery is not supported by nvdp")
     from nvdp.nvml import NvmlBackend
 
     return NvmlBackend(driver_root=cfg.container_driver_root, dev_root=cfg.dev_root)

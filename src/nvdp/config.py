@@ -392,3 +392,19 @@ def validate(cfg: Config) -> None:
                 )
     if cfg.imex_channel_ids not in ((), (0,)):
         raise ConfigError("--imex-channel-ids", f"channelIDs must be [] or [0]; found {list(cfg.imex_channel_ids)}")
+
+
+def options_markdown() -> str:
+    """The flag / env var / config-file table for the README (a test keeps the README in sync)."""
+    rows = ["| Flag (aliases) | Env var(s) | Config-file key | Default | Allowed |", "|---|---|---|---|---|"]
+    for opt in OPTIONS:
+        flags = ", ".join(f"`--{n}`" for n in (opt.flag, *opt.aliases))
+        envs = ", ".join(f"`{e}`" for e in opt.envs) or "—"
+        key = f"`{opt.file_key}`" if opt.file_key else "—"
+        default = ",".join(str(d) for d in opt.default) if isinstance(opt.default, tuple) else opt.default
+        shown = "unset" if default is None else (f"`{default}`" if default != "" else '`""`')
+        if isinstance(opt.default, bool):
+            shown = f"`{str(opt.default).lower()}`"
+        allowed = ", ".join(opt.choices) if opt.choices else ""
+        rows.append(f"| {flags} | {envs} | {key} | {shown} | {allowed} |")
+    return "\n".join(rows)
