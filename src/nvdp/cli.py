@@ -68,6 +68,9 @@ def _serve(cli_values: dict[str, Any]) -> None:
     plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values))
     try:
         asyncio.run(plugin.run(handle_signals=True))
+    except ConfigError as exc:  # e.g. an invalid simulated profile, found before any socket exists
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
     except DiscoveryError as exc:
         log.error("initialisation failed: %s", exc)
         log.error(
@@ -112,6 +115,9 @@ def devices(as_json: bool, **cli_values: Any) -> None:
         backend = open_backend(cfg)
         node, tree = discover_tree(backend, cfg)
         backend.close()
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
     except DiscoveryError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_INIT_ERROR)

@@ -100,6 +100,8 @@ class Manager:
     async def check_sockets(self) -> None:
         """After a change in the folder: serve again where our socket vanished; re-register all
         when kubelet.sock was re-created (a kubelet restart)."""
+        if not os.path.isdir(self.socket_dir):
+            return  # the folder is gone (kubelet reinstall?); serve again once it is back
         restarted = False
         for name, server in self.servers.items():
             if not server.socket_alive():

@@ -185,3 +185,17 @@ def test_demo_runs() -> None:
     assert result.returncode == 0, result.stderr
     assert "registered again" in result.stdout
     assert "NVIDIA_VISIBLE_DEVICES=" in result.stdout
+
+
+def test_bad_simulated_profile_exits_2(plugin_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gpus:\n  - {count: 0}\n")
+    for command in (["nvidia-device-plugin"], ["nvdp", "devices"]):
+        result = subprocess.run(
+            [script(command[0]), *command[1:], "--simulate", str(bad), "--kubelet-socket",
+             str(plugin_dir / "kubelet.sock")],
+            env=clean_env(), capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "gpus.0.count" in result.stderr and "Traceback" not in result.stderr
+    assert list(plugin_dir.iterdir()) == []

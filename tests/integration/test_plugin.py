@@ -234,3 +234,17 @@ async def test_no_devices_idles_when_not_failing(
         plugin.cfg = make_config("pcie-l40s", fail_on_init_error="false")
         await plugin.reload()
         await kubelet.wait_registered(GPU, min_devices=4)
+
+
+async def test_folder_deleted_and_recreated(kubelet: FakeKubelet, make_config: MakeConfig, plugin_dir: Path) -> None:
+    import shutil
+
+    async with running_plugin(make_config("pcie-l40s")):
+        await kubelet.wait_registered(GPU)
+        await kubelet.stop()
+        shutil.rmtree(plugin_dir)
+        await asyncio.sleep(0.3)
+        plugin_dir.mkdir()
+        await kubelet.start()
+        await kubelet.wait_registered(GPU, min_devices=4, timeout=15)
+        assert (plugin_dir / "nvidia-gpu.sock").exists()
