@@ -234,3 +234,15 @@ class NvmlBackend:
 
 
 CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+
+
+def nvml_loadable() -> bool:
+    """Whether NVML loads and initialises on this machine (for tests and diagnostics)."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    pynvml.nvmlShutdown()
+    return True

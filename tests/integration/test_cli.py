@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from nvdp.nvml import nvml_loadable
 from nvdp.testing import FakeKubelet
 
 BIN = Path(sys.executable).parent
@@ -142,18 +143,7 @@ def test_no_devices(plugin_dir: Path, tmp_path: Path, fail: str, expect_exit: in
             assert "idling until SIGHUP or SIGTERM" in out
 
 
-def nvml_loads() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        return True
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(nvml_loads(), reason="NVML is present on this machine")
+@pytest.mark.skipif(nvml_loadable(), reason="NVML is present on this machine")
 def test_nvml_absent_exits_1_naming_the_paths(plugin_dir: Path) -> None:
     result = subprocess.run(
         [script("nvidia-device-plugin"), "--kubelet-socket", str(plugin_dir / "kubelet.sock"),
