@@ -9,14 +9,20 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from nvdp.backend import GpuBackend
+from nvdp.backend import GpuBackend, HealthSource
 from nvdp.config import Config
-from nvdp.devices import DeviceTree, Node
+from nvdp.devices import DeviceTree, Health, Node
 from nvdp.errors import ConfigError, DiscoveryError, NoDevicesFound
+from nvdp.health import overlay, settings_from, transitions
+from nvdp.healthwatch import DEFAULT_TUNING, HealthMonitor, PumpTuning
 from nvdp.manager import Manager
 from nvdp.resources import build_tree
 from nvdp.server import ServingContext
+
+if TYPE_CHECKING:
+    from nvdp.simcontrol import ControlServer
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +59,11 @@ class Plugin:
     returns, whether by `stop()`, a signal or an error.
     Error handling: start-up DiscoveryError propagates when fail_on_init_error is set; otherwise
     it is logged and the plugin idles until SIGHUP (retry) or SIGTERM. A bad config on SIGHUP is
-    logged and the running config is kept.
+    logged and the running config is kept. An unexpected error in the health checks stops the
+    plugin and propagates from `run()`.
+
+    Health: the advertised tree is always `overlay(discovered tree, health state)`; the health
+    state survives reloads (a config reload does not repair a GPU).
     """
 
     def __init__(
@@ -61,6 +71,7 @@ class Plugin:
         cfg: Config,
         backend_factory: BackendFactory = open_backend,
         reload_config: Callable[[], Config] | None = None,
+        health_tuning: PumpTuning = DEFAULT_TUNING,
     ) -> None:
         self.cfg = cfg
         self._backend_factory = backend_factory
@@ -72,6 +83,14 @@ class Plugin:
         self._reload = asyncio.Event()
         self.started = asyncio.Event()  # set once serving (or idling after an init error)
         self.init_error: DiscoveryError | None = None
+        self.discovered: DeviceTree = {}  # what discovery found, before the health overlay
+        self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning)
+        self._publish_lock = asyncio.Lock()
+        self._health_task: asyncio.Task[None] | None = None
+        self._health_key: tuple[object, ...] | None = None
+        self._backend_generation = 0
+        self._control: ControlServer | None = None
+        self._failure: BaseException | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -88,6 +107,8 @@ class Plugin:
         log.info("Running with config: %s", self.cfg.to_json())
         try:
             await self._start()
+            if self.cfg.simulate_control:
+                await self._open_control(self.cfg.simulate_control)
             async with asyncio.TaskGroup() as tasks:
                 background = [
                     tasks.create_task(self.manager.keep_registered()),
@@ -97,6 +118,9 @@ class Plugin:
                 for task in background:
                     task.cancel()
         finally:
+            await self._stop_health()
+            if self._control is not None:
+                await self._control.close()
             with contextlib.suppress(Exception):
                 await self.manager.close()
             if self.backend is not None:
@@ -105,6 +129,8 @@ class Plugin:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             log.info("stopped")
+        if self._failure is not None:
+            raise self._failure
 
     async def _start(self) -> None:
         try:
@@ -126,9 +152,61 @@ class Plugin:
                 self.backend.close()
                 self.backend = None
             self.backend = await asyncio.to_thread(self._backend_factory, cfg)
+            self._backend_generation += 1
         node, tree = await asyncio.to_thread(discover_tree, self.backend, cfg)
-        self.cfg, self.node = cfg, node
-        await self.manager.apply(tree, ServingContext(cfg, node.topology, node.control_devices))
+        self.cfg, self.node, self.discovered = cfg, node, tree
+        await self._publish(ServingContext(cfg, node.topology, node.control_devices))
+        await self._watch_health(cfg, node)
+
+    async def _publish(self, context: ServingContext | None = None) -> None:
+        """Advertise the discovered tree with the current health overlaid; log each device whose
+        health changed (one line per device)."""
+        async with self._publish_lock:
+            state = self.health.state
+            tree = overlay(self.discovered, state)
+            for t in transitions(self.manager.tree, tree, state):
+                healthy = t.health is Health.HEALTHY
+                log.log(
+                    logging.INFO if healthy else logging.WARNING,
+                    "device healthy again" if healthy else "device unhealthy",
+                    extra={"resource": t.resource, "device": t.device, "reason": t.reason or "-",
+                           "xid": "-" if t.xid is None else t.xid},
+                )
+            await self.manager.apply(tree, context)
+
+    async def _watch_health(self, cfg: Config, node: Node) -> None:
+        """(Re)start the health checks when the backend, the GPUs or the health settings changed."""
+        if not isinstance(self.backend, HealthSource):
+            return
+        settings = settings_from(cfg)
+        key = (self._backend_generation, tuple(g.uuid for g in node.gpus), settings)
+        if key == self._health_key and self._health_task is not None and not self._health_task.done():
+            return
+        await self._stop_health()
+        self.health.settings = settings
+        self._health_key = key
+        self._health_task = asyncio.create_task(self.health.watch(self.backend, node), name="health")
+        self._health_task.add_done_callback(self._health_done)
+
+    def _health_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self._failure = task.exception()
+        log.error("health checking failed; stopping", extra={"error": repr(self._failure)})
+        self.stop()
+
+    async def _stop_health(self) -> None:
+        task, self._health_task = self._health_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _open_control(self, path: str) -> None:
+        from nvdp.simcontrol import ControlContext, ControlServer
+
+        self._control = ControlServer(path, ControlContext(lambda: self.backend, self.request_reload))
+        await self._control.start()
 
     async def _serve_until_stopped(self) -> None:
         while not self._stop.is_set():

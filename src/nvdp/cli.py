@@ -1,4 +1,4 @@
-"""Command line: `nvdp serve|devices|demo|version`, and `nvidia-device-plugin` (= `nvdp serve`).
+"""Command line: `nvdp serve|devices|demo|simulate|version`, and `nvidia-device-plugin` (= `nvdp serve`).
 
 The only module that reads argv and os.environ, sets up logging and decides exit codes:
 0 stopped cleanly; 1 initialisation failed (NVML, no devices) or an unexpected error;
@@ -141,3 +141,89 @@ def demo(profile: str) -> None:
 def version() -> None:
     """Print the version."""
     click.echo(f"nvdp {__version__}")
+
+
+@main.group()
+def simulate() -> None:
+    """Tools for a plugin running on a simulated node (--simulate)."""
+
+
+@simulate.group()
+@click.option("--control", required=True, envvar="NVDP_SIMULATE_CONTROL", metavar="PATH",
+              help="the plugin's --simulate-control socket [env: NVDP_SIMULATE_CONTROL]")
+@click.pass_context
+def inject(ctx: click.Context, control: str) -> None:
+    """Inject a fault into the running simulated node (see docs/health.md)."""
+    ctx.obj = control
+
+
+def _send(ctx: click.Context, message: dict[str, Any]) -> None:
+    from nvdp.simcontrol import request
+
+    path = ctx.obj
+    try:
+        reply = request(path, message)
+    except OSError as exc:
+        click.echo(f"error: cannot talk to the control socket {path}: {exc}", err=True)
+        sys.exit(EXIT_INIT_ERROR)
+    if not reply.get("ok"):
+        click.echo(f"error: {reply.get('error', reply)}", err=True)
+        sys.exit(EXIT_INIT_ERROR)
+    click.echo(reply.get("message", "ok"))
+
+
+def _gpu(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+_GPU = click.option("--gpu", required=True, help="GPU index or UUID")
+
+
+@inject.command(name="xid")
+@_GPU
+@click.option("--xid", required=True, type=click.IntRange(min=0), help="the XID number")
+@click.option("--gi", type=click.IntRange(min=0), help="MIG GPU instance the event names")
+@click.option("--ci", type=click.IntRange(min=0), help="MIG compute instance the event names (needs --gi)")
+@click.pass_context
+def inject_xid(ctx: click.Context, gpu: str, xid: int, gi: int | None, ci: int | None) -> None:
+    """An XID critical error event on a GPU (optionally one MIG instance of it)."""
+    _send(ctx, {"command": "xid", "gpu": _gpu(gpu), "xid": xid, "gi": gi, "ci": ci})
+
+
+@inject.command(name="lose")
+@_GPU
+@click.pass_context
+def inject_lose(ctx: click.Context, gpu: str) -> None:
+    """The GPU falls off the bus (probes fail with GPU_IS_LOST)."""
+    _send(ctx, {"command": "lose", "gpu": _gpu(gpu)})
+
+
+@inject.command(name="restore")
+@_GPU
+@click.pass_context
+def inject_restore(ctx: click.Context, gpu: str) -> None:
+    """The GPU comes back after a reset (counters and pending flags cleared)."""
+    _send(ctx, {"command": "restore", "gpu": _gpu(gpu)})
+
+
+@inject.command(name="ecc")
+@_GPU
+@click.option("--count", default=1, show_default=True, type=click.IntRange(min=0),
+              help="rise of the volatile uncorrectable ECC counter")
+@click.option("--remap-pending", is_flag=True, help="also set 'row remapping pending'")
+@click.option("--remap-failed", is_flag=True, help="also set 'row remapping failed'")
+@click.option("--retired-pending", is_flag=True, help="also set 'page retirement pending'")
+@click.pass_context
+def inject_ecc(ctx: click.Context, gpu: str, count: int, remap_pending: bool, remap_failed: bool,
+               retired_pending: bool) -> None:
+    """ECC counters rise (seen by the next probe)."""
+    _send(ctx, {"command": "ecc", "gpu": _gpu(gpu), "count": count, "remap_pending": remap_pending,
+                "remap_failed": remap_failed, "retired_pending": retired_pending})
+
+
+@inject.command(name="wait-errors")
+@click.option("--count", required=True, type=click.IntRange(min=0), help="how many event waits fail")
+@click.pass_context
+def inject_wait_errors(ctx: click.Context, count: int) -> None:
+    """The next COUNT NVML event waits fail (a wedged NVML)."""
+    _send(ctx, {"command": "wait-errors", "count": count})

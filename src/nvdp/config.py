@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -93,6 +94,20 @@ OPTIONS: tuple[Option, ...] = (
            help="run on a simulated node: a built-in profile name or a YAML file"),
     Option("log_level", "log-level", "str", "info", ("NVDP_LOG_LEVEL",), "flags.nvdp.logLevel",
            choices=("debug", "info", "warning", "error")),
+    # Health checks (docs/health.md). The two DP_* env vars are the official plugin's.
+    Option("disable_healthchecks", "disable-healthchecks", "list", (), ("DP_DISABLE_HEALTHCHECKS",),
+           "flags.nvdp.health.disable", help="'all', 'xids' or XIDs to ignore"),
+    Option("enable_healthchecks", "enable-healthchecks", "list", (), ("DP_ENABLE_HEALTHCHECKS",),
+           "flags.nvdp.health.enable", help="'all' or XIDs to act on even if ignored"),
+    Option("health_quiet_period", "health-quiet-period", "float", 60.0, ("NVDP_HEALTH_QUIET_PERIOD",),
+           "flags.nvdp.health.quietPeriod", help="seconds without new events before a transient fault clears"),
+    Option("health_probe_interval", "health-probe-interval", "float", 10.0, ("NVDP_HEALTH_PROBE_INTERVAL",),
+           "flags.nvdp.health.probeInterval", help="seconds between NVML probes of every GPU; 0: no periodic probe"),
+    Option("health_wait_error_threshold", "health-wait-error-threshold", "int", 5,
+           ("NVDP_HEALTH_WAIT_ERROR_THRESHOLD",), "flags.nvdp.health.waitErrorThreshold",
+           help="consecutive NVML event-wait failures before every device is marked unhealthy"),
+    Option("simulate_control", "simulate-control", "str", None, ("NVDP_SIMULATE_CONTROL",),
+           "flags.nvdp.simulateControl", help="unix socket for fault injection into the simulated node"),
 )
 
 OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in OPTIONS}
@@ -141,6 +156,12 @@ class Config:
     cdi_disable_hooks: tuple[str, ...] = ()
     simulate: str | None = None
     log_level: str = "info"
+    disable_healthchecks: tuple[str, ...] = ()
+    enable_healthchecks: tuple[str, ...] = ()
+    health_quiet_period: float = 60.0
+    health_probe_interval: float = 10.0
+    health_wait_error_threshold: int = 5
+    simulate_control: str | None = None
     sharing: Sharing = field(default_factory=Sharing)
 
     def to_json(self) -> str:
@@ -253,6 +274,8 @@ def _file_value(opt: Option, raw: Any) -> Any:
                 return (raw,)
             if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
                 return tuple(raw)
+            if isinstance(raw, list) and all(isinstance(x, str | int) and not isinstance(x, bool) for x in raw):
+                return tuple(str(x) for x in raw)  # e.g. a YAML list of XID numbers
             raise ConfigError(key, f"{raw!r} is not a string or a list of strings")
         case "intlist":
             if isinstance(raw, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
@@ -390,6 +413,7 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(
                     _flag_name(opt), f"invalid strategy: {item!r} (allowed: {', '.join(opt.choices)})"
                 )
+    _validate_health(cfg)
     if cfg.imex_channel_ids not in ((), (0,)):
         raise ConfigError("--imex-channel-ids", f"channelIDs must be [] or [0]; found {list(cfg.imex_channel_ids)}")
 
@@ -408,3 +432,24 @@ def options_markdown() -> str:
         allowed = ", ".join(opt.choices) if opt.choices else ""
         rows.append(f"| {flags} | {envs} | {key} | {shown} | {allowed} |")
     return "\n".join(rows)
+
+
+def _validate_health(cfg: Config) -> None:
+    from nvdp.health import check_switches
+
+    try:
+        check_switches(cfg.disable_healthchecks, cfg.enable_healthchecks)
+    except ValueError as exc:
+        env, _, message = str(exc).partition(": ")
+        flag = "--disable-healthchecks" if env.startswith("DP_DISABLE") else "--enable-healthchecks"
+        raise ConfigError(f"{flag} ({env})", message) from None
+    if not (math.isfinite(cfg.health_quiet_period) and cfg.health_quiet_period >= 0):
+        raise ConfigError("--health-quiet-period", f"{cfg.health_quiet_period} is not a number of seconds >= 0")
+    if not (math.isfinite(cfg.health_probe_interval) and cfg.health_probe_interval >= 0):
+        raise ConfigError(
+            "--health-probe-interval", f"{cfg.health_probe_interval} is not a number of seconds >= 0 (0 disables)"
+        )
+    if cfg.health_wait_error_threshold < 1:
+        raise ConfigError("--health-wait-error-threshold", f"{cfg.health_wait_error_threshold} must be at least 1")
+    if cfg.simulate_control and not cfg.simulate:
+        raise ConfigError("--simulate-control", "fault injection needs a simulated node (--simulate)")

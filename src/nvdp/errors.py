@@ -6,6 +6,7 @@
     │   ├── NvmlUnavailable    libnvidia-ml could not be loaded or initialised (lists the paths tried)
     │   └── NoDevicesFound     NVML works but there is nothing to advertise
     ├── DeviceError            one device misbehaved at run time (NVML call failed, GPU lost)
+    ├── EventWaitError         waiting for GPU health events failed (retried with back-off)
     ├── AllocationError        a kubelet request cannot be honoured
     │   ├── UnknownDevice      an ID the resource does not advertise
     │   └── UnhealthyDevice    an ID that is currently Unhealthy
@@ -53,6 +54,10 @@ class DeviceError(PluginError):
     def __init__(self, gpu: str, message: str) -> None:
         super().__init__(f"GPU {gpu}: {message}")
         self.gpu = gpu
+
+
+class EventWaitError(PluginError):
+    """The health event wait failed (not a timeout): NVML is wedged or the event set is gone."""
 
 
 class AllocationError(PluginError):

@@ -10,12 +10,13 @@ import contextlib
 import ctypes
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from nvdp.devices import GpuInfo, MigInfo, Node, PcieLevel, Topology
-from nvdp.errors import DeviceError, DiscoveryError, NvmlUnavailable
+from nvdp.errors import DeviceError, DiscoveryError, EventWaitError, NvmlUnavailable
+from nvdp.health import EventKind, HealthEvent, ProbeSample
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,173 @@ class NvmlBackend:
     def _control_devices(self) -> tuple[str, ...]:
         # As the official plugin: a control node is passed only if it exists in our own container.
         return tuple(p for p in CONTROL_DEVICES if os.path.exists(p))
+
+    # --- health source ---------------------------------------------------------------------
+
+    def watch_events(self, node: Node) -> NvmlEventWaiter:
+        return NvmlEventWaiter(self._nvml, node.gpus)
+
+    def probe(self, gpus: Sequence[str]) -> Mapping[str, ProbeSample]:
+        return {uuid: probe_gpu(self._nvml, uuid) for uuid in gpus}
+
+
+# ---------------------------------------------------------------------------------------------
+# Health: the event set and the probe. `nv` is the pynvml module (or a fake of the few calls
+# used here, in tests); every NVML error is handled where it is raised.
+
+NO_INSTANCE = 0xFFFFFFFF  # gpuInstanceId / computeInstanceId of an event that names none
+
+
+def event_mask(nv: Any) -> int:
+    """What we register: XID critical errors and ECC error events (single and double bit)."""
+    return int(nv.nvmlEventTypeXidCriticalError | nv.nvmlEventTypeDoubleBitEccError | nv.nvmlEventTypeSingleBitEccError)
+
+
+def _handle_key(handle: Any) -> int:
+    """A device handle's address, to match an event's device without calling NVML."""
+    try:
+        return int(ctypes.cast(handle, ctypes.c_void_p).value or 0)
+    except (TypeError, ctypes.ArgumentError):
+        return id(handle)
+
+
+class NvmlEventWaiter:
+    """One NVML event set with every GPU of the node registered (see `backend.EventWaiter`).
+
+    Registration follows the official plugin: mask = wanted & supported; NOT_SUPPORTED is only a
+    warning (the GPU is too old for events); any other failure is recorded in `failures` and the
+    GPU is marked unhealthy. If the event set cannot even be created, every `wait()` fails, so the
+    wait-error back-off and threshold apply (no silent zombie node).
+    """
+
+    def __init__(self, nv: Any, gpus: Sequence[GpuInfo]) -> None:
+        self._nv = nv
+        self.failures: dict[str, str] = {}
+        self._gpus: dict[int, str] = {}
+        self._set: Any = None
+        self._set_error = ""
+        try:
+            self._set = nv.nvmlEventSetCreate()
+        except nv.NVMLError as exc:
+            self._set_error = f"nvmlEventSetCreate: {exc}"
+            log.error("cannot create an NVML event set", extra={"error": str(exc)})
+            return
+        wanted = event_mask(nv)
+        for gpu in gpus:
+            self._register(gpu, wanted)
+
+    def _register(self, gpu: GpuInfo, wanted: int) -> None:
+        nv = self._nv
+        step = "nvmlDeviceGetHandleByUUID"
+        try:
+            handle = nv.nvmlDeviceGetHandleByUUID(gpu.uuid)
+            step = "nvmlDeviceGetSupportedEventTypes"
+            mask = wanted & int(nv.nvmlDeviceGetSupportedEventTypes(handle))
+            step = "nvmlDeviceRegisterEvents"
+            if mask:
+                nv.nvmlDeviceRegisterEvents(handle, mask, self._set)
+        except nv.NVMLError as exc:
+            if exc.value == nv.NVML_ERROR_NOT_SUPPORTED:
+                log.warning("GPU too old to support health events; XIDs will not be seen",
+                            extra={"device": gpu.uuid, "error": f"{step}: {exc}"})
+                return
+            self.failures[gpu.uuid] = f"{step}: {exc}"
+            log.error("cannot register health events", extra={"device": gpu.uuid, "error": f"{step}: {exc}"})
+            return
+        if not mask:
+            log.warning("GPU supports none of the health events we watch", extra={"device": gpu.uuid})
+            return
+        self._gpus[_handle_key(handle)] = gpu.uuid
+        log.info("health events registered", extra={"device": gpu.uuid, "mask": hex(mask)})
+
+    def wait(self, timeout_s: float) -> HealthEvent | None:
+        nv = self._nv
+        if self._set is None:
+            raise EventWaitError(self._set_error)
+        try:
+            data = nv.nvmlEventSetWait_v2(self._set, max(1, int(timeout_s * 1000)))
+        except nv.NVMLError as exc:
+            if exc.value == nv.NVML_ERROR_TIMEOUT:
+                return None  # the normal outcome of a quiet wait
+            raise EventWaitError(f"nvmlEventSetWait: {exc}") from exc
+        return self._event(data)
+
+    def _event(self, data: Any) -> HealthEvent | None:
+        nv = self._nv
+        kind_of: list[tuple[int, EventKind]] = [
+            (nv.nvmlEventTypeXidCriticalError, EventKind.XID),
+            (nv.nvmlEventTypeDoubleBitEccError, EventKind.ECC_UNCORRECTED),
+            (nv.nvmlEventTypeSingleBitEccError, EventKind.ECC_CORRECTED),
+        ]
+        kind = next((k for bit, k in kind_of if int(data.eventType) & bit), None)
+        if kind is None:
+            log.debug("NVML event of a type we do not watch", extra={"type": hex(int(data.eventType))})
+            return None
+        uuid = self._gpus.get(_handle_key(data.device))
+        if uuid is None:
+            try:
+                uuid = _text(nv.nvmlDeviceGetUUID(data.device))
+            except nv.NVMLError:
+                uuid = ""  # reported as an event for an unknown GPU
+        gi, ci = int(data.gpuInstanceId), int(data.computeInstanceId)
+        return HealthEvent(
+            gpu=uuid,
+            kind=kind,
+            xid=int(data.eventData) if kind is EventKind.XID else None,
+            gi=None if gi == NO_INSTANCE else gi,
+            ci=None if ci == NO_INSTANCE or gi == NO_INSTANCE else ci,
+        )
+
+    def interrupt(self) -> None:
+        pass  # an NVML wait cannot be interrupted; its timeout bounds how long stopping takes
+
+    def close(self) -> None:
+        if self._set is not None:
+            with contextlib.suppress(self._nv.NVMLError):
+                self._nv.nvmlEventSetFree(self._set)
+            self._set = None
+
+
+class _Lost(Exception):
+    pass
+
+
+def probe_gpu(nv: Any, uuid: str) -> ProbeSample:
+    """Does the GPU still answer, and what do its memory-error counters say?
+
+    The GPU is unreachable when its handle or a basic query fails, lost when NVML says
+    GPU_IS_LOST (or no longer knows the UUID). Signals a GPU does not support are None.
+    """
+    gone = (nv.NVML_ERROR_GPU_IS_LOST, nv.NVML_ERROR_NOT_FOUND)
+    try:
+        handle = nv.nvmlDeviceGetHandleByUUID(uuid)
+        nv.nvmlDeviceGetMemoryInfo(handle)  # a query that reaches the GPU
+    except nv.NVMLError as exc:
+        return ProbeSample(reachable=False, lost=exc.value in gone, error=str(exc))
+
+    def optional(call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except nv.NVMLError as exc:
+            if exc.value == nv.NVML_ERROR_GPU_IS_LOST:
+                raise _Lost(str(exc)) from exc
+            if exc.value not in (nv.NVML_ERROR_NOT_SUPPORTED, nv.NVML_ERROR_NO_PERMISSION):
+                log.debug("health probe query failed", extra={"device": uuid, "error": str(exc)})
+            return None
+
+    try:
+        volatile = optional(lambda: nv.nvmlDeviceGetTotalEccErrors(
+            handle, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC))
+        rows = optional(lambda: nv.nvmlDeviceGetRemappedRows(handle))
+        retired = optional(lambda: nv.nvmlDeviceGetRetiredPagesPendingStatus(handle))
+    except _Lost as exc:
+        return ProbeSample(reachable=False, lost=True, error=str(exc))
+    return ProbeSample(
+        volatile_uncorrected=None if volatile is None else int(volatile),
+        remap_pending=None if rows is None else bool(rows[2]),
+        remap_failed=None if rows is None else bool(rows[3]),
+        retired_pending=None if retired is None else retired == nv.NVML_FEATURE_ENABLED,
+    )
 
 
 CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")

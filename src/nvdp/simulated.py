@@ -8,7 +8,11 @@ and every error names the field.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import uuid as uuidlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nvdp.devices import GpuInfo, MigInfo, Node, PcieLevel, Topology
-from nvdp.errors import ConfigError
+from nvdp.errors import ConfigError, EventWaitError
+from nvdp.health import EventKind, HealthEvent, ProbeSample
 
 DEFAULT_CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 
@@ -184,17 +189,151 @@ def _topology(profile: Profile, gpus: list[GpuInfo]) -> Topology:
     return Topology(nvlinks=nvlinks, pcie=pcie)
 
 
+@dataclass
+class _GpuCondition:
+    """What the simulated probe reports for one GPU (changed by fault injection)."""
+
+    lost: bool = False
+    volatile_uncorrected: int = 0
+    remap_pending: bool = False
+    remap_failed: bool = False
+    retired_pending: bool = False
+
+    def sample(self) -> ProbeSample:
+        if self.lost:
+            return ProbeSample(reachable=False, lost=True, error="GPU is lost (simulated)")
+        return ProbeSample(
+            volatile_uncorrected=self.volatile_uncorrected,
+            remap_pending=self.remap_pending,
+            remap_failed=self.remap_failed,
+            retired_pending=self.retired_pending,
+        )
+
+
 class SimulatedBackend:
-    """A node from a profile. `node` can be replaced at run time (fault injection, MIG changes)."""
+    """A node from a profile. `node` can be replaced at run time (fault injection, MIG changes).
+
+    Fault injection (thread-safe; from tests, or from outside through `simcontrol`): `inject_xid`,
+    `inject_ecc_event`, `lose`, `restore`, `raise_ecc`, `fail_waits`. Events go to the event
+    waiter at once; conditions (lost, ECC counters, row remapping) show at the next probe.
+    """
 
     name = "simulated"
 
     def __init__(self, profile: str) -> None:
         self.profile_name, self.profile = load_profile(profile)
         self.node = build_node(self.profile_name, self.profile)
+        self._lock = threading.Lock()
+        self._events: queue.Queue[HealthEvent | None] = queue.Queue()
+        self._wait_errors = 0
+        self._conditions: dict[str, _GpuCondition] = {}
 
     def discover(self) -> Node:
         return self.node
+
+    def close(self) -> None:
+        self._events.put(None)  # wake a waiter, if any
+
+    # --- health source ---------------------------------------------------------------------
+
+    def watch_events(self, node: Node) -> SimulatedEventWaiter:
+        return SimulatedEventWaiter(self)
+
+    def probe(self, gpus: Sequence[str]) -> Mapping[str, ProbeSample]:
+        with self._lock:
+            return {g: self._conditions.get(g, _GpuCondition()).sample() for g in gpus}
+
+    def _next_event(self, timeout_s: float) -> HealthEvent | None:
+        with self._lock:
+            if self._wait_errors > 0:
+                self._wait_errors -= 1
+                raise EventWaitError("nvmlEventSetWait: Unknown Error (simulated)")
+        try:
+            return self._events.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    # --- fault injection -----------------------------------------------------------------------
+
+    def gpu_uuid(self, gpu: int | str) -> str:
+        """A GPU by index or UUID; ValueError names what exists."""
+        for g in self.node.gpus:
+            if gpu in (g.index, g.uuid) or (isinstance(gpu, str) and gpu.isdigit() and int(gpu) == g.index):
+                return g.uuid
+        raise ValueError(f"no GPU {gpu!r} on the simulated node (indexes 0-{len(self.node.gpus) - 1})")
+
+    def inject_xid(self, gpu: int | str, xid: int, gi: int | None = None, ci: int | None = None) -> HealthEvent:
+        if ci is not None and gi is None:
+            raise ValueError("a compute instance (ci) needs its GPU instance (gi)")
+        event = HealthEvent(self.gpu_uuid(gpu), EventKind.XID, xid=xid, gi=gi, ci=ci)
+        self._events.put(event)
+        return event
+
+    def inject_ecc_event(self, gpu: int | str, corrected: bool = False) -> HealthEvent:
+        kind = EventKind.ECC_CORRECTED if corrected else EventKind.ECC_UNCORRECTED
+        event = HealthEvent(self.gpu_uuid(gpu), kind)
+        self._events.put(event)
+        return event
+
+    def _condition(self, gpu: int | str) -> _GpuCondition:
+        return self._conditions.setdefault(self.gpu_uuid(gpu), _GpuCondition())
+
+    def lose(self, gpu: int | str) -> str:
+        """The GPU falls off the bus: probes fail with GPU_IS_LOST until `restore`."""
+        with self._lock:
+            self._condition(gpu).lost = True
+        return self.gpu_uuid(gpu)
+
+    def restore(self, gpu: int | str) -> str:
+        """The GPU is back after a reset: it answers, its volatile counters and pending flags are
+        clear (a row-remapping failure stays: it is a hardware defect)."""
+        with self._lock:
+            condition = self._condition(gpu)
+            condition.lost = False
+            condition.volatile_uncorrected = 0
+            condition.remap_pending = False
+            condition.retired_pending = False
+        return self.gpu_uuid(gpu)
+
+    def raise_ecc(
+        self,
+        gpu: int | str,
+        count: int = 1,
+        remap_pending: bool = False,
+        remap_failed: bool = False,
+        retired_pending: bool = False,
+    ) -> str:
+        """Volatile uncorrectable ECC errors rise by `count` (and flags are set), seen by the next probe."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, not {count}")
+        with self._lock:
+            condition = self._condition(gpu)
+            condition.volatile_uncorrected += count
+            condition.remap_pending |= remap_pending
+            condition.remap_failed |= remap_failed
+            condition.retired_pending |= retired_pending
+        return self.gpu_uuid(gpu)
+
+    def fail_waits(self, count: int) -> None:
+        """The next `count` event waits fail (as a wedged NVML would)."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, not {count}")
+        with self._lock:
+            self._wait_errors += count
+
+
+class SimulatedEventWaiter:
+    """The simulated node's event subscription (see `backend.EventWaiter`)."""
+
+    def __init__(self, backend: SimulatedBackend) -> None:
+        self._backend = backend
+        self.failures: Mapping[str, str] = {}
+
+    def wait(self, timeout_s: float) -> HealthEvent | None:
+        return self._backend._next_event(timeout_s)
+
+    def interrupt(self) -> None:
+        self._backend._events.put(None)
 
     def close(self) -> None:
         pass
