@@ -48,9 +48,10 @@ async def running_plugin(
     cfg: Config,
     backend_factory: BackendFactory = open_backend,
     reload_config: Callable[[], Config] | None = None,
+    **plugin_options: Any,
 ) -> AsyncIterator[Plugin]:
     """Run the real plugin in this event loop until the block ends; errors in it propagate."""
-    plugin = Plugin(cfg, backend_factory=backend_factory, reload_config=reload_config)
+    plugin = Plugin(cfg, backend_factory=backend_factory, reload_config=reload_config, **plugin_options)
     task = asyncio.create_task(plugin.run())
     started = asyncio.create_task(plugin.started.wait())
     await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)

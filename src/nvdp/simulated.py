@@ -262,6 +262,10 @@ class SimulatedBackend:
                 return g.uuid
         raise ValueError(f"no GPU {gpu!r} on the simulated node (indexes 0-{len(self.node.gpus) - 1})")
 
+    def inject(self, event: HealthEvent) -> None:
+        """Any event as it is, even one for a GPU this node does not have (for tests)."""
+        self._events.put(event)
+
     def inject_xid(self, gpu: int | str, xid: int, gi: int | None = None, ci: int | None = None) -> HealthEvent:
         if ci is not None and gi is None:
             raise ValueError("a compute instance (ci) needs its GPU instance (gi)")

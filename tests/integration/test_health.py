@@ -1,0 +1,247 @@
+"""Health checking end to end: faults injected into the simulated node, seen through the fake kubelet."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from click.testing import CliRunner
+
+from nvdp.app import Plugin
+from nvdp.cli import main
+from nvdp.config import Config
+from nvdp.health import EventKind, HealthEvent
+from nvdp.healthwatch import PumpTuning
+from nvdp.simulated import SimulatedBackend
+from nvdp.testing import FakeKubelet
+from nvdp.testing.fake_kubelet import PluginEndpoint
+from tests.conftest import running_plugin
+
+GPU = "nvidia.com/gpu"
+MakeConfig = Callable[..., Config]
+FAST = {"health_quiet_period": "0.2", "health_probe_interval": "0.05"}
+
+
+def sim(plugin: Plugin) -> SimulatedBackend:
+    assert isinstance(plugin.backend, SimulatedBackend)
+    return plugin.backend
+
+
+def health(endpoint: PluginEndpoint, device: str) -> str:
+    return endpoint.devices[device].health
+
+
+async def test_transient_xid_goes_unhealthy_then_healthy_again(
+    kubelet: FakeKubelet, make_config: MakeConfig
+) -> None:
+    async with running_plugin(make_config("dgx-h100", **FAST)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=8)
+        gpu = sim(plugin).inject_xid(3, 94).gpu
+        await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy")
+        marked = time.monotonic()
+        assert [i for i in endpoint.devices if health(endpoint, i) == "Unhealthy"] == [gpu]
+        await kubelet.wait_for(lambda: health(endpoint, gpu) == "Healthy", timeout=5)
+        assert time.monotonic() - marked >= 0.15  # not before the quiet period
+        assert len(endpoint.healthy) == 8
+    assert kubelet.errors == []
+
+
+async def test_fatal_xid_stays_down_until_the_gpu_is_reset(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    async with running_plugin(make_config("dgx-h100", **FAST)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=8)
+        gpu = sim(plugin).inject_xid(5, 79).gpu
+        await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy")
+        probes = plugin.health.probes_run
+        await asyncio.sleep(1.0)  # five quiet periods, about twenty passing probes
+        assert plugin.health.probes_run >= probes + 5
+        assert health(endpoint, gpu) == "Unhealthy"
+        sim(plugin).lose(5)
+        await asyncio.sleep(0.2)
+        sim(plugin).restore(5)  # lost, then back: NVML saw a reset
+        await kubelet.wait_for(lambda: health(endpoint, gpu) == "Healthy", timeout=5)
+
+
+async def test_lost_gpu_does_not_block_the_others(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    async with running_plugin(make_config("dgx-h100", **FAST)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=8)
+        assert plugin.node is not None
+        uuids = [g.uuid for g in plugin.node.gpus]
+        sim(plugin).lose(2)
+        await kubelet.wait_for(lambda: health(endpoint, uuids[2]) == "Unhealthy")
+        assert endpoint.devices[uuids[2]].health == "Unhealthy"
+        assert len(endpoint.healthy) == 7
+        # Official plugin issue #2038: one lost GPU made every GetPreferredAllocation fail.
+        for size in (1, 2, 4, 7):
+            ids = await kubelet.preferred_allocation(GPU, uuids, [], size)
+            assert len(ids) == size and uuids[2] not in ids
+            response = await kubelet.allocate(GPU, ids)
+            assert response.envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(ids)
+        assert await kubelet.preferred_allocation(GPU, uuids, [], 8) == []  # cannot be met: no pick, no error
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await kubelet.allocate(GPU, [uuids[1], uuids[2]])
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert f"unhealthy device: {uuids[2]} (GPU is lost: GPU is lost (simulated))" in (info.value.details() or "")
+        sim(plugin).restore(2)
+        await kubelet.wait_for(lambda: len(endpoint.healthy) == 8, timeout=5)
+
+
+async def test_wait_error_storm_backs_off_marks_everything_and_recovers(
+    kubelet: FakeKubelet, make_config: MakeConfig
+) -> None:
+    tuning = PumpTuning(backoff_first_s=0.01, backoff_max_s=0.02)
+    cfg = make_config("dgx-h100", health_wait_error_threshold="3", health_probe_interval="0")
+    async with running_plugin(cfg, health_tuning=tuning) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=8)
+        updates = endpoint.updates
+        started = time.monotonic()
+        sim(plugin).fail_waits(20)
+        await kubelet.wait_for(lambda: not endpoint.healthy)
+        reason_seen = plugin.manager.tree[GPU].devices[0].reason
+        assert reason_seen == "NVML event wait failed 3+ times in a row: nvmlEventSetWait: Unknown Error (simulated)"
+        await kubelet.wait_for(lambda: len(endpoint.healthy) == 8, timeout=5)
+        elapsed = time.monotonic() - started
+        # 20 failures with back-off 0.01, 0.02, 0.02, ...: at least 0.39 s, not a busy loop.
+        assert elapsed >= 0.35
+        # The storm is two stream updates (down, up), not one per failure.
+        assert endpoint.updates == updates + 2
+
+
+async def test_every_replica_is_marked(kubelet: FakeKubelet, make_config: MakeConfig, plugin_dir: Path) -> None:
+    config = plugin_dir / "config.yaml"
+    config.write_text("version: v1\nsharing:\n  timeSlicing:\n    resources: [{name: nvidia.com/gpu, replicas: 4}]\n")
+    async with running_plugin(make_config("pcie-l40s", config_file=str(config), **FAST)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=16)
+        gpu = sim(plugin).inject_xid(1, 48).gpu
+        replicas = {f"{gpu}::{n}" for n in range(4)}
+        await kubelet.wait_for(lambda: {i for i, d in endpoint.devices.items() if d.health == "Unhealthy"} == replicas)
+        assert len(endpoint.healthy) == 12
+
+
+@pytest.mark.parametrize(
+    ("env", "xid", "marked", "marker_xid"),
+    [
+        pytest.param({}, 13, False, 79, id="13 ignored by default"),
+        pytest.param({"DP_ENABLE_HEALTHCHECKS": "13"}, 13, True, 79, id="enable=13"),
+        pytest.param({"DP_DISABLE_HEALTHCHECKS": "79"}, 79, False, 48, id="disable=79"),
+        pytest.param({"DP_DISABLE_HEALTHCHECKS": "all", "DP_ENABLE_HEALTHCHECKS": "48"}, 79, False, 48,
+                     id="disable=all enable=48: 79 not watched"),
+        pytest.param({"DP_DISABLE_HEALTHCHECKS": "all", "DP_ENABLE_HEALTHCHECKS": "48"}, 48, True, 48,
+                     id="disable=all enable=48: 48 watched"),
+    ],
+)
+async def test_dp_env_vars(
+    kubelet: FakeKubelet, make_config: MakeConfig, env: dict[str, str], xid: int, marked: bool, marker_xid: int
+) -> None:
+    async with running_plugin(make_config("pcie-l40s", environ=env, **FAST)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=4)
+        gpu = sim(plugin).inject_xid(0, xid).gpu
+        marker = sim(plugin).inject_xid(1, marker_xid).gpu  # acted on, and handled after ours
+        await kubelet.wait_for(lambda: health(endpoint, marker) == "Unhealthy")
+        assert health(endpoint, gpu) == ("Unhealthy" if marked else "Healthy")
+
+
+async def test_disable_all_watches_nothing(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    env = {"DP_DISABLE_HEALTHCHECKS": "all"}
+    async with running_plugin(make_config("pcie-l40s", environ=env, **FAST)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=4)
+        sim(plugin).inject_xid(0, 79)
+        sim(plugin).lose(1)
+        await asyncio.sleep(0.3)
+        assert len(endpoint.healthy) == 4
+        assert plugin.health.events_received == 0 and plugin.health.probes_run == 0
+
+
+async def test_unknown_gpu_event_is_logged_not_fatal(
+    kubelet: FakeKubelet, make_config: MakeConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_plugin(make_config("pcie-l40s", **FAST)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=4)
+        sim(plugin).inject(HealthEvent("GPU-not-here", EventKind.XID, xid=79))
+        marker = sim(plugin).inject_xid(2, 79).gpu
+        await kubelet.wait_for(lambda: health(endpoint, marker) == "Unhealthy")
+        assert len(endpoint.healthy) == 3
+    record = next(r for r in caplog.records if "does not serve" in r.getMessage())
+    assert (record.levelno, record.__dict__["device"], record.__dict__["xid"]) == (logging.WARNING, "GPU-not-here", 79)
+
+
+async def test_ecc_counter_rise_is_caught_by_the_probe(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    async with running_plugin(make_config("h200", **FAST)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU)
+        (gpu,) = endpoint.devices
+        await asyncio.sleep(0.1)  # the first probe sets the baseline
+        sim(plugin).raise_ecc(0, count=2)
+        await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy", timeout=5)
+        assert plugin.manager.tree[GPU].devices[0].reason == (
+            "volatile uncorrectable ECC errors rose from 0 to 2 (transient)"
+        )
+        await kubelet.wait_for(lambda: health(endpoint, gpu) == "Healthy", timeout=5)
+
+
+async def test_each_transition_is_one_log_line_with_stable_fields(
+    kubelet: FakeKubelet, make_config: MakeConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nvdp.app")
+    async with running_plugin(make_config("h200", **FAST)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU)
+        (gpu,) = endpoint.devices
+        sim(plugin).inject_xid(0, 94)
+        await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy")
+        await kubelet.wait_for(lambda: health(endpoint, gpu) == "Healthy", timeout=5)
+    lines = [r for r in caplog.records if r.name == "nvdp.app" and r.getMessage().startswith("device ")]
+    assert [(r.getMessage(), r.__dict__["device"], r.__dict__["resource"], r.__dict__["xid"], r.__dict__["reason"])
+            for r in lines] == [
+        ("device unhealthy", gpu, GPU, 94, "XID 94: contained uncorrectable ECC error (transient)"),
+        ("device healthy again", gpu, GPU, "-", "-"),
+    ]
+
+
+async def test_reload_keeps_a_fatal_fault(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    cfg = make_config("pcie-l40s", **FAST)
+    async with running_plugin(cfg, reload_config=lambda: cfg) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=4)
+        gpu = sim(plugin).inject_xid(0, 79).gpu
+        await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy")
+        await plugin.reload()
+        await asyncio.sleep(0.1)
+        assert health(endpoint, gpu) == "Unhealthy"
+
+
+async def test_fault_injection_from_outside_through_the_cli(
+    kubelet: FakeKubelet, make_config: MakeConfig, plugin_dir: Path
+) -> None:
+    control = str(plugin_dir / "control.sock")
+    async with running_plugin(make_config("dgx-h100", simulate_control=control, **FAST)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=8)
+        assert plugin.node is not None
+        uuids = [g.uuid for g in plugin.node.gpus]
+        runner = CliRunner()
+
+        def inject(*args: str) -> tuple[int, str]:
+            result = runner.invoke(main, ["simulate", "inject", "--control", control, *args])
+            return result.exit_code, result.output
+
+        code, output = await asyncio.to_thread(inject, "xid", "--gpu", "6", "--xid", "79")
+        assert (code, output) == (0, f"XID 79 injected on {uuids[6]}\n")
+        await kubelet.wait_for(lambda: health(endpoint, uuids[6]) == "Unhealthy")
+
+        code, output = await asyncio.to_thread(inject, "lose", "--gpu", uuids[0])
+        assert code == 0
+        await kubelet.wait_for(lambda: health(endpoint, uuids[0]) == "Unhealthy")
+        code, _ = await asyncio.to_thread(inject, "restore", "--gpu", "0")
+        await kubelet.wait_for(lambda: health(endpoint, uuids[0]) == "Healthy")
+
+        code, output = await asyncio.to_thread(inject, "xid", "--gpu", "12", "--xid", "79")
+        assert (code, output) == (1, "error: no GPU 12 on the simulated node (indexes 0-7)\n")
+        code, output = await asyncio.to_thread(inject, "wait-errors", "--count", "1")
+        assert (code, output) == (0, "the next 1 event waits fail\n")
+        code, output = await asyncio.to_thread(inject, "ecc", "--gpu", "1", "--remap-failed")
+        assert code == 0
+        await kubelet.wait_for(lambda: health(endpoint, uuids[1]) == "Unhealthy")
+    assert not Path(control).exists()
+    code, output = inject("lose", "--gpu", "0")
+    assert code == 1 and "cannot talk to the control socket" in output
