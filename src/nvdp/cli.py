@@ -128,8 +128,10 @@ def devices(as_json: bool, **cli_values: Any) -> None:
 @click.option("--profile", default="dgx-h100", show_default=True, help="simulated node profile")
 def demo(profile: str) -> None:
     """Run the plugin on a simulated node against a fake kubelet and narrate what it sees."""
+    from nvdp import logs
     from nvdp.demo import run_demo
 
+    logs.setup("error")  # the narration says what happens; warnings about injected faults would repeat it
     try:
         asyncio.run(run_demo(profile, click.echo))
     except ConfigError as exc:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from nvdp.app import Plugin
 from nvdp.config import load
+from nvdp.demo_health import DEMO_SETTINGS, health_story
 from nvdp.report import table
 from nvdp.resources import GPU_RESOURCE
 from nvdp.testing import FakeKubelet
@@ -19,7 +20,7 @@ Say = Callable[[str], None]
 async def run_demo(profile: str, say: Say) -> None:
     with tempfile.TemporaryDirectory(prefix="nvdp-demo-") as folder:
         kubelet_socket = f"{folder}/kubelet.sock"
-        cfg = load({"simulate": profile, "kubelet_socket": kubelet_socket}, {})
+        cfg = load({"simulate": profile, "kubelet_socket": kubelet_socket, **DEMO_SETTINGS}, {})
         say(f"== nvdp demo: simulated node '{profile}', fake kubelet in {folder}")
         async with FakeKubelet(folder) as kubelet:
             plugin = Plugin(cfg)
@@ -62,6 +63,8 @@ async def _narrate(plugin: Plugin, kubelet: FakeKubelet, say: Say) -> None:
     registered = next(e.at for e in kubelet.events if e.kind == "register" and e.at > before)
     say(f"kubelet: {GPU_RESOURCE} registered again {(registered - restart) * 1000:.1f} ms after the restart "
         f"with {len(kubelet.plugin(GPU_RESOURCE).devices)} devices")
+
+    await health_story(plugin, kubelet, say)
 
 
 def _indent(text: str) -> str:

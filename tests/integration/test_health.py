@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -245,3 +246,18 @@ async def test_fault_injection_from_outside_through_the_cli(
     assert not Path(control).exists()
     code, output = inject("lose", "--gpu", "0")
     assert code == 1 and "cannot talk to the control socket" in output
+
+
+async def test_demo_shows_a_fatal_and_a_transient_xid() -> None:
+    from nvdp.demo import run_demo
+
+    lines: list[str] = []
+    await asyncio.wait_for(run_demo("dgx-h100", lines.append), 30)
+    text = "\n".join(lines)
+    assert "inject XID 79 on GPU 3 -> kubelet sees it Unhealthy" in text
+    picked = re.search(r"GetPreferredAllocation\(size=4\) -> GPUs ([\d, ]+) \(", text)
+    assert picked is not None and "3" not in picked.group(1).split(", ")
+    assert "Allocate(GPU 3) -> INVALID_ARGUMENT" in text
+    assert "GPU 5 Healthy again" in text
+    assert "GPU 3 is still Unhealthy (XID 79 is fatal" in text
+    assert "reset GPU 3" in text
