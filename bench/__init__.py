@@ -1,0 +1,1 @@
+"""nvdp benchmarks: `python -m bench` (or `make bench`)."""
