@@ -145,7 +145,9 @@ class HealthMonitor:
         """Run the event thread and the probe/recovery timer until cancelled."""
         gpus = [g.uuid for g in node.gpus]
         self.state = forget_gpus(self.state, gpus)
-        self.state = replace(self.state, faults={k: f for k, f in self.state.faults.items() if f.source != "register"})
+        # A new event source: registration and wait failures belong to the old one.
+        fresh = {k: f for k, f in self.state.faults.items() if f.source not in ("register", "wait")}
+        self.state = replace(self.state, faults=fresh)
         if not self.settings.enabled:
             log.info("health checks disabled (DP_DISABLE_HEALTHCHECKS=all)")
             await self._publish()

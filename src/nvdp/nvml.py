@@ -370,11 +370,16 @@ def probe_gpu(nv: Any, uuid: str) -> ProbeSample:
     GPU_IS_LOST (or no longer knows the UUID). Signals a GPU does not support are None.
     """
     gone = (nv.NVML_ERROR_GPU_IS_LOST, nv.NVML_ERROR_NOT_FOUND)
+    answered = (nv.NVML_ERROR_NOT_SUPPORTED, nv.NVML_ERROR_NO_PERMISSION)  # a clear answer from the driver
     try:
         handle = nv.nvmlDeviceGetHandleByUUID(uuid)
-        nv.nvmlDeviceGetMemoryInfo(handle)  # a query that reaches the GPU
     except nv.NVMLError as exc:
         return ProbeSample(reachable=False, lost=exc.value in gone, error=str(exc))
+    try:
+        nv.nvmlDeviceGetMemoryInfo(handle)  # a query that reaches the GPU (the handle may be cached)
+    except nv.NVMLError as exc:
+        if exc.value not in answered:
+            return ProbeSample(reachable=False, lost=exc.value in gone, error=str(exc))
 
     def optional(call: Callable[[], Any]) -> Any:
         try:

@@ -261,3 +261,20 @@ async def test_demo_shows_a_fatal_and_a_transient_xid() -> None:
     assert "GPU 5 Healthy again" in text
     assert "GPU 3 is still Unhealthy (XID 79 is fatal" in text
     assert "reset GPU 3" in text
+
+
+async def test_a_new_backend_starts_without_the_old_wait_errors(
+    kubelet: FakeKubelet, make_config: MakeConfig
+) -> None:
+    tuning = PumpTuning(backoff_first_s=0.01, backoff_max_s=0.01)
+    cfg = make_config("pcie-l40s", health_wait_error_threshold="1", **FAST)
+    current = {"cfg": cfg}
+    async with running_plugin(cfg, reload_config=lambda: current["cfg"], health_tuning=tuning) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=4)
+        old = sim(plugin)
+        old.fail_waits(1_000_000)  # this backend's NVML never recovers
+        await kubelet.wait_for(lambda: not endpoint.healthy)
+        current["cfg"] = make_config("pcie-l40s", health_wait_error_threshold="1", dev_root="/other", **FAST)
+        await plugin.reload()  # the dev root is a backend field: a new backend, a new event source
+        assert sim(plugin) is not old
+        await kubelet.wait_for(lambda: len(endpoint.healthy) == 4, timeout=5)
