@@ -37,17 +37,24 @@ def health(endpoint: PluginEndpoint, device: str) -> str:
     return endpoint.devices[device].health
 
 
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """For plugin-side facts (the kubelet's wait_for only wakes on kubelet-side changes)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
 async def test_transient_xid_goes_unhealthy_then_healthy_again(
     kubelet: FakeKubelet, make_config: MakeConfig
 ) -> None:
     async with running_plugin(make_config("dgx-h100", **FAST)) as plugin:
         endpoint = await kubelet.wait_registered(GPU, min_devices=8)
+        injected = time.monotonic()
         gpu = sim(plugin).inject_xid(3, 94).gpu
         await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy")
-        marked = time.monotonic()
         assert [i for i in endpoint.devices if health(endpoint, i) == "Unhealthy"] == [gpu]
         await kubelet.wait_for(lambda: health(endpoint, gpu) == "Healthy", timeout=5)
-        assert time.monotonic() - marked >= 0.15  # not before the quiet period
+        assert time.monotonic() - injected >= 0.2  # not before the quiet period
         assert len(endpoint.healthy) == 8
     assert kubelet.errors == []
 
@@ -174,7 +181,7 @@ async def test_ecc_counter_rise_is_caught_by_the_probe(kubelet: FakeKubelet, mak
     async with running_plugin(make_config("h200", **FAST)) as plugin:
         endpoint = await kubelet.wait_registered(GPU)
         (gpu,) = endpoint.devices
-        await asyncio.sleep(0.1)  # the first probe sets the baseline
+        await eventually(lambda: plugin.health.probes_run >= 1)  # the first probe sets the baseline
         sim(plugin).raise_ecc(0, count=2)
         await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy", timeout=5)
         assert plugin.manager.tree[GPU].devices[0].reason == (
