@@ -235,12 +235,6 @@ class Scope:
             return True  # unscoped, or a full-GPU device (it contains every instance)
         return device.mig.gi_id == self.gi and (self.ci is None or device.mig.ci_id == self.ci)
 
-    def __str__(self) -> str:
-        where = self.gpu or "all GPUs"
-        if self.gi is not None:
-            where += f" GI {self.gi}" + (f" CI {self.ci}" if self.ci is not None else "")
-        return where
-
 
 @dataclass(frozen=True)
 class Fault:
@@ -277,7 +271,7 @@ def add_fault(state: HealthState, fault: Fault) -> HealthState:
     return replace(state, faults={**state.faults, fault.key: fault})
 
 
-def _drop(state: HealthState, keep: Callable[[Fault], bool]) -> HealthState:
+def drop_faults(state: HealthState, keep: Callable[[Fault], bool]) -> HealthState:
     faults = {k: f for k, f in state.faults.items() if keep(f)}
     return state if len(faults) == len(state.faults) else replace(state, faults=faults)
 
@@ -306,7 +300,7 @@ def apply_wait_result(
 ) -> HealthState:
     """Event-wait outcome: `failures` consecutive failures so far (0: the wait works again)."""
     if failures == 0:
-        return _drop(state, lambda f: f.source != "wait")
+        return drop_faults(state, lambda f: f.source != "wait")
     if failures < threshold:
         return state
     # The reason does not carry the running count, so a storm is one transition, not one per failure.
@@ -394,18 +388,13 @@ def forget_gpus(state: HealthState, present: Iterable[str]) -> HealthState:
     )
 
 
+def recovery_times(state: HealthState, quiet_period_s: float) -> list[float]:
+    """When each transient fault may clear (a probe of its GPU is due then)."""
+    return [f.last + quiet_period_s for f in state.faults.values() if f.severity is Severity.TRANSIENT]
+
+
 def next_recovery(state: HealthState, quiet_period_s: float) -> float | None:
-    """When the earliest transient fault may clear (a probe is due then)."""
-    times = [f.last + quiet_period_s for f in state.faults.values() if f.severity is Severity.TRANSIENT]
-    return min(times, default=None)
-
-
-def gpus_due(state: HealthState, quiet_period_s: float, now: float) -> set[str]:
-    return {
-        f.scope.gpu
-        for f in state.faults.values()
-        if f.severity is Severity.TRANSIENT and f.scope.gpu is not None and now >= f.last + quiet_period_s
-    }
+    return min(recovery_times(state, quiet_period_s), default=None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from nvdp.backend import EventWaiter, HealthSource
 from nvdp.devices import Node
@@ -31,8 +31,10 @@ from nvdp.health import (
     add_fault,
     apply_probe,
     apply_wait_result,
+    drop_faults,
     fault_for_event,
     forget_gpus,
+    recovery_times,
 )
 
 log = logging.getLogger(__name__)
@@ -146,8 +148,7 @@ class HealthMonitor:
         gpus = [g.uuid for g in node.gpus]
         self.state = forget_gpus(self.state, gpus)
         # A new event source: registration and wait failures belong to the old one.
-        fresh = {k: f for k, f in self.state.faults.items() if f.source not in ("register", "wait")}
-        self.state = replace(self.state, faults=fresh)
+        self.state = drop_faults(self.state, lambda f: f.source not in ("register", "wait"))
         if not self.settings.enabled:
             log.info("health checks disabled (DP_DISABLE_HEALTHCHECKS=all)")
             await self._publish()
@@ -236,7 +237,7 @@ class HealthMonitor:
         """The next periodic probe, or the earliest transient fault that is due for a recovery
         probe and has not had one since it became due."""
         quiet = self.settings.quiet_period_s
-        due = [f.last + quiet for f in self.state.faults.values() if f.severity is Severity.TRANSIENT]
+        due = recovery_times(self.state, quiet)
         fresh = [t for t in due if t > self._last_probe]
         deadline = min([next_probe, *fresh])
         if len(fresh) < len(due) and not self.settings.periodic_probes:
