@@ -38,8 +38,8 @@ TRANSIENT_XID = 94
 START_TIMEOUT_S = 60.0
 
 
-def _state(endpoint: PluginEndpoint, device: str) -> str:
-    return endpoint.devices[device].health
+def _shows(endpoint: PluginEndpoint, device: str, health: str) -> Callable[[], bool]:
+    return lambda: endpoint.devices[device].health == health
 
 
 async def _mark_rounds(
@@ -50,12 +50,12 @@ async def _mark_rounds(
     latencies = []
     for i in range(rounds):
         gpu = gpus[i % len(gpus)]
-        await kubelet.wait_for(lambda g=gpu: _state(endpoint, g) == "Healthy", timeout=10)
+        await kubelet.wait_for(_shows(endpoint, gpu, "Healthy"), timeout=10)
         t0 = time.perf_counter()
         result = inject(i % len(gpus))
         if asyncio.iscoroutine(result):
             await result
-        await kubelet.wait_for(lambda g=gpu: _state(endpoint, g) == "Unhealthy", timeout=10)
+        await kubelet.wait_for(_shows(endpoint, gpu, "Unhealthy"), timeout=10)
         latencies.append((time.perf_counter() - t0) * 1000)
     return latencies
 
@@ -85,11 +85,11 @@ async def in_process(settings: Settings) -> list[Figure]:
         overshoot = []
         for i in range(settings.n(200, 30)):
             gpu = gpus[i % len(gpus)]
-            await kubelet.wait_for(lambda g=gpu: _state(endpoint, g) == "Healthy", timeout=10)
+            await kubelet.wait_for(_shows(endpoint, gpu, "Healthy"), timeout=10)
             t0 = time.perf_counter()
             backend.inject_xid(i % len(gpus), TRANSIENT_XID)
-            await kubelet.wait_for(lambda g=gpu: _state(endpoint, g) == "Unhealthy", timeout=10)
-            await kubelet.wait_for(lambda g=gpu: _state(endpoint, g) == "Healthy", timeout=10)
+            await kubelet.wait_for(_shows(endpoint, gpu, "Unhealthy"), timeout=10)
+            await kubelet.wait_for(_shows(endpoint, gpu, "Healthy"), timeout=10)
             overshoot.append((time.perf_counter() - t0 - QUIET_S) * 1000)
         streams = len(plugin.manager.servers)
     return [
