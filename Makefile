@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench proto gpu-test clean
+.PHONY: demo test test-deploy lint typecheck check bench proto gpu-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,23 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+# Deployment checks (docs/deployment.md): helm 3 + helm 4 lint/template, kubernetes-validate,
+# the image's install steps. Tools are cached in .tools/ (ignored); the first run downloads ~75 MB.
+DEPLOY_STAMP := $(VENV)/.installed-deploy
+# The last kubernetes-validate release with extensions/v1beta1 schemas (for legacyDaemonsetAPI).
+LEGACY_SCHEMAS := .tools/cache/kubernetes-validate-1.16.0.tar.gz
+
+$(DEPLOY_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,deploy]'
+	touch $(DEPLOY_STAMP)
+
+$(LEGACY_SCHEMAS):
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: -d .tools/cache kubernetes-validate==1.16.0
+
+test-deploy: $(DEPLOY_STAMP) $(LEGACY_SCHEMAS)
+	$(BIN)/python scripts/install-helm
+	$(BIN)/pytest -q -m deploy tests/deploy
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)

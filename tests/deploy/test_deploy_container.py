@@ -1,0 +1,170 @@
+"""The container recipe, without a container engine: the Dockerfile's facts, and its install steps
+(deployments/container/install.sh) run into a fresh venv, then the entrypoint used as the image does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from deploy_tools import CONTAINER, ROOT
+
+from nvdp import __version__
+
+pytestmark = pytest.mark.deploy
+
+DOCKERFILE = CONTAINER / "Dockerfile"
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())  # join continuation lines
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
+
+
+def test_dockerfile_facts() -> None:
+    instr = dockerfile_instructions()
+    assert ("ENTRYPOINT", '["nvidia-device-plugin"]') in instr
+    froms = [arg for op, arg in instr if op == "FROM"]
+    assert all(f.startswith("${PYTHON_IMAGE}") for f in froms)
+    assert ("ARG", "PYTHON_IMAGE=python:3.11-slim-bookworm") in instr
+    env = " ".join(arg for op, arg in instr if op == "ENV")
+    for setting in ("NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_DRIVER_CAPABILITIES=compute,utility",
+                    "NVIDIA_DISABLE_REQUIRE=true", "PATH=/opt/nvdp/bin:"):
+        assert setting in env
+    labels = " ".join(arg for op, arg in instr if op == "LABEL")
+    for key in ("title", "description", "version", "licenses"):
+        assert f"org.opencontainers.image.{key}=" in labels
+    assert ("ARG", f"VERSION={__version__}") in instr
+    assert ("RUN", "deployments/container/install.sh /opt/nvdp /src") in instr
+
+
+def dockerfile_copies() -> list[str]:
+    """What the build stage copies from the repository (the image's whole build context)."""
+    copies = [arg.split()[:-1] for op, arg in dockerfile_instructions() if op == "COPY" and "--from" not in arg]
+    return [path for sources in copies for path in sources]
+
+
+@pytest.fixture(scope="module")
+def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run the Dockerfile's install step into a fresh venv, from a copy of what the image copies."""
+    tmp = tmp_path_factory.mktemp("image")
+    src = tmp / "src"
+    for rel in dockerfile_copies():
+        source = ROOT / rel
+        if source.is_dir():
+            shutil.copytree(source, src / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, src / rel)
+    prefix = tmp / "opt-nvdp"
+    env = {**os.environ, "PYTHON": getattr(sys, "_base_executable", sys.executable)}
+    result = subprocess.run([str(src / "deployments/container/install.sh"), str(prefix), str(src)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return prefix
+
+
+def run_entrypoint(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # As the image runs it: by name, with the venv's bin first on PATH, from another directory.
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(venv)}
+    return subprocess.run(["nvidia-device-plugin", *args], capture_output=True, text=True, env=env,
+                          cwd="/", timeout=60)
+
+
+def test_build_copies_only_the_package_sources() -> None:
+    assert sorted(dockerfile_copies()) == ["README.md", "deployments/container", "pyproject.toml", "src"]
+
+
+def test_entrypoint_version(image_venv: Path) -> None:
+    result = run_entrypoint(image_venv, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"nvidia-device-plugin, version {__version__}"
+
+
+def test_entrypoint_by_path_without_the_venv_on_path(image_venv: Path) -> None:
+    """E.g. a pod `command:` naming /opt/nvdp/bin/nvidia-device-plugin: Python cannot find its venv
+    from the bare argv[0] then, so the wrapper names the interpreter (PYTHONEXECUTABLE)."""
+    result = subprocess.run([str(image_venv / "bin" / "nvidia-device-plugin"), "--version"], capture_output=True,
+                            text=True, env={"PATH": "/usr/bin:/bin"}, cwd="/", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"nvidia-device-plugin, version {__version__}"
+
+
+def test_entrypoint_help_lists_the_official_flags(image_venv: Path) -> None:
+    result = run_entrypoint(image_venv, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: nvidia-device-plugin [OPTIONS]")
+    for flag in ("--mig-strategy", "--fail-on-init-error", "--pass-device-specs", "--device-list-strategy",
+                 "--device-id-strategy", "--nvidia-driver-root", "--config-file"):
+        assert flag in result.stdout
+
+
+def test_entrypoint_rejects_a_bad_flag_value(image_venv: Path) -> None:
+    result = run_entrypoint(image_venv, "--mig-strategy=dual")
+    assert result.returncode == 2
+    assert "--mig-strategy" in result.stderr
+
+
+@pytest.fixture
+def running_plugin(image_venv: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """The plugin started through the image's entrypoint on a simulated node (no kubelet)."""
+    env = {"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", "NVDP_SIMULATE": "h200",
+           "KUBELET_SOCKET": str(tmp_path / "kubelet.sock")}
+    log = tmp_path / "plugin.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["nvidia-device-plugin"], stdout=out, stderr=subprocess.STDOUT, text=True,
+                                env=env, cwd="/")
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "nvidia-gpu.sock").exists():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def pids_named(name: str) -> list[int]:
+    """How the official config-manager finds the process to signal: argv[0] equals the name."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0] == name.encode():
+                found.append(int(entry.name))
+    return found
+
+
+def wait_for(log: Path, text: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{log.read_text()}"
+        time.sleep(0.05)
+
+
+def test_argv0_is_exactly_the_plugin_name_and_sighup_reloads(
+    running_plugin: tuple[subprocess.Popen[str], Path],
+) -> None:
+    proc, log = running_plugin
+    argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[0] == b"nvidia-device-plugin"
+    assert proc.pid in pids_named("nvidia-device-plugin")  # the wrapper exec'd: no shell left between
+    os.kill(proc.pid, signal.SIGHUP)  # what config-manager sends (SIGNAL=1)
+    wait_for(log, "reloaded")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0, log.read_text()
