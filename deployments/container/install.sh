@@ -1,6 +1,6 @@
 #!/bin/bash
 # install.sh PREFIX SRC: how the image installs nvdp (the Dockerfile runs this; so does the test
-# tests/deploy/test_container.py, so both install the same way).
+# tests/deploy/test_deploy_container.py, so both install the same way).
 #   1. a fresh virtual environment at PREFIX, from the python3 on PATH (or $PYTHON);
 #   2. the package from the source tree SRC (pyproject.toml, README.md, src/);
 #   3. the argv[0] wrapper as PREFIX/bin/nvidia-device-plugin, in place of pip's console script.

@@ -17,7 +17,10 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_tools import (
+
+from nvdp import __version__
+from nvdp.config import OPTIONS, load
+from tests.deploy.deploy_tools import (
     CHART,
     HELMS,
     NAMESPACE,
@@ -32,9 +35,6 @@ from deploy_tools import (
     validate,
     values_args,
 )
-
-from nvdp import __version__
-from nvdp.config import OPTIONS, load
 
 pytestmark = pytest.mark.deploy
 

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_tools import CONTAINER, ROOT
 
 from nvdp import __version__
+from tests.deploy.deploy_tools import CONTAINER, ROOT
 
 pytestmark = pytest.mark.deploy
 
@@ -115,17 +115,17 @@ def test_entrypoint_rejects_a_bad_flag_value(image_venv: Path) -> None:
 
 
 @pytest.fixture
-def running_plugin(image_venv: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+def image_plugin(image_venv: Path, plugin_dir: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     """The plugin started through the image's entrypoint on a simulated node (no kubelet)."""
     env = {"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", "NVDP_SIMULATE": "h200",
-           "KUBELET_SOCKET": str(tmp_path / "kubelet.sock")}
-    log = tmp_path / "plugin.log"
+           "KUBELET_SOCKET": str(plugin_dir / "kubelet.sock")}
+    log = plugin_dir / "plugin.log"
     with log.open("w") as out:
         proc = subprocess.Popen(["nvidia-device-plugin"], stdout=out, stderr=subprocess.STDOUT, text=True,
                                 env=env, cwd="/")
     try:
         deadline = time.monotonic() + 30
-        while not (tmp_path / "nvidia-gpu.sock").exists():
+        while not (plugin_dir / "nvidia-gpu.sock").exists():
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
@@ -158,9 +158,9 @@ def wait_for(log: Path, text: str, timeout: float = 15) -> None:
 
 
 def test_argv0_is_exactly_the_plugin_name_and_sighup_reloads(
-    running_plugin: tuple[subprocess.Popen[str], Path],
+    image_plugin: tuple[subprocess.Popen[str], Path],
 ) -> None:
-    proc, log = running_plugin
+    proc, log = image_plugin
     argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
     assert argv[0] == b"nvidia-device-plugin"
     assert proc.pid in pids_named("nvidia-device-plugin")  # the wrapper exec'd: no shell left between

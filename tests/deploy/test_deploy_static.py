@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_tools import STATIC, env_of, only, plugin_container, static_manifests, validate
 
 from nvdp import __version__
+from tests.deploy.deploy_tools import STATIC, env_of, only, plugin_container, static_manifests, validate
 
 pytestmark = pytest.mark.deploy
 
