@@ -2,7 +2,8 @@
 
 The tools come from `make test-deploy`: scripts/install-helm puts helm 3 and helm 4 in .tools/,
 the `deploy` extra installs kubernetes-validate, and the Makefile fetches the old
-kubernetes-validate release whose schemas still describe extensions/v1beta1.
+kubernetes-validate release whose schemas still describe extensions/v1beta1. The `deploy` extra's
+modules are imported where used: `make test` collects (then deselects) these tests without them.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import kubernetes_validate
 import pytest
-import referencing
-import referencing.jsonschema
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,8 +30,14 @@ HELMS = {"helm3": TOOLS / "helm3" / "helm", "helm4": TOOLS / "helm4" / "helm"}
 RELEASE = "ndp"
 NAMESPACE = "nvidia-device-plugin"
 
-# Kubernetes versions every manifest is validated against: our floor and the newest schema shipped.
-K8S_VERSIONS = ("1.25.0", kubernetes_validate.utils.latest_version())
+
+@functools.cache
+def k8s_versions() -> tuple[str, str]:
+    """Kubernetes versions every manifest is validated against: our floor and the newest schema shipped."""
+    import kubernetes_validate
+
+    return "1.25.0", kubernetes_validate.utils.latest_version()
+
 # extensions/v1beta1 DaemonSets (legacyDaemonsetAPI) exist in no schema of the current release;
 # the 1.16.0 release still ships them. 1.10 is the oldest Kubernetes the seed chart supported,
 # 1.15 the last that served the API.
@@ -94,7 +97,10 @@ def env_of(container: Mapping[str, Any]) -> dict[str, str]:
 
 
 @functools.cache
-def _legacy_schema(version: str) -> tuple[dict[str, Any], referencing.Registry[Any]]:
+def _legacy_schema(version: str) -> tuple[dict[str, Any], Any]:
+    import referencing
+    import referencing.jsonschema
+
     if not LEGACY_SCHEMAS.exists():
         pytest.fail(f"{LEGACY_SCHEMAS} is missing: run `make test-deploy` first")
     folder = f"kubernetes-validate-1.16.0/src/kubernetes_validate/kubernetes-json-schema/v{version}-local-strict"
@@ -107,7 +113,7 @@ def _legacy_schema(version: str) -> tuple[dict[str, Any], referencing.Registry[A
         schema = load("daemonset-extensions-v1beta1.json")
         definitions = load("_definitions.json")
     draft4 = referencing.jsonschema.DRAFT4
-    registry: referencing.Registry[Any] = referencing.Registry().with_resource(
+    registry = referencing.Registry().with_resource(
         "_definitions.json", referencing.Resource.from_contents(definitions, default_specification=draft4)
     )
     return schema, registry
@@ -115,6 +121,8 @@ def _legacy_schema(version: str) -> tuple[dict[str, Any], referencing.Registry[A
 
 def validate_legacy_daemonset(obj: Mapping[str, Any], version: str) -> None:
     """Strict validation of an extensions/v1beta1 DaemonSet with that Kubernetes version's schema."""
+    import jsonschema
+
     schema, registry = _legacy_schema(version)
     jsonschema.Draft4Validator(schema, registry=registry).validate(dict(obj))
 
@@ -137,13 +145,15 @@ def validate(obj: Mapping[str, Any]) -> list[str]:
     if obj["kind"] == "ServiceMonitor":
         validate_service_monitor(obj)
         return ["structural"]
-    for version in K8S_VERSIONS:
+    import kubernetes_validate
+
+    for version in k8s_versions():
         try:
             kubernetes_validate.validate(dict(obj), version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             where = ".".join(str(p) for p in exc.path)
             pytest.fail(f"{obj['kind']} {obj['metadata']['name']} invalid for Kubernetes {version}: {where}: {exc}")
-    return list(K8S_VERSIONS)
+    return list(k8s_versions())
 
 
 def static_manifests() -> Iterator[Path]:
