@@ -17,6 +17,7 @@ from typing import Any
 from nvdp.devices import GpuInfo, MigInfo, Node, PcieLevel, Topology
 from nvdp.errors import DeviceError, DiscoveryError, EventWaitError, NvmlUnavailable
 from nvdp.health import EventKind, HealthEvent, ProbeSample
+from nvdp.topology import Far, NvLinkEnd, build_topology, bus_key
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ LIBRARY_DIRS = (
     "lib/x86_64-linux-gnu",
     "lib/aarch64-linux-gnu",
 )
-NVLINK_MAX_LINKS = 18  # links the official allocator inspects per GPU
+NVLINK_MAX_LINKS = 18  # link indices probed per GPU when the bindings do not say (NVML_NVLINK_MAX_LINKS)
 SKIPPED_NAMES = ("DGX Display", "NVIDIA DGX Display")
 
 
@@ -43,8 +44,7 @@ def library_candidates(driver_root: str) -> tuple[str, ...]:
 
 def pci_sysfs_name(bus_id: str) -> str:
     """NVML's "00000000:3B:00.0" -> sysfs "0000:3b:00.0"."""
-    bus = bus_id[4:] if len(bus_id) == 16 and bus_id.startswith("0000") else bus_id
-    return bus.lower()
+    return bus_key(bus_id)
 
 
 def read_numa_node(bus_id: str, sysfs_root: str = "/sys") -> int | None:
@@ -196,38 +196,38 @@ class NvmlBackend:
         return tuple(found)
 
     def _topology(self, gpus: list[GpuInfo], handles: dict[str, Any]) -> Topology:
+        """The NVLink ends of every GPU and the PCIe level of every pair, read once at discovery;
+        topology.build_topology says what they mean."""
         nv = self._nvml
-        by_bus = {pci_sysfs_name(g.pci_bus_id): g.uuid for g in gpus}
-        direct: dict[frozenset[str], int] = {}
-        switch_links: dict[str, int] = {}
-        for gpu in gpus:
-            for link in range(NVLINK_MAX_LINKS):
-                try:
-                    if nv.nvmlDeviceGetNvLinkState(handles[gpu.uuid], link) != nv.NVML_FEATURE_ENABLED:
-                        continue
-                    remote = _text(nv.nvmlDeviceGetNvLinkRemotePciInfo(handles[gpu.uuid], link).busId)
-                except nv.NVMLError:
-                    continue  # NOT_SUPPORTED on PCIe-only GPUs, or a link index past the last
-                peer = by_bus.get(pci_sysfs_name(remote))
-                if peer is None:
-                    # The far end is not a GPU: an NVSwitch, which joins every switch-attached GPU.
-                    switch_links[gpu.uuid] = switch_links.get(gpu.uuid, 0) + 1
-                elif peer != gpu.uuid:
-                    key = frozenset((gpu.uuid, peer))
-                    direct[key] = direct.get(key, 0) + 1
-        nvlinks: dict[frozenset[str], int] = {}
+        links = {g.uuid: self._nvlink_ends(handles[g.uuid]) for g in gpus}
         pcie: dict[frozenset[str], PcieLevel] = {}
         for i, a in enumerate(gpus):
             for b in gpus[i + 1 :]:
-                key = frozenset((a.uuid, b.uuid))
-                # Each direct link was seen from both ends.
-                links = direct.get(key, 0) // 2 + min(switch_links.get(a.uuid, 0), switch_links.get(b.uuid, 0))
-                if links:
-                    nvlinks[key] = links
                 with contextlib.suppress(nv.NVMLError, ValueError):
                     level = nv.nvmlDeviceGetTopologyCommonAncestor(handles[a.uuid], handles[b.uuid])
-                    pcie[key] = PcieLevel(int(level))
-        return Topology(nvlinks=nvlinks, pcie=pcie)
+                    pcie[frozenset((a.uuid, b.uuid))] = PcieLevel(int(level))
+        return build_topology(gpus, links, pcie)
+
+    def _nvlink_ends(self, handle: Any) -> list[NvLinkEnd]:
+        nv = self._nvml
+        far_kinds = {
+            getattr(nv, "NVML_NVLINK_DEVICE_TYPE_GPU", 0): Far.GPU,
+            getattr(nv, "NVML_NVLINK_DEVICE_TYPE_IBMNPU", 1): Far.OTHER,
+            getattr(nv, "NVML_NVLINK_DEVICE_TYPE_SWITCH", 2): Far.SWITCH,
+        }
+        ends = []
+        for link in range(getattr(nv, "NVML_NVLINK_MAX_LINKS", NVLINK_MAX_LINKS)):
+            try:
+                if nv.nvmlDeviceGetNvLinkState(handle, link) != nv.NVML_FEATURE_ENABLED:
+                    continue
+                remote = _text(nv.nvmlDeviceGetNvLinkRemotePciInfo(handle, link).busId)
+            except nv.NVMLError:
+                continue  # NOT_SUPPORTED on PCIe-only GPUs, or a link index past the last
+            far = Far.UNKNOWN
+            with contextlib.suppress(nv.NVMLError, AttributeError):  # older drivers / bindings
+                far = far_kinds.get(int(nv.nvmlDeviceGetNvLinkRemoteDeviceType(handle, link)), Far.UNKNOWN)
+            ends.append(NvLinkEnd(remote, far))
+        return ends
 
     def _control_devices(self) -> tuple[str, ...]:
         # As the official plugin: a control node is passed only if it exists in our own container.

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -62,7 +62,7 @@ class GpuSpec(_Strict):
 
 class NvlinkSpec(_Strict):
     all_pairs: int = Field(default=0, ge=0, le=18)  # NVSwitch: every pair joined by this many links
-    pairs: list[tuple[int, int, int]] = Field(default_factory=list)  # [a, b, links]
+    pairs: list[tuple[int, int, Annotated[int, Field(ge=0, le=18)]]] = Field(default_factory=list)  # [a, b, links]
 
 
 class PcieSpec(_Strict):
@@ -133,7 +133,7 @@ def build_node(label: str, profile: Profile) -> Node:
             gpus.append(_gpu(label, len(gpus), fields))
     return Node(
         gpus=tuple(gpus),
-        topology=_topology(profile, gpus),
+        topology=_topology(label, profile, gpus),
         driver_version=profile.driver_version,
         cuda_driver_version=profile.cuda_driver_version,
         control_devices=tuple(profile.control_devices),
@@ -172,7 +172,8 @@ def _mig(label: str, gpu_index: int, position: int, m: MigDeviceSpec) -> MigInfo
     )
 
 
-def _topology(profile: Profile, gpus: list[GpuInfo]) -> Topology:
+def _topology(label: str, profile: Profile, gpus: list[GpuInfo]) -> Topology:
+    """The pair facts NVML would give: NVLink counts per pair and PCIe common-ancestor levels."""
     nvlinks: dict[frozenset[str], int] = {}
     pcie: dict[frozenset[str], PcieLevel] = {}
     for i, a in enumerate(gpus):
@@ -182,11 +183,32 @@ def _topology(profile: Profile, gpus: list[GpuInfo]) -> Topology:
                 nvlinks[key] = profile.nvlink.all_pairs
             same = a.numa_node is not None and a.numa_node == b.numa_node
             pcie[key] = PcieLevel.SAME_NUMA_NODE if same else PcieLevel.CROSS_CPU
-    for x, y, links in profile.nvlink.pairs:
-        nvlinks[frozenset((gpus[x].uuid, gpus[y].uuid))] = links
-    for x, y, level in profile.pcie.pairs:
-        pcie[frozenset((gpus[x].uuid, gpus[y].uuid))] = PcieLevel[level.upper().replace("-", "_")]
+    for n, (x, y, links) in enumerate(profile.nvlink.pairs):
+        key = _pair(label, f"nvlink.pairs.{n}", gpus, x, y)
+        if links:
+            nvlinks[key] = links
+        else:
+            nvlinks.pop(key, None)
+    for n, (x, y, level) in enumerate(profile.pcie.pairs):
+        pcie[_pair(label, f"pcie.pairs.{n}", gpus, x, y)] = _pcie_level(label, f"pcie.pairs.{n}", level)
     return Topology(nvlinks=nvlinks, pcie=pcie)
+
+
+def _pair(label: str, where: str, gpus: list[GpuInfo], x: int, y: int) -> frozenset[str]:
+    if not (0 <= x < len(gpus) and 0 <= y < len(gpus)) or x == y:
+        raise ConfigError(
+            f"simulated profile {label} field {where}",
+            f"[{x}, {y}] must name two different GPUs among 0..{len(gpus) - 1}",
+        )
+    return frozenset((gpus[x].uuid, gpus[y].uuid))
+
+
+def _pcie_level(label: str, where: str, name: str) -> PcieLevel:
+    try:
+        return PcieLevel[name.upper().replace("-", "_")]
+    except KeyError:
+        known = ", ".join(level.name.lower() for level in PcieLevel)
+        raise ConfigError(f"simulated profile {label} field {where}", f"{name!r} is not one of {known}") from None
 
 
 @dataclass
