@@ -1,20 +1,55 @@
 """GetPreferredAllocation policies. Pure functions over device IDs and a precomputed topology.
 
-- Full GPUs: stay on one NUMA node when the request fits (best fit: the node with the fewest free
-  devices that still holds the request), otherwise fill from the fullest nodes.
-- Shared replicas (`<uuid>::<n>`): the official greedy `distributed` / `packed` policies.
+- Full GPUs (`nvidia.com/gpu` without sharing): the set of the requested size that holds every
+  must-include GPU and has the highest pair score (scoring.py, the official allocator's table),
+  found exactly by scanning every candidate set against a per-node table of subset scores. Among
+  the sets that tie on that score, the one that leaves the free GPUs best connected for the next
+  pod wins (`_leftover_key`), then the one with the lowest GPU indices. Nodes above
+  `scoring.TABLE_MAX_GPUS` GPUs get a greedy answer with the same tie-break (documented, not exact).
+- Shared replicas (`<uuid>::<n>`) and MIG devices: the official greedy `distributed` / `packed`.
 
 Degenerate requests never raise; they get an empty answer (the kubelet then picks on its own):
-size <= 0, must_include larger than size, or fewer usable devices than size.
+size <= 0, must_include larger than size, or fewer usable devices than size. Unknown, unhealthy
+and duplicate IDs are ignored. See docs/allocation.md.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from nvdp.devices import Device, Resource, Topology
 from nvdp.resources import physical_id
+from nvdp.scoring import ScoreTable, bits, masks_of_size
+
+_TABLE_CACHE_SIZE = 8
+# (id of the topology, GPU UUIDs in order) -> (the topology itself, its table). The topology is
+# kept so its id cannot be reused by another object while the entry lives.
+_tables: dict[tuple[int, tuple[str, ...]], tuple[Topology, ScoreTable]] = {}
+
+
+def table_for(uuids: Sequence[str], topology: Topology) -> ScoreTable:
+    """The score table of these GPUs, built once per topology object (discovery makes one)."""
+    key = (id(topology), tuple(uuids))
+    entry = _tables.get(key)
+    if entry is not None and entry[0] is topology:
+        return entry[1]
+    table = ScoreTable(uuids, topology)
+    if len(_tables) >= _TABLE_CACHE_SIZE:
+        _tables.pop(next(iter(_tables)))
+    _tables[key] = (topology, table)
+    return table
+
+
+def prepare(resource: Resource, topology: Topology) -> None:
+    """Build the tables for a resource ahead of the first GetPreferredAllocation (at discovery:
+    about 25 ms for 16 GPUs, well under 1 ms for 8)."""
+    if _topology_aware(resource.devices):
+        table = table_for(_gpu_order(resource), topology)
+        if table.exact:
+            for size in range(1, table.n + 1):
+                masks_of_size(table.n, size)
 
 
 def usable(resource: Resource, ids: Sequence[str]) -> list[Device]:
@@ -38,31 +73,82 @@ def preferred(
     shared_policy: str = "distributed",
 ) -> list[str]:
     required = usable(resource, must_include)
-    candidates = [d for d in usable(resource, available) if d.id not in {r.id for r in required}]
+    required_ids = {r.id for r in required}
+    candidates = [d for d in usable(resource, available) if d.id not in required_ids]
     if size <= 0 or len(required) > size or len(required) + len(candidates) < size:
         return []
-    needed = size - len(required)
-    if any(d.replica is not None for d in (*required, *candidates)):
-        picks = _greedy_replicas(resource, required, candidates, needed, shared_policy)
-    else:
-        picks = _numa_aligned(required, candidates, needed)
+    if _topology_aware(resource.devices):
+        table = table_for(_gpu_order(resource), topology)
+        chosen = best_set(table, table.mask(d.id for d in candidates), table.mask(required_ids), size)
+        picked = {table.uuids[i] for i in bits(chosen)} - required_ids
+        return [d.id for d in required] + [d.id for d in resource.devices if d.id in picked]
+    picks = _greedy_replicas(resource, required, candidates, size - len(required), shared_policy)
     return [d.id for d in (*required, *picks)]
 
 
-def _numa_aligned(required: list[Device], candidates: list[Device], needed: int) -> list[Device]:
-    by_node: dict[int | None, list[Device]] = {}
-    for d in candidates:
-        by_node.setdefault(d.numa_node, []).append(d)
-    required_nodes = {d.numa_node for d in required}
-    if len(required_nodes) == 1:
-        (home,) = required_nodes
-        order = [home, *sorted((n for n in by_node if n != home), key=lambda n: -len(by_node[n]))]
-    else:
-        fitting = sorted((n for n in by_node if len(by_node[n]) >= needed), key=lambda n: len(by_node[n]))
-        rest = sorted((n for n in by_node if n not in fitting), key=lambda n: -len(by_node[n]))
-        order = fitting[:1] + rest + fitting[1:]
-    ordered = [d for n in order for d in by_node.get(n, [])]
-    return ordered[:needed]
+def _topology_aware(devices: Sequence[Device]) -> bool:
+    """Whole GPUs only: replicas and MIG devices share a GPU, so pair scores say nothing."""
+    return all(d.replica is None and d.mig is None for d in devices)
+
+
+def _gpu_order(resource: Resource) -> tuple[str, ...]:
+    return tuple(d.gpu_uuid for d in resource.devices)
+
+
+# --- full GPUs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The best sets for one request: their score and every mask that reaches it."""
+
+    score: int
+    masks: tuple[int, ...]
+
+
+def optimal_sets(table: ScoreTable, free: int, must: int, size: int) -> Choice:
+    """Every set of `size` GPUs within free|must holding `must` with the highest score (exact).
+
+    Scans the C(n, size) masks of the node (at most 12870 for 16 GPUs); each scores by lookup."""
+    outside = ((1 << table.n) - 1) & ~(free | must)
+    # Comprehensions rather than one loop with branches: about twice as fast in CPython.
+    fits = [m for m in masks_of_size(table.n, size) if not m & outside] if outside else masks_of_size(table.n, size)
+    if must:
+        fits = [m for m in fits if m & must == must]
+    scores = list(map(table.tabled().__getitem__, fits))
+    best = max(scores)
+    return Choice(best, tuple(m for m, s in zip(fits, scores, strict=True) if s == best))
+
+
+def best_set(table: ScoreTable, free: int, must: int, size: int) -> int:
+    """The set the policy answers with: a highest-scoring set, ties broken by `_leftover_key`."""
+    if not table.exact:
+        return _greedy_set(table, free, must, size)
+    pool = free | must
+    return min(optimal_sets(table, free, must, size).masks, key=lambda m: _leftover_key(table, pool, m))
+
+
+def _leftover_key(table: ScoreTable, pool: int, mask: int) -> tuple[int, list[int]]:
+    """Smaller is better: the leftover free GPUs as well connected as possible, then low indices."""
+    return (-table.score(pool & ~mask), bits(mask))
+
+
+def _greedy_set(table: ScoreTable, free: int, must: int, size: int) -> int:
+    """Above TABLE_MAX_GPUS: grow from `must`, adding the GPU with the highest gain each time."""
+    chosen = must
+    for _ in range(size - must.bit_count()):
+        options = bits(free & ~chosen)
+        gains = {p: table.gain(p, chosen) for p in options}
+        top = max(gains.values())
+        pool = free | must
+        chosen = min(
+            (chosen | 1 << p for p in options if gains[p] == top),
+            key=lambda m: _leftover_key(table, pool, m),
+        )
+    return chosen
+
+
+# --- shared replicas ---------------------------------------------------------------------------
 
 
 def _greedy_replicas(

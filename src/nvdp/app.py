@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from nvdp import allocation
 from nvdp.backend import GpuBackend, HealthSource
 from nvdp.config import Config
 from nvdp.devices import DeviceTree, Health, Node
@@ -49,6 +50,8 @@ def discover_tree(backend: GpuBackend, cfg: Config) -> tuple[Node, DeviceTree]:
     tree = build_tree(node, cfg)
     if not tree:
         raise NoDevicesFound(f"no devices found by the {backend.name} backend")
+    for resource in tree.values():
+        allocation.prepare(resource, node.topology)  # so the first GetPreferredAllocation is fast
     return node, tree
 
 
