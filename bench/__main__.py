@@ -20,6 +20,8 @@ from bench.harness import Figure, Settings, machine, table, write_result
 
 MODULES: dict[str, str] = {
     "health": "bench.health",  # injected fault -> ListAndWatch update at the kubelet; recovery overshoot
+    "allocation": "bench.allocation",  # GetPreferredAllocation time per call and exactness, per profile and size
+    "workload": "bench.workload",  # allocation quality over time: nvdp vs first-fit, per-request optimum, official
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown module(s): {', '.join(unknown)}; known: {', '.join(MODULES)}")
     settings, info = Settings(quick=args.quick), machine()
-    print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}", flush=True)
+    print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}, grpcio {info['grpcio']}, "
+          f"load {info['load_average'][0]:.2f}", flush=True)
     rows: list[tuple[str, Figure]] = []
     failed = []
     for name in args.modules or list(MODULES):

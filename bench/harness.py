@@ -70,8 +70,12 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
+    import grpc
+
     return {"cpu_model": cpu, "cores": os.cpu_count(), "os": platform.platform(),
-            "python": platform.python_version(), "executable": sys.executable}
+            "python": platform.python_version(), "grpcio": grpc.__version__,
+            # Other work on the machine skews latency figures: keep how busy it was.
+            "load_average": os.getloadavg(), "executable": sys.executable}
 
 
 def write_result(directory: Path, module: str, figures: list[Figure], info: dict[str, Any], settings: Settings,
