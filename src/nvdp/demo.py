@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from nvdp.app import Plugin
 from nvdp.config import load
 from nvdp.demo_health import DEMO_SETTINGS, health_story
+from nvdp.devices import Node
 from nvdp.report import table
 from nvdp.resources import GPU_RESOURCE
+from nvdp.scoring import pair_score, set_score
 from nvdp.testing import FakeKubelet
 
 Say = Callable[[str], None]
@@ -52,6 +56,13 @@ async def _narrate(plugin: Plugin, kubelet: FakeKubelet, say: Say) -> None:
     size = min(2, len(available))
     chosen = await kubelet.preferred_allocation(GPU_RESOURCE, available, [], size)
     say(f"kubelet: GetPreferredAllocation(size={size}) -> {', '.join(chosen)}")
+    say("    " + describe_choice(plugin.node, chosen))
+    if len(available) >= 4:
+        four = await kubelet.preferred_allocation(GPU_RESOURCE, available, [], 4)
+        say(f"kubelet: GetPreferredAllocation(size=4) -> {', '.join(four)}")
+        say("    " + describe_choice(plugin.node, four))
+    say("    (score: 100 per NVLink + PCIe 60 same board .. 10 across CPUs, summed over pairs; "
+        "docs/allocation.md)")
     response = await kubelet.allocate(GPU_RESOURCE, chosen)
     say("kubelet: Allocate -> envs " + ", ".join(f"{k}={v}" for k, v in sorted(response.envs.items())))
 
@@ -69,3 +80,19 @@ async def _narrate(plugin: Plugin, kubelet: FakeKubelet, say: Say) -> None:
 
 def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
+
+
+def describe_choice(node: Node, chosen: Sequence[str]) -> str:
+    """'GPUs 2,3: score 250 (pairs 2-3 250); best 2-GPU set here: 250' for the demo."""
+    index = {g.uuid: g.index for g in node.gpus}
+    members = sorted(chosen, key=lambda u: index.get(u, -1))
+    pairs = " ".join(
+        f"{index[a]}-{index[b]} {pair_score(node.topology, a, b)}" for a, b in itertools.combinations(members, 2)
+    )
+    text = f"GPUs {','.join(str(index[u]) for u in members)}: score {set_score(node.topology, members)}"
+    text += f" (pairs {pairs})" if pairs else ""
+    k, uuids = len(members), [g.uuid for g in node.gpus]
+    if math.comb(len(uuids), k) <= 20_000:  # the optimum by enumeration, for the reader to compare
+        best = max(set_score(node.topology, c) for c in itertools.combinations(uuids, k))
+        text += f"; best {k}-GPU set on this node: {best}"
+    return text
