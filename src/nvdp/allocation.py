@@ -116,6 +116,8 @@ def optimal_sets(table: ScoreTable, free: int, must: int, size: int) -> Choice:
     if must:
         fits = [m for m in fits if m & must == must]
     scores = list(map(table.tabled().__getitem__, fits))
+    if not scores:
+        return Choice(-1, ())  # fewer than `size` GPUs in free|must
     best = max(scores)
     return Choice(best, tuple(m for m, s in zip(fits, scores, strict=True) if s == best))
 
