@@ -44,7 +44,7 @@ def table_for(uuids: Sequence[str], topology: Topology) -> ScoreTable:
 
 def prepare(resource: Resource, topology: Topology) -> None:
     """Build the tables for a resource ahead of the first GetPreferredAllocation (at discovery:
-    about 25 ms for 16 GPUs, well under 1 ms for 8)."""
+    about 20 ms for 16 GPUs, under 1 ms for 8)."""
     if _topology_aware(resource.devices):
         table = table_for(_gpu_order(resource), topology)
         if table.exact:
@@ -72,6 +72,7 @@ def preferred(
     topology: Topology,
     shared_policy: str = "distributed",
 ) -> list[str]:
+    """The device IDs to prefer: must-include ones first (request order), then the picks."""
     required = usable(resource, must_include)
     required_ids = {r.id for r in required}
     candidates = [d for d in usable(resource, available) if d.id not in required_ids]
@@ -79,9 +80,10 @@ def preferred(
         return []
     if _topology_aware(resource.devices):
         table = table_for(_gpu_order(resource), topology)
-        chosen = best_set(table, table.mask(d.id for d in candidates), table.mask(required_ids), size)
-        picked = {table.uuids[i] for i in bits(chosen)} - required_ids
-        return [d.id for d in required] + [d.id for d in resource.devices if d.id in picked]
+        free = table.mask(d.gpu_uuid for d in candidates)
+        must = table.mask(d.gpu_uuid for d in required)
+        picked = {table.uuids[i] for i in bits(best_set(table, free, must, size) & ~must)}
+        return [d.id for d in required] + [d.id for d in resource.devices if d.gpu_uuid in picked]
     picks = _greedy_replicas(resource, required, candidates, size - len(required), shared_policy)
     return [d.id for d in (*required, *picks)]
 
@@ -137,12 +139,11 @@ def _leftover_key(table: ScoreTable, pool: int, mask: int) -> tuple[int, list[in
 
 def _greedy_set(table: ScoreTable, free: int, must: int, size: int) -> int:
     """Above TABLE_MAX_GPUS: grow from `must`, adding the GPU with the highest gain each time."""
-    chosen = must
+    chosen, pool = must, free | must
     for _ in range(size - must.bit_count()):
         options = bits(free & ~chosen)
         gains = {p: table.gain(p, chosen) for p in options}
         top = max(gains.values())
-        pool = free | must
         chosen = min(
             (chosen | 1 << p for p in options if gains[p] == top),
             key=lambda m: _leftover_key(table, pool, m),
