@@ -11,7 +11,7 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from nvdp import allocation
+from nvdp import allocation, mig
 from nvdp.backend import GpuBackend, HealthSource
 from nvdp.config import Config
 from nvdp.devices import DeviceTree, Health, Node
@@ -19,7 +19,7 @@ from nvdp.errors import ConfigError, DiscoveryError, NoDevicesFound
 from nvdp.health import overlay, settings_from, transitions
 from nvdp.healthwatch import DEFAULT_TUNING, HealthMonitor, PumpTuning
 from nvdp.manager import Manager
-from nvdp.resources import build_tree
+from nvdp.resources import TreePlan, plan_tree
 from nvdp.server import ServingContext
 
 if TYPE_CHECKING:
@@ -45,14 +45,32 @@ def open_backend(cfg: Config) -> GpuBackend:
     return NvmlBackend(driver_root=cfg.container_driver_root, dev_root=cfg.dev_root)
 
 
-def discover_tree(backend: GpuBackend, cfg: Config) -> tuple[Node, DeviceTree]:
-    node = backend.discover()
-    tree = build_tree(node, cfg)
-    if not tree:
-        raise NoDevicesFound(f"no devices found by the {backend.name} backend")
-    for resource in tree.values():
+def plan_for(node: Node, cfg: Config) -> TreePlan:
+    plan = plan_tree(node, cfg)
+    for resource in plan.tree.values():
         allocation.prepare(resource, node.topology)  # so the first GetPreferredAllocation is fast
-    return node, tree
+    return plan
+
+
+def discover_plan(backend: GpuBackend, cfg: Config) -> tuple[Node, TreePlan]:
+    node = backend.discover()
+    plan = plan_for(node, cfg)
+    if not plan.tree:
+        raise NoDevicesFound(f"no devices found by the {backend.name} backend")
+    return node, plan
+
+
+def discover_tree(backend: GpuBackend, cfg: Config) -> tuple[Node, DeviceTree]:
+    node, plan = discover_plan(backend, cfg)
+    return node, plan.tree
+
+
+def log_problems(problems: tuple[mig.Problem, ...], already_logged: frozenset[mig.Problem]) -> None:
+    """Log what is new about the MIG layout (a rescan finding the same skipped device stays quiet)."""
+    for problem in problems:
+        if problem not in already_logged:
+            level = logging.ERROR if problem.level == "error" else logging.WARNING
+            log.log(level, problem.message, extra={"device": problem.device} if problem.device else None)
 
 
 class Plugin:
@@ -61,9 +79,9 @@ class Plugin:
     Resource handling: `run()` owns the backend and every socket; both are released when it
     returns, whether by `stop()`, a signal or an error.
     Error handling: start-up DiscoveryError propagates when fail_on_init_error is set; otherwise
-    it is logged and the plugin idles until SIGHUP (retry) or SIGTERM. A bad config on SIGHUP is
-    logged and the running config is kept. An unexpected error in the health checks stops the
-    plugin and propagates from `run()`.
+    it is logged and the plugin idles until SIGHUP or a MIG rescan (retry) or SIGTERM. A bad config
+    on SIGHUP is logged and the running config is kept; a rescan that fails keeps the running
+    devices. An unexpected error in the health checks stops the plugin and propagates from `run()`.
 
     Health: the advertised tree is always `overlay(discovered tree, health state)`; the health
     state survives reloads (a config reload does not repair a GPU).
@@ -94,6 +112,12 @@ class Plugin:
         self._backend_generation = 0
         self._control: ControlServer | None = None
         self._failure: BaseException | None = None
+        self.rescans = 0  # rescans that found a changed node and applied it
+        # One discovery-and-apply at a time: a slow rescan must not apply an older node over a reload.
+        self._apply_lock = asyncio.Lock()
+        self._settings_changed = asyncio.Event()  # wakes the rescan timer after a reload
+        self._logged_problems: frozenset[mig.Problem] = frozenset()
+        self._last_rescan_error: str | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -116,6 +140,7 @@ class Plugin:
                 background = [
                     tasks.create_task(self.manager.keep_registered()),
                     tasks.create_task(self.manager.watch_folder()),
+                    tasks.create_task(self._rescan_periodically()),
                 ]
                 await self._serve_until_stopped()
                 for task in background:
@@ -150,16 +175,77 @@ class Plugin:
         self.started.set()
 
     async def _load(self, cfg: Config, new_backend: bool) -> None:
-        if new_backend or self.backend is None:
-            if self.backend is not None:
-                self.backend.close()
-                self.backend = None
-            self.backend = await asyncio.to_thread(self._backend_factory, cfg)
-            self._backend_generation += 1
-        node, tree = await asyncio.to_thread(discover_tree, self.backend, cfg)
-        self.cfg, self.node, self.discovered = cfg, node, tree
+        async with self._apply_lock:
+            if new_backend or self.backend is None:
+                if self.backend is not None:
+                    self.backend.close()
+                    self.backend = None
+                self.backend = await asyncio.to_thread(self._backend_factory, cfg)
+                self._backend_generation += 1
+            node, plan = await asyncio.to_thread(discover_plan, self.backend, cfg)
+            await self._serve(cfg, node, plan)
+
+    async def _serve(self, cfg: Config, node: Node, plan: TreePlan) -> None:
+        """The one place a discovered node becomes the served tree (start-up, reload, rescan)."""
+        log_problems(plan.problems, self._logged_problems)
+        self._logged_problems = frozenset(plan.problems)
+        self.cfg, self.node, self.discovered = cfg, node, plan.tree
         await self._publish(ServingContext(cfg, node.topology, node.control_devices))
         await self._watch_health(cfg, node)
+
+    async def rescan(self) -> bool:
+        """Rediscover the node and serve it if it changed (a new MIG layout): resources that appear
+        are served and registered, vanished ones stop, unchanged ones keep their sockets and
+        streams. Returns whether a new tree was applied. Errors are logged once and the running
+        devices are kept."""
+        if self.init_error is not None:
+            return await self._retry_start()
+        async with self._apply_lock:
+            if self.backend is None:
+                return False
+            try:
+                node = await asyncio.to_thread(self.backend.discover)
+                if node == self.node:
+                    self._last_rescan_error = None
+                    return False
+                plan = await asyncio.to_thread(plan_for, node, self.cfg)
+            except DiscoveryError as exc:
+                self._rescan_failed(exc)
+                return False
+            self._last_rescan_error = None
+            log.info("node changed, serving the new layout", extra={"mig_layout": mig.describe_layout(node.gpus)})
+            if not plan.tree:
+                log.warning("no devices left to advertise; every resource stops")
+            await self._serve(self.cfg, node, plan)
+            self.rescans += 1
+            return True
+
+    async def _retry_start(self) -> bool:
+        try:
+            await self._load(self.cfg, new_backend=self.backend is None)
+        except DiscoveryError as exc:
+            self._rescan_failed(exc)
+            return False
+        self.init_error = None
+        self._last_rescan_error = None
+        log.info("initialised on rescan", extra={"resources": ",".join(self.manager.servers)})
+        return True
+
+    def _rescan_failed(self, exc: DiscoveryError) -> None:
+        if str(exc) != self._last_rescan_error:
+            log.error("rescan: discovery failed, keeping the running devices", extra={"error": str(exc)})
+            self._last_rescan_error = str(exc)
+
+    async def _rescan_periodically(self) -> None:
+        """Every --mig-rescan-interval seconds (never when 0); a reload restarts the timer."""
+        while True:
+            self._settings_changed.clear()
+            interval = self.cfg.mig_rescan_interval
+            try:
+                async with asyncio.timeout(interval if interval > 0 else None):
+                    await self._settings_changed.wait()
+            except TimeoutError:
+                await self.rescan()
 
     async def _publish(self, context: ServingContext | None = None) -> None:
         """Advertise the discovered tree with the current health overlaid; log each device whose
@@ -239,3 +325,4 @@ class Plugin:
             log.info("reloaded", extra={"resources": ",".join(self.manager.servers)})
         except DiscoveryError as exc:
             log.error("reload: discovery failed, keeping the running devices", extra={"error": str(exc)})
+        self._settings_changed.set()

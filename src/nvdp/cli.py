@@ -107,13 +107,13 @@ def serve_main(**cli_values: Any) -> None:
 @_option_decorators
 def devices(as_json: bool, **cli_values: Any) -> None:
     """Print what would be advertised for the current flags and backend."""
-    from nvdp.app import discover_tree, open_backend
+    from nvdp.app import discover_plan, open_backend
     from nvdp.report import devices_json, devices_table
 
     cfg = _config_or_exit(cli_values)
     try:
         backend = open_backend(cfg)
-        node, tree = discover_tree(backend, cfg)
+        node, plan = discover_plan(backend, cfg)
         backend.close()
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
@@ -121,6 +121,9 @@ def devices(as_json: bool, **cli_values: Any) -> None:
     except DiscoveryError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_INIT_ERROR)
+    for problem in plan.problems:
+        click.echo(f"{problem.level}: {problem.message}", err=True)
+    tree = plan.tree
     click.echo(json.dumps(devices_json(node, tree), indent=2) if as_json else devices_table(node, tree))
 
 

@@ -92,6 +92,9 @@ OPTIONS: tuple[Option, ...] = (
     # nvdp's own options.
     Option("simulate", "simulate", "str", None, ("NVDP_SIMULATE",), "flags.nvdp.simulate",
            help="run on a simulated node: a built-in profile name or a YAML file"),
+    Option("mig_rescan_interval", "mig-rescan-interval", "float", 0.0, ("NVDP_MIG_RESCAN_INTERVAL",),
+           "flags.nvdp.migRescanInterval",
+           help="seconds between MIG layout rescans (changes are served without a restart); 0: only on SIGHUP"),
     Option("log_level", "log-level", "str", "info", ("NVDP_LOG_LEVEL",), "flags.nvdp.logLevel",
            choices=("debug", "info", "warning", "error")),
     # Health checks (docs/health.md). The two DP_* env vars are the official plugin's.
@@ -155,6 +158,7 @@ class Config:
     cdi_feature_flags: tuple[str, ...] = ()
     cdi_disable_hooks: tuple[str, ...] = ()
     simulate: str | None = None
+    mig_rescan_interval: float = 0.0
     log_level: str = "info"
     disable_healthchecks: tuple[str, ...] = ()
     enable_healthchecks: tuple[str, ...] = ()
@@ -414,6 +418,10 @@ def validate(cfg: Config) -> None:
                     _flag_name(opt), f"invalid strategy: {item!r} (allowed: {', '.join(opt.choices)})"
                 )
     _validate_health(cfg)
+    if not (math.isfinite(cfg.mig_rescan_interval) and cfg.mig_rescan_interval >= 0):
+        raise ConfigError(
+            "--mig-rescan-interval", f"{cfg.mig_rescan_interval} is not a number of seconds >= 0 (0 turns rescans off)"
+        )
     if cfg.imex_channel_ids not in ((), (0,)):
         raise ConfigError("--imex-channel-ids", f"channelIDs must be [] or [0]; found {list(cfg.imex_channel_ids)}")
 

@@ -32,17 +32,28 @@ class PcieLevel(enum.IntEnum):
 
 @dataclass(frozen=True)
 class MigInfo:
-    """One MIG device as NVML reports it (read-only facts)."""
+    """One MIG device as NVML reports it (read-only facts).
+
+    The slice counts, memory and engine counts are NVML's `nvmlDeviceAttributes_t` for the MIG
+    device; `attributes` / `neg_attributes` come from its GPU-instance profile (`+me`, `+me.all`,
+    `+gfx`; `-me`). The profile name (`1g.10gb+me`) is derived from these in `nvdp.mig`.
+    """
 
     slot: int  # NVML MIG handle slot j (not a dense counter)
     uuid: str
-    gi_id: int
-    ci_id: int
+    gi_id: int  # GPU instance id
+    ci_id: int  # compute instance id within the GPU instance
     gi_slices: int
     ci_slices: int
     memory_mb: int
-    # Profile attributes NVML names after the size: "me", "me.all", "gfx", or "-me" for no media.
-    attributes: tuple[str, ...] = ()
+    attributes: tuple[str, ...] = ()  # "me", "me.all", "gfx"
+    neg_attributes: tuple[str, ...] = ()  # "me" for the "-me" profiles
+    multiprocessors: int = 0
+    copy_engines: int = 0
+    decoders: int = 0
+    encoders: int = 0
+    jpegs: int = 0
+    ofas: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,9 @@ class Node:
     cuda_driver_version: int = 0
     # Control device nodes present on this node (/dev/nvidiactl, /dev/nvidia-uvm, ...), in order.
     control_devices: tuple[str, ...] = ()
+    # /proc/driver/nvidia-caps/mig-minors parsed: "gpu0/gi1/access", "gpu0/gi1/ci0/access",
+    # "config", "monitor" -> the minor of /dev/nvidia-caps/nvidia-cap<minor>. Empty when absent.
+    mig_minors: Mapping[str, int] = field(default_factory=dict)
 
     def gpu(self, uuid: str) -> GpuInfo | None:
         return next((g for g in self.gpus if g.uuid == uuid), None)

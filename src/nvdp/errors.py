@@ -4,7 +4,8 @@
     ├── ConfigError            a flag, env var or config-file field is invalid (names the field)
     ├── DiscoveryError         the GPUs could not be enumerated
     │   ├── NvmlUnavailable    libnvidia-ml could not be loaded or initialised (lists the paths tried)
-    │   └── NoDevicesFound     NVML works but there is nothing to advertise
+    │   ├── NoDevicesFound     NVML works but there is nothing to advertise
+    │   └── MigConfigError     the MIG layout does not fit the MIG strategy (`single`)
     ├── DeviceError            one device misbehaved at run time (NVML call failed, GPU lost)
     ├── EventWaitError         waiting for GPU health events failed (retried with back-off)
     ├── AllocationError        a kubelet request cannot be honoured
@@ -46,6 +47,10 @@ class NvmlUnavailable(DiscoveryError):
 
 class NoDevicesFound(DiscoveryError):
     """NVML answered but reported no usable device."""
+
+
+class MigConfigError(DiscoveryError):
+    """The node's MIG layout cannot be served with the configured --mig-strategy."""
 
 
 class DeviceError(PluginError):

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from nvdp import mig
 from nvdp.devices import GpuInfo, MigInfo, Node, PcieLevel, Topology
 from nvdp.errors import DeviceError, DiscoveryError, EventWaitError, NvmlUnavailable
 from nvdp.health import EventKind, HealthEvent, ProbeSample
@@ -40,6 +41,34 @@ def library_candidates(driver_root: str) -> tuple[str, ...]:
     if driver_root in ("", "/"):
         return (LIBRARY,)
     return (*(os.path.join(driver_root, d, LIBRARY) for d in LIBRARY_DIRS), LIBRARY)
+
+
+def mig_minors_candidates(driver_root: str) -> tuple[str, ...]:
+    """Where mig-minors is looked for: under the driver root first, then our own /proc (where the
+    official plugin reads it; /proc/driver is the host's in any container)."""
+    own = mig.MIG_MINORS_PATH
+    if driver_root in ("", "/"):
+        return (own,)
+    return (os.path.join(driver_root, own.lstrip("/")), own)
+
+
+def read_mig_minors(candidates: tuple[str, ...]) -> dict[str, int]:
+    """The first mig-minors file that exists, parsed; none at all gives an empty map (as upstream:
+    MIG devices then lack their capability nodes)."""
+    for path in candidates:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise DiscoveryError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        minors, bad = mig.parse_mig_minors(text)
+        for line in bad:
+            log.warning("skipping unparsable line in the MIG minors file", extra={"path": path, "line": line})
+        return minors
+    log.warning("no MIG minors file found; MIG devices get no capability device nodes",
+                extra={"searched": ",".join(candidates)})
+    return {}
 
 
 def pci_sysfs_name(bus_id: str) -> str:
@@ -87,12 +116,21 @@ class NvmlBackend:
 
     name = "nvml"
 
-    def __init__(self, driver_root: str = "/", sysfs_root: str = "/sys", dev_root: str = "/") -> None:
-        import pynvml
+    def __init__(
+        self,
+        driver_root: str = "/",
+        sysfs_root: str = "/sys",
+        dev_root: str = "/",
+        nvml: Any = None,  # the pynvml module; tests pass a fake with the same functions
+    ) -> None:
+        if nvml is None:
+            import pynvml
 
-        self._nvml = pynvml
+            nvml = pynvml
+        self._nvml = nvml
         self._sysfs_root = sysfs_root
         self._dev_root = dev_root
+        self._mig_minors_paths = mig_minors_candidates(driver_root)
         self.library = self._load(driver_root)
 
     def _load(self, driver_root: str) -> str:
@@ -137,6 +175,7 @@ class NvmlBackend:
             driver_version=driver,
             cuda_driver_version=cuda,
             control_devices=self._control_devices(),
+            mig_minors=read_mig_minors(self._mig_minors_paths) if any(g.mig_enabled for g in gpus) else {},
         )
 
     def _gpu(self, index: int, handle: Any) -> GpuInfo:
@@ -169,31 +208,79 @@ class NvmlBackend:
         )
 
     def _mig_devices(self, gpu: str, handle: Any) -> tuple[MigInfo, ...]:
+        """Every MIG device of a MIG-enabled GPU. Read-only: only queries, never a MIG setting."""
         nv = self._nvml
-        with map_nvml_errors("nvmlDeviceGetMaxMigDeviceCount", gpu=gpu):
+        with map_nvml_errors(f"GPU {gpu}: nvmlDeviceGetMaxMigDeviceCount"):
             slots = int(nv.nvmlDeviceGetMaxMigDeviceCount(handle))
+        profile_indexes: dict[int, int] | None = None
         found: list[MigInfo] = []
         for slot in range(slots):
             try:
-                mig = nv.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+                mig_handle = nv.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
             except nv.NVMLError as exc:
                 if exc.value in (nv.NVML_ERROR_NOT_FOUND, nv.NVML_ERROR_INVALID_ARGUMENT):
                     continue  # an empty slot: j is NVML's slot index, not a dense counter
-                raise DeviceError(gpu, f"nvmlDeviceGetMigDeviceHandleByIndex({slot}): {exc}") from exc
-            with map_nvml_errors(f"reading MIG device {slot}", gpu=gpu):
-                attrs = nv.nvmlDeviceGetAttributes(mig)
-                found.append(
-                    MigInfo(
-                        slot=slot,
-                        uuid=_text(nv.nvmlDeviceGetUUID(mig)),
-                        gi_id=int(nv.nvmlDeviceGetGpuInstanceId(mig)),
-                        ci_id=int(nv.nvmlDeviceGetComputeInstanceId(mig)),
-                        gi_slices=int(attrs.gpuInstanceSliceCount),
-                        ci_slices=int(attrs.computeInstanceSliceCount),
-                        memory_mb=int(attrs.memorySizeMB),
-                    )
+                raise DiscoveryError(f"GPU {gpu}: nvmlDeviceGetMigDeviceHandleByIndex({slot}): {exc}") from exc
+            with map_nvml_errors(f"GPU {gpu}: reading MIG device {slot}"):
+                uuid = _text(nv.nvmlDeviceGetUUID(mig_handle))
+                gi_id = int(nv.nvmlDeviceGetGpuInstanceId(mig_handle))
+                ci_id = int(nv.nvmlDeviceGetComputeInstanceId(mig_handle))
+                attrs = nv.nvmlDeviceGetAttributes(mig_handle)
+            # The media-extension and graphics variants are only visible in the GPU instance's
+            # profile: find the profile index whose ID the instance was created from.
+            hint = " (the plugin needs NVIDIA_MIG_MONITOR_DEVICES=all or root to read MIG instances)"
+            with map_nvml_errors(f"GPU {gpu}: reading GPU instance {gi_id} of MIG device {slot}{hint}"):
+                profile_id = int(nv.nvmlGpuInstanceGetInfo(nv.nvmlDeviceGetGpuInstanceById(handle, gi_id)).profileId)
+            if profile_indexes is None:
+                profile_indexes = self._gi_profile_indexes(gpu, handle)
+            index = profile_indexes.get(profile_id)
+            if index is None or index not in mig.GI_PROFILE_INDEXES:
+                raise DiscoveryError(f"GPU {gpu}: MIG device {slot} uses GPU instance profile {profile_id}, "
+                                     "which matches no known profile index")
+            _slices, attributes, neg_attributes = mig.GI_PROFILE_INDEXES[index]
+            found.append(
+                MigInfo(
+                    slot=slot,
+                    uuid=uuid,
+                    gi_id=gi_id,
+                    ci_id=ci_id,
+                    gi_slices=int(attrs.gpuInstanceSliceCount),
+                    ci_slices=int(attrs.computeInstanceSliceCount),
+                    memory_mb=int(attrs.memorySizeMB),
+                    attributes=attributes,
+                    neg_attributes=neg_attributes,
+                    multiprocessors=int(attrs.multiprocessorCount),
+                    copy_engines=int(attrs.sharedCopyEngineCount),
+                    decoders=int(attrs.sharedDecoderCount),
+                    encoders=int(attrs.sharedEncoderCount),
+                    jpegs=int(attrs.sharedJpegCount),
+                    ofas=int(attrs.sharedOfaCount),
                 )
+            )
         return tuple(found)
+
+    def _gi_profile_indexes(self, gpu: str, handle: Any) -> dict[int, int]:
+        """GPU-instance profile ID -> NVML profile index, for the profiles this GPU supports."""
+        nv = self._nvml
+        indexes: dict[int, int] = {}
+        for index in range(nv.NVML_GPU_INSTANCE_PROFILE_COUNT):
+            try:
+                info = self._gi_profile_info(handle, index)
+            except nv.NVMLError as exc:
+                if exc.value in (nv.NVML_ERROR_NOT_SUPPORTED, nv.NVML_ERROR_INVALID_ARGUMENT):
+                    continue  # a profile this GPU does not have
+                raise DiscoveryError(f"GPU {gpu}: nvmlDeviceGetGpuInstanceProfileInfo({index}): {exc}") from exc
+            indexes.setdefault(int(info.id), index)
+        return indexes
+
+    def _gi_profile_info(self, handle: Any, index: int) -> Any:
+        nv = self._nvml
+        try:
+            return nv.nvmlDeviceGetGpuInstanceProfileInfo(handle, index)
+        except nv.NVMLError as exc:
+            if exc.value != nv.NVML_ERROR_FUNCTION_NOT_FOUND:
+                raise
+        return nv.nvmlDeviceGetGpuInstanceProfileInfo(handle, index, version=1)  # drivers before the V call
 
     def _topology(self, gpus: list[GpuInfo], handles: dict[str, Any]) -> Topology:
         """The NVLink ends of every GPU and the PCIe level of every pair, read once at discovery;

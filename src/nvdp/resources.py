@@ -5,11 +5,11 @@ Pure: no I/O, no NVML, no gRPC.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from nvdp import mig
 from nvdp.config import Config, Sharing
 from nvdp.devices import Device, DeviceTree, GpuInfo, Node, Resource
-from nvdp.errors import DiscoveryError
 
 GPU_RESOURCE = "nvidia.com/gpu"
 REPLICA_SEPARATOR = "::"
@@ -25,17 +25,34 @@ def gpu_device(gpu: GpuInfo) -> Device:
     )
 
 
-def build_tree(node: Node, cfg: Config) -> DeviceTree:
-    """The resources to serve for this node and configuration, each device Healthy."""
+@dataclass(frozen=True)
+class TreePlan:
+    """A device tree and what is worth logging about how it was built (MIG devices skipped...)."""
+
+    tree: DeviceTree
+    problems: tuple[mig.Problem, ...] = ()
+
+
+def plan_tree(node: Node, cfg: Config) -> TreePlan:
+    """The resources to serve for this node and configuration.
+
+    Raises MigConfigError when --mig-strategy=single cannot serve the node's MIG layout.
+    """
     groups: dict[str, list[Device]] = {}
     for gpu in node.gpus:
-        if gpu.mig_enabled and cfg.mig_strategy != "none":
-            raise DiscoveryError(
-                f"GPU {gpu.index} has MIG enabled; --mig-strategy={cfg.mig_strategy} is not supported yet"
-            )
-        groups.setdefault(GPU_RESOURCE, []).append(gpu_device(gpu))
+        if mig.serves_whole(gpu, cfg.mig_strategy):
+            groups.setdefault(GPU_RESOURCE, []).append(gpu_device(gpu))
+    placed, problems = mig.assign(node, cfg.mig_strategy, cfg.pass_device_specs, GPU_RESOURCE)
+    for name, device in placed:
+        groups.setdefault(name, []).append(device)
     groups = apply_sharing(groups, cfg.sharing)
-    return {name: Resource(name, tuple(devices)) for name, devices in groups.items() if devices}
+    tree = {name: Resource(name, tuple(devices)) for name, devices in groups.items() if devices}
+    return TreePlan(tree, tuple(problems))
+
+
+def build_tree(node: Node, cfg: Config) -> DeviceTree:
+    """The resources to serve; devices are Healthy unless they cannot be used at all."""
+    return plan_tree(node, cfg).tree
 
 
 def apply_sharing(groups: dict[str, list[Device]], sharing: Sharing) -> dict[str, list[Device]]:

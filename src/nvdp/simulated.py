@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import re
 import threading
 import uuid as uuidlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from nvdp import mig as migrules
 from nvdp.devices import GpuInfo, MigInfo, Node, PcieLevel, Topology
 from nvdp.errors import ConfigError, EventWaitError
 from nvdp.health import EventKind, HealthEvent, ProbeSample
+from nvdp.migprofiles import MODELS
 
 DEFAULT_CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 
@@ -32,19 +35,32 @@ class _Strict(BaseModel):
 
 
 class MigDeviceSpec(_Strict):
-    slot: int | None = None
+    """One MIG device: a profile name resolved against the GPU model's table (`1g.10gb`,
+    `1g.10gb+me`, `1c.3g.40gb`), or the NVML facts given one by one; given facts override."""
+
+    profile: str | None = None
+    slot: int | None = Field(default=None, ge=0)
     uuid: str | None = None
-    gi_id: int | None = None
-    ci_id: int | None = None
-    gi_slices: int = Field(ge=1, le=8)
+    gi_id: int | None = Field(default=None, ge=0)
+    ci_id: int | None = Field(default=None, ge=0)
+    gi_slices: int | None = Field(default=None, ge=1, le=8)
     ci_slices: int | None = Field(default=None, ge=1, le=8)
-    memory_mb: int = Field(gt=0)
-    attributes: list[str] = Field(default_factory=list)
+    memory_mb: int | None = Field(default=None, gt=0)
+    attributes: list[str] | None = None
+    neg_attributes: list[str] | None = None
 
 
 class MigSpec(_Strict):
     enabled: bool = False
     devices: list[MigDeviceSpec] = Field(default_factory=list)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _profile_names(cls, value: Any) -> Any:
+        # A bare string is a profile name: `devices: [1g.10gb, 1g.10gb]`.
+        if isinstance(value, list):
+            return [{"profile": v} if isinstance(v, str) else v for v in value]
+        return value
 
 
 class GpuSpec(_Strict):
@@ -80,6 +96,8 @@ class Profile(_Strict):
     gpus: list[GpuSpec]
     nvlink: NvlinkSpec = Field(default_factory=NvlinkSpec)
     pcie: PcieSpec = Field(default_factory=PcieSpec)
+    # Entries the simulated driver's /proc/driver/nvidia-caps/mig-minors lacks, e.g. "gpu1/gi2/access".
+    mig_minors_missing: list[str] = Field(default_factory=list)
 
 
 def builtin_profiles() -> list[str]:
@@ -127,24 +145,24 @@ def _merge(defaults: GpuSpec, spec: GpuSpec) -> dict[str, Any]:
 def build_node(label: str, profile: Profile) -> Node:
     """Expand a profile into the same `Node` the NVML backend would report."""
     gpus: list[GpuInfo] = []
-    for spec in profile.gpus:
+    for position, spec in enumerate(profile.gpus):
         fields = _merge(profile.defaults, spec)
         for _ in range(fields.get("count", 1)):
-            gpus.append(_gpu(label, len(gpus), fields))
+            gpus.append(_gpu(label, len(gpus), fields, f"gpus.{position}"))
     return Node(
         gpus=tuple(gpus),
         topology=_topology(label, profile, gpus),
         driver_version=profile.driver_version,
         cuda_driver_version=profile.cuda_driver_version,
         control_devices=tuple(profile.control_devices),
+        mig_minors=simulated_mig_minors(gpus, profile.mig_minors_missing),
     )
 
 
-def _gpu(label: str, index: int, f: dict[str, Any]) -> GpuInfo:
+def _gpu(label: str, index: int, f: dict[str, Any], where: str) -> GpuInfo:
     uuid = f.get("uuid") if f.get("count", 1) == 1 and f.get("uuid") else _stable_uuid("GPU", label, index)
     memory = f.get("memory_bytes") or (f.get("memory_mib") or 81559) * 2**20
-    mig = MigSpec.model_validate(f["mig"]) if f.get("mig") else MigSpec()
-    return GpuInfo(
+    gpu = GpuInfo(
         index=index,
         uuid=str(uuid),
         minor=f.get("minor", index) if f.get("count", 1) == 1 else index,
@@ -153,23 +171,101 @@ def _gpu(label: str, index: int, f: dict[str, Any]) -> GpuInfo:
         memory_bytes=int(memory),
         compute_capability=f.get("compute_capability") or "9.0",
         numa_node=f.get("numa_node"),
-        mig_enabled=mig.enabled,
-        mig_devices=tuple(_mig(label, index, slot, m) for slot, m in enumerate(mig.devices)),
     )
+    spec = MigSpec.model_validate(f["mig"]) if f.get("mig") else MigSpec()
+    return with_mig_layout(label, gpu, spec, f"{where}.mig")
 
 
-def _mig(label: str, gpu_index: int, position: int, m: MigDeviceSpec) -> MigInfo:
+def with_mig_layout(label: str, gpu: GpuInfo, spec: MigSpec, where: str) -> GpuInfo:
+    """The GPU with MIG mode and MIG devices as `spec` says (ConfigError names the bad device)."""
+    if spec.devices and not spec.enabled:
+        raise ConfigError(f"simulated profile {label} field {where}.devices", "MIG devices need enabled: true")
+    devices = tuple(
+        _mig(label, gpu, position, m, f"{where}.devices.{position}") for position, m in enumerate(spec.devices)
+    )
+    slots = [m.slot for m in devices]
+    if len(set(slots)) != len(slots):
+        raise ConfigError(f"simulated profile {label} field {where}.devices", f"duplicate slots {slots}")
+    return replace(gpu, mig_enabled=spec.enabled, mig_devices=devices)
+
+
+_PROFILE_NAME = re.compile(r"^(?:(\d+)c\.)?(\d+g\.\d+gb(?:[+-][a-z.,]+)?)$")
+
+
+def _mig(label: str, gpu: GpuInfo, position: int, m: MigDeviceSpec, where: str) -> MigInfo:
+    def error(message: str) -> ConfigError:
+        return ConfigError(f"simulated profile {label} field {where}", message)
+
+    facts: dict[str, Any] = {}
+    if m.profile is not None:
+        facts = _profile_facts(gpu.name, m.profile, error)
+    given = m.model_dump(exclude_none=True, exclude={"profile", "slot", "uuid", "gi_id", "ci_id"})
+    facts.update({k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    if "gi_slices" not in facts or "memory_mb" not in facts:
+        raise error("give a profile name (e.g. 1g.10gb) or gi_slices and memory_mb")
+    facts.setdefault("ci_slices", facts["gi_slices"])
+    if facts["ci_slices"] > facts["gi_slices"]:
+        raise error(f"ci_slices {facts['ci_slices']} exceeds gi_slices {facts['gi_slices']}")
     slot = m.slot if m.slot is not None else position
-    return MigInfo(
-        slot=slot,
-        uuid=m.uuid or _stable_uuid("MIG", label, gpu_index, slot),
-        gi_id=m.gi_id if m.gi_id is not None else slot + 1,
-        ci_id=m.ci_id if m.ci_id is not None else 0,
-        gi_slices=m.gi_slices,
-        ci_slices=m.ci_slices or m.gi_slices,
-        memory_mb=m.memory_mb,
-        attributes=tuple(m.attributes),
-    )
+    gi_id = m.gi_id if m.gi_id is not None else slot + 1
+    ci_id = m.ci_id if m.ci_id is not None else 0
+    # Real MIG UUIDs are new for every instance created: derive ours from what was created where.
+    created = (facts["gi_slices"], facts["ci_slices"], facts["memory_mb"], facts.get("attributes"))
+    uuid = m.uuid or _stable_uuid("MIG", label, gpu.index, slot, gi_id, ci_id, *created)
+    return MigInfo(slot=slot, uuid=uuid, gi_id=gi_id, ci_id=ci_id, **facts)
+
+
+def _profile_facts(gpu_name: str, profile: str, error: Any) -> dict[str, Any]:
+    """NVML facts of a MIG device created with a named profile on a model in nvdp.migprofiles."""
+    model = MODELS.get(gpu_name)
+    if model is None:
+        raise error(f"no MIG profile table for {gpu_name!r} (known: {', '.join(MODELS)}); "
+                    "give gi_slices and memory_mb instead of a profile name")
+    match = _PROFILE_NAME.match(profile)
+    gi = model.profile(match.group(2)) if match else None
+    if match is None or gi is None:
+        raise error(f"unknown MIG profile {profile!r} for {gpu_name} "
+                    f"(known: {', '.join(p.name for p in model.profiles)}, optionally as <C>c.<profile>)")
+    ci_slices = int(match.group(1) or gi.slices)
+    if not 1 <= ci_slices <= gi.slices:
+        raise error(f"{profile!r}: a compute instance of {ci_slices} slices does not fit {gi.name}")
+    _slices, attributes, neg_attributes = migrules.GI_PROFILE_INDEXES[gi.index]
+    return {
+        "gi_slices": gi.slices,
+        "ci_slices": ci_slices,
+        "memory_mb": gi.memory_mb,
+        "attributes": attributes,
+        "neg_attributes": neg_attributes,
+        # A smaller compute instance gets its share of the SMs; the engines stay shared.
+        "multiprocessors": gi.multiprocessors * ci_slices // gi.slices,
+        "copy_engines": gi.copy_engines,
+        "decoders": gi.decoders,
+        "encoders": gi.encoders,
+        "jpegs": gi.jpegs,
+        "ofas": gi.ofas,
+    }
+
+
+# The driver lists every possible GPU instance (15) and compute instance (8 per GI) per GPU minor.
+_GIS_PER_GPU, _CIS_PER_GI = 15, 8
+
+
+def simulated_mig_minors(gpus: Sequence[GpuInfo], missing: Sequence[str] = ()) -> dict[str, int]:
+    """What /proc/driver/nvidia-caps/mig-minors holds on a node with these GPUs: `config 1`,
+    `monitor 2`, then per GPU minor each GI access node followed by its CI access nodes."""
+    if not any(g.mig_enabled for g in gpus):
+        return {}
+    minors = {"config": 1, "monitor": 2}
+    per_gpu = _GIS_PER_GPU * (1 + _CIS_PER_GI)
+    for gpu in gpus:
+        for gi in range(_GIS_PER_GPU):
+            base = 3 + gpu.minor * per_gpu + gi * (1 + _CIS_PER_GI)
+            minors[migrules.gi_capability(gpu.minor, gi)] = base
+            for ci in range(_CIS_PER_GI):
+                minors[migrules.ci_capability(gpu.minor, gi, ci)] = base + 1 + ci
+    for entry in missing:
+        minors.pop(entry, None)
+    return minors
 
 
 def _topology(label: str, profile: Profile, gpus: list[GpuInfo]) -> Topology:
@@ -363,3 +459,26 @@ class SimulatedEventWaiter:
 
     def close(self) -> None:
         pass
+
+    def set_mig_layout(
+        self, gpu_index: int, devices: Sequence[str | Mapping[str, Any]] = (), enabled: bool = True
+    ) -> GpuInfo:
+        """Repartition one GPU, as mig-parted would: `set_mig_layout(1, ["3g.20gb", "2g.10gb"])`,
+        `set_mig_layout(6, enabled=False)`. The plugin sees it on its next rescan or SIGHUP.
+
+        Devices are profile names or MigDeviceSpec fields, numbered from slot 0 unless given.
+        Raises ConfigError (the node is unchanged) for an unknown GPU or profile.
+        """
+        gpus = list(self.node.gpus)
+        position = next((i for i, g in enumerate(gpus) if g.index == gpu_index), None)
+        if position is None:
+            raise ConfigError("mig layout", f"no GPU with index {gpu_index} (have {[g.index for g in gpus]})")
+        try:
+            spec = MigSpec.model_validate({"enabled": enabled, "devices": list(devices)})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigError(f"mig layout field {'.'.join(str(p) for p in first['loc'])}", first["msg"]) from exc
+        gpus[position] = with_mig_layout(self.profile_name, gpus[position], spec, f"gpu {gpu_index}")
+        minors = simulated_mig_minors(gpus, self.profile.mig_minors_missing)
+        self.node = replace(self.node, gpus=tuple(gpus), mig_minors=minors)
+        return gpus[position]
