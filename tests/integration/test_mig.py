@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -303,3 +305,40 @@ async def test_rescan_starts_an_idle_plugin_once_the_layout_is_valid(
         backend.set_mig_layout(0, ["1g.10gb"] * 7)
         await kubelet.wait_registered(GPU, min_devices=56)
         assert plugin.init_error is None
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def test_single_error_exits_1_with_the_reason(plugin_dir: Path) -> None:
+    from tests.integration.test_cli import clean_env, script
+
+    result = subprocess.run(
+        [script("nvidia-device-plugin"), "--simulate", "a100-mig-mixed", "--mig-strategy", "single",
+         "--kubelet-socket", str(plugin_dir / "kubelet.sock")],
+        env=clean_env(), capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert "device 7 has no MIG devices configured" in result.stdout + result.stderr
+    assert sorted(p.name for p in plugin_dir.iterdir()) == []  # no socket was created
+
+
+def test_devices_command_shows_where_each_mig_device_lands() -> None:
+    from tests.integration.test_cli import clean_env, script
+
+    result = subprocess.run(
+        [script("nvdp"), "devices", "--simulate", "a100-mig-mixed", "--mig-strategy", "mixed", "--json"],
+        env=clean_env(), capture_output=True, text=True, timeout=30, check=True,
+    )
+    report = json.loads(result.stdout)
+    assert len(report["mig_devices"]) == 30
+    by_index = {m["index"]: m for m in report["mig_devices"]}
+    assert by_index["3:1"]["profile"] == "2g.10gb"
+    assert by_index["3:1"]["resources"] == ["nvidia.com/mig-2g.10gb"]
+    assert "warning: GPU 7 has MIG enabled but no MIG devices" in result.stderr
+
+    table = subprocess.run(
+        [script("nvdp"), "devices", "--simulate", "h200-mig"],  # strategy none: nothing advertised as MIG
+        env=clean_env(), capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    assert "MIG DEVICE" in table and "1g.18gb+me" in table and "- (not advertised)" in table
