@@ -12,7 +12,7 @@ import queue
 import re
 import threading
 import uuid as uuidlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -215,7 +215,7 @@ def _mig(label: str, gpu: GpuInfo, position: int, m: MigDeviceSpec, where: str) 
     return MigInfo(slot=slot, uuid=uuid, gi_id=gi_id, ci_id=ci_id, **facts)
 
 
-def _profile_facts(gpu_name: str, profile: str, error: Any) -> dict[str, Any]:
+def _profile_facts(gpu_name: str, profile: str, error: Callable[[str], ConfigError]) -> dict[str, Any]:
     """NVML facts of a MIG device created with a named profile on a model in nvdp.migprofiles."""
     model = MODELS.get(gpu_name)
     if model is None:
