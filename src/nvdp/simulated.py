@@ -334,6 +334,7 @@ class SimulatedBackend:
     Fault injection (thread-safe; from tests, or from outside through `simcontrol`): `inject_xid`,
     `inject_ecc_event`, `lose`, `restore`, `raise_ecc`, `fail_waits`. Events go to the event
     waiter at once; conditions (lost, ECC counters, row remapping) show at the next probe.
+    MIG repartitioning: `set_mig_layout` (seen by the plugin's next rescan or SIGHUP).
     """
 
     name = "simulated"
@@ -443,6 +444,35 @@ class SimulatedBackend:
         with self._lock:
             self._wait_errors += count
 
+    # --- MIG layout ----------------------------------------------------------------------------
+
+    def set_mig_layout(
+        self, gpu_index: int, devices: Sequence[str | Mapping[str, Any]] = (), enabled: bool = True
+    ) -> GpuInfo:
+        """Repartition one GPU, as mig-parted would: `set_mig_layout(1, ["3g.20gb", "2g.10gb"])`,
+        `set_mig_layout(6, enabled=False)`. The plugin sees it on its next rescan or SIGHUP.
+
+        Devices are profile names or MigDeviceSpec fields, numbered from slot 0 unless given.
+        Raises ConfigError (the node is unchanged) for an unknown GPU or profile.
+        """
+        with self._lock:  # one layout change at a time; readers see the old or the new node
+            return self._set_mig_layout(gpu_index, devices, enabled)
+
+    def _set_mig_layout(self, gpu_index: int, devices: Sequence[str | Mapping[str, Any]], enabled: bool) -> GpuInfo:
+        gpus = list(self.node.gpus)
+        position = next((i for i, g in enumerate(gpus) if g.index == gpu_index), None)
+        if position is None:
+            raise ConfigError("mig layout", f"no GPU with index {gpu_index} (have {[g.index for g in gpus]})")
+        try:
+            spec = MigSpec.model_validate({"enabled": enabled, "devices": list(devices)})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigError(f"mig layout field {'.'.join(str(p) for p in first['loc'])}", first["msg"]) from exc
+        gpus[position] = with_mig_layout(self.profile_name, gpus[position], spec, f"gpu {gpu_index}")
+        minors = simulated_mig_minors(gpus, self.profile.mig_minors_missing)
+        self.node = replace(self.node, gpus=tuple(gpus), mig_minors=minors)
+        return gpus[position]
+
 
 class SimulatedEventWaiter:
     """The simulated node's event subscription (see `backend.EventWaiter`)."""
@@ -459,26 +489,3 @@ class SimulatedEventWaiter:
 
     def close(self) -> None:
         pass
-
-    def set_mig_layout(
-        self, gpu_index: int, devices: Sequence[str | Mapping[str, Any]] = (), enabled: bool = True
-    ) -> GpuInfo:
-        """Repartition one GPU, as mig-parted would: `set_mig_layout(1, ["3g.20gb", "2g.10gb"])`,
-        `set_mig_layout(6, enabled=False)`. The plugin sees it on its next rescan or SIGHUP.
-
-        Devices are profile names or MigDeviceSpec fields, numbered from slot 0 unless given.
-        Raises ConfigError (the node is unchanged) for an unknown GPU or profile.
-        """
-        gpus = list(self.node.gpus)
-        position = next((i for i, g in enumerate(gpus) if g.index == gpu_index), None)
-        if position is None:
-            raise ConfigError("mig layout", f"no GPU with index {gpu_index} (have {[g.index for g in gpus]})")
-        try:
-            spec = MigSpec.model_validate({"enabled": enabled, "devices": list(devices)})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ConfigError(f"mig layout field {'.'.join(str(p) for p in first['loc'])}", first["msg"]) from exc
-        gpus[position] = with_mig_layout(self.profile_name, gpus[position], spec, f"gpu {gpu_index}")
-        minors = simulated_mig_minors(gpus, self.profile.mig_minors_missing)
-        self.node = replace(self.node, gpus=tuple(gpus), mig_minors=minors)
-        return gpus[position]
