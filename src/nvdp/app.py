@@ -294,7 +294,7 @@ class Plugin:
     async def _open_control(self, path: str) -> None:
         from nvdp.simcontrol import ControlContext, ControlServer
 
-        self._control = ControlServer(path, ControlContext(lambda: self.backend, self.request_reload))
+        self._control = ControlServer(path, ControlContext(lambda: self.backend, self.request_reload, self.rescan))
         await self._control.start()
 
     async def _serve_until_stopped(self) -> None:

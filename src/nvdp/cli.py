@@ -226,6 +226,20 @@ def inject_ecc(ctx: click.Context, gpu: str, count: int, remap_pending: bool, re
                 "remap_failed": remap_failed, "retired_pending": retired_pending})
 
 
+@inject.command(name="mig-layout")
+@_GPU
+@click.option("--devices", default="", metavar="PROFILES",
+              help="comma-separated MIG profiles in slot order, e.g. 3g.20gb,2g.10gb (empty: MIG on, no devices)")
+@click.option("--disable", is_flag=True, help="turn MIG off on the GPU instead")
+@click.option("--no-rescan", is_flag=True, help="leave it to the plugin's next rescan or SIGHUP")
+@click.pass_context
+def inject_mig_layout(ctx: click.Context, gpu: str, devices: str, disable: bool, no_rescan: bool) -> None:
+    """Repartition a GPU's MIG devices (as mig-parted would); see docs/mig.md."""
+    profiles = [d.strip() for d in devices.split(",") if d.strip()]
+    _send(ctx, {"command": "mig-layout", "gpu": _gpu(gpu), "devices": profiles, "disable": disable,
+                "no_rescan": no_rescan})
+
+
 @inject.command(name="wait-errors")
 @click.option("--count", required=True, type=click.IntRange(min=0), help="how many event waits fail")
 @click.pass_context

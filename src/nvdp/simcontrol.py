@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvdp.errors import PluginError
+from nvdp.mig import describe_layout
 from nvdp.simulated import SimulatedBackend
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,12 @@ class ControlError(Exception):
 @dataclass(frozen=True)
 class ControlContext:
     """What commands may act on: the current simulated backend (None while there is none) and a
-    way to make the plugin rediscover the node (after a change of its layout)."""
+    way to make the plugin rediscover the node (after a change of its layout): `rescan` serves a
+    changed node now and says whether it applied one."""
 
     backend: Callable[[], object | None]
     request_reload: Callable[[], None]
+    rescan: Callable[[], Awaitable[bool]] | None = None
 
     def simulated(self) -> SimulatedBackend:
         backend = self.backend()
@@ -131,6 +134,25 @@ def _wait_errors(ctx: ControlContext, args: Args) -> Reply:
     count = args.integer("count", minimum=0)
     ctx.simulated().fail_waits(count)
     return {"message": f"the next {count} event waits fail"}
+
+
+@command("mig-layout")
+async def _mig_layout(ctx: ControlContext, args: Args) -> Reply:
+    """Repartition one GPU (as mig-parted would), then let the plugin rescan unless told not to."""
+    devices = args.raw.get("devices", [])
+    if not isinstance(devices, list) or not all(isinstance(d, str | dict) for d in devices):
+        raise ControlError(f"field 'devices' must be a list of MIG profile names, not {devices!r}")
+    disable = args.flag("disable")
+    if disable and devices:
+        raise ControlError("a GPU with MIG disabled has no MIG devices: give 'disable' or 'devices', not both")
+    gpu = ctx.simulated().set_mig_layout(args.gpu(), devices, enabled=not disable)
+    layout = describe_layout([gpu]).split(":", 1)[1]
+    message = f"GPU {gpu.index} MIG layout: {layout}"
+    if args.flag("no_rescan") or ctx.rescan is None:
+        return {"message": f"{message} (the plugin sees it on its next rescan or SIGHUP)", "gpu": gpu.uuid}
+    applied = await ctx.rescan()
+    outcome = "the plugin serves it now" if applied else "the plugin kept its devices (no change, or see its log)"
+    return {"message": f"{message}; {outcome}", "gpu": gpu.uuid, "applied": applied}
 
 
 async def handle(context: ControlContext, line: bytes) -> Reply:

@@ -447,22 +447,23 @@ class SimulatedBackend:
     # --- MIG layout ----------------------------------------------------------------------------
 
     def set_mig_layout(
-        self, gpu_index: int, devices: Sequence[str | Mapping[str, Any]] = (), enabled: bool = True
+        self, gpu: int | str, devices: Sequence[str | Mapping[str, Any]] = (), enabled: bool = True
     ) -> GpuInfo:
         """Repartition one GPU, as mig-parted would: `set_mig_layout(1, ["3g.20gb", "2g.10gb"])`,
         `set_mig_layout(6, enabled=False)`. The plugin sees it on its next rescan or SIGHUP.
 
-        Devices are profile names or MigDeviceSpec fields, numbered from slot 0 unless given.
-        Raises ConfigError (the node is unchanged) for an unknown GPU or profile.
+        GPU by index or UUID. Devices are profile names or MigDeviceSpec fields, numbered from slot
+        0 unless given. Raises ValueError (unknown GPU) or ConfigError (a bad device, naming it);
+        the node is then unchanged.
         """
+        uuid = self.gpu_uuid(gpu)
         with self._lock:  # one layout change at a time; readers see the old or the new node
-            return self._set_mig_layout(gpu_index, devices, enabled)
+            return self._set_mig_layout(uuid, devices, enabled)
 
-    def _set_mig_layout(self, gpu_index: int, devices: Sequence[str | Mapping[str, Any]], enabled: bool) -> GpuInfo:
+    def _set_mig_layout(self, uuid: str, devices: Sequence[str | Mapping[str, Any]], enabled: bool) -> GpuInfo:
         gpus = list(self.node.gpus)
-        position = next((i for i, g in enumerate(gpus) if g.index == gpu_index), None)
-        if position is None:
-            raise ConfigError("mig layout", f"no GPU with index {gpu_index} (have {[g.index for g in gpus]})")
+        position = next(i for i, g in enumerate(gpus) if g.uuid == uuid)
+        gpu_index = gpus[position].index
         try:
             spec = MigSpec.model_validate({"enabled": enabled, "devices": list(devices)})
         except ValidationError as exc:

@@ -342,3 +342,39 @@ def test_devices_command_shows_where_each_mig_device_lands() -> None:
         env=clean_env(), capture_output=True, text=True, timeout=30, check=True,
     ).stdout
     assert "MIG DEVICE" in table and "1g.18gb+me" in table and "- (not advertised)" in table
+
+
+async def test_layout_change_through_the_control_socket(
+    kubelet: FakeKubelet, make_config: MakeConfig, plugin_dir: Path
+) -> None:
+    import asyncio
+
+    from click.testing import CliRunner
+
+    from nvdp.cli import main
+
+    control = str(plugin_dir / "control.sock")
+    cfg = make_config("a100-mig-mixed", mig_strategy="mixed", simulate_control=control)
+    async with running_plugin(cfg) as plugin:
+        before = {GPU: 1, "nvidia.com/mig-1g.5gb": 24, "nvidia.com/mig-2g.10gb": 3, "nvidia.com/mig-3g.20gb": 3}
+        await wait_counts(kubelet, before)
+        gpu_stream = kubelet.plugins[GPU]
+
+        def inject(*args: str) -> tuple[int, str]:
+            result = CliRunner().invoke(main, ["simulate", "inject", "--control", control, "mig-layout", *args])
+            return result.exit_code, result.output
+
+        code, output = await asyncio.to_thread(inject, "--gpu", "7", "--devices", "4g.20gb,2g.10gb,1g.5gb")
+        assert (code, output) == (0, "GPU 7 MIG layout: 4g.20gb+2g.10gb+1g.5gb; the plugin serves it now\n")
+        await wait_counts(kubelet, {**before, "nvidia.com/mig-4g.20gb": 1, "nvidia.com/mig-1g.5gb": 25,
+                                    "nvidia.com/mig-2g.10gb": 4})
+
+        code, output = await asyncio.to_thread(inject, "--gpu", "6", "--devices", "7g.40gb", "--no-rescan")
+        assert code == 0 and output.endswith("(the plugin sees it on its next rescan or SIGHUP)\n")
+        assert plugin.node is not None and not plugin.node.gpus[6].mig_enabled  # not applied yet
+        plugin.request_reload()  # SIGHUP
+        await kubelet.wait_for(lambda: "nvidia.com/mig-7g.40gb" in counts(kubelet) and GPU not in counts(kubelet))
+        assert not gpu_stream.connected  # the last full GPU is gone, and with it nvidia.com/gpu
+
+        code, output = await asyncio.to_thread(inject, "--gpu", "0", "--devices", "8g.99gb")
+        assert code == 1 and "unknown MIG profile '8g.99gb'" in output

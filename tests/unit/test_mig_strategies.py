@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -197,9 +198,13 @@ def test_layout_change_keeps_other_devices_and_is_reproducible() -> None:
     assert backend.node == first  # recreating the same layout gives the same node
 
 
-def test_unknown_gpu_index() -> None:
-    with pytest.raises(ConfigError, match="no GPU with index 8"):
-        SimulatedBackend("a100-mig-mixed").set_mig_layout(8, ["1g.5gb"])
+def test_gpu_by_index_or_uuid() -> None:
+    backend = SimulatedBackend("a100-mig-mixed")
+    with pytest.raises(ValueError, match="no GPU 8 on the simulated node"):
+        backend.set_mig_layout(8, ["1g.5gb"])
+    uuid = backend.node.gpus[6].uuid
+    assert backend.set_mig_layout(uuid, ["7g.40gb"]).index == 6
+    assert backend.node.gpus[6].mig_enabled
 
 
 def test_rescan_interval_option() -> None:
@@ -223,3 +228,55 @@ def test_node_equality_detects_layout_changes() -> None:
     gpu = node.gpus[0]
     assert replace(node, gpus=(replace(gpu, mig_devices=gpu.mig_devices[:-1]),)) != node
     assert replace(node, mig_minors={}) != node
+
+
+# --- the control socket's mig-layout command -----------------------------------------------------
+
+
+async def test_mig_layout_command() -> None:
+    from nvdp.simcontrol import ControlContext, handle
+
+    backend = SimulatedBackend("a100-mig-mixed")
+    rescans: list[bool] = []
+
+    async def rescan() -> bool:
+        rescans.append(True)
+        return True
+
+    async def ask(message: dict[str, object], with_rescan: bool = True) -> dict[str, object]:
+        context = ControlContext(lambda: backend, lambda: None, rescan if with_rescan else None)
+        return await handle(context, json.dumps(message).encode())
+
+    reply = await ask({"command": "mig-layout", "gpu": 7, "devices": ["3g.20gb", "1c.2g.10gb"]})
+    gpu = backend.node.gpus[7]
+    assert reply == {"ok": True, "message": "GPU 7 MIG layout: 3g.20gb+1c.2g.10gb; the plugin serves it now",
+                     "gpu": gpu.uuid, "applied": True}
+    assert [m.ci_slices for m in gpu.mig_devices] == [3, 1] and rescans == [True]
+
+    reply = await ask({"command": "mig-layout", "gpu": 0, "disable": True, "no_rescan": True})
+    assert reply["message"] == "GPU 0 MIG layout: off (the plugin sees it on its next rescan or SIGHUP)"
+    assert not backend.node.gpus[0].mig_enabled and rescans == [True]
+
+    assert (await ask({"command": "mig-layout", "gpu": 1}, with_rescan=False))["message"] == (
+        "GPU 1 MIG layout: empty (the plugin sees it on its next rescan or SIGHUP)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        pytest.param({"gpu": 0, "devices": "1g.5gb"}, "field 'devices' must be a list", id="devices not a list"),
+        pytest.param({"gpu": 0, "devices": ["1g.5gb"], "disable": True}, "not both", id="disable with devices"),
+        pytest.param({"gpu": 0, "devices": ["5g.30gb"]}, "unknown MIG profile '5g.30gb'", id="unknown profile"),
+        pytest.param({"gpu": 9, "devices": []}, "no GPU 9 on the simulated node", id="no such GPU"),
+    ],
+)
+async def test_mig_layout_command_errors(message: dict[str, object], error: str) -> None:
+    from nvdp.simcontrol import ControlContext, handle
+
+    backend = SimulatedBackend("a100-mig-mixed")
+    before = backend.node
+    reply = await handle(ControlContext(lambda: backend, lambda: None),
+                         json.dumps({"command": "mig-layout", **message}).encode())
+    assert reply["ok"] is False and error in str(reply["error"])
+    assert backend.node is before
