@@ -378,3 +378,29 @@ async def test_layout_change_through_the_control_socket(
 
         code, output = await asyncio.to_thread(inject, "--gpu", "0", "--devices", "8g.99gb")
         assert code == 1 and "unknown MIG profile '8g.99gb'" in output
+
+
+# --- health of MIG devices -----------------------------------------------------------------------
+
+
+async def test_scoped_xid_marks_only_its_mig_device_and_unscoped_marks_all(
+    kubelet: FakeKubelet, make_config: MakeConfig
+) -> None:
+    backend, factory = backend_of("h200-mig")
+    async with running_plugin(make_config("h200-mig", mig_strategy="mixed"), backend_factory=factory) as plugin:
+        await wait_counts(kubelet, {"nvidia.com/mig-3g.71gb": 1, "nvidia.com/mig-2g.35gb": 1,
+                                    "nvidia.com/mig-1g.18gb.me": 1, "nvidia.com/mig-1g.18gb": 1})
+        assert plugin.node is not None
+        gpu = plugin.node.gpus[0]
+
+        def states() -> dict[str, str]:
+            return {d.ID: d.health for p in kubelet.plugins.values() for d in p.devices.values()}
+
+        target = gpu.mig_devices[1]  # the 2g.35gb device
+        backend.inject_xid(0, 79, gi=target.gi_id, ci=target.ci_id)
+        expected = {m.uuid: "Unhealthy" if m is target else "Healthy" for m in gpu.mig_devices}
+        await kubelet.wait_for(lambda: states() == expected)
+
+        backend.inject_xid(0, 79)  # no instance named: every MIG device of the GPU
+        await kubelet.wait_for(lambda: set(states().values()) == {"Unhealthy"})
+        assert len(states()) == 4
