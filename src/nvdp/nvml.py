@@ -157,9 +157,15 @@ class NvmlBackend:
         gpus: list[GpuInfo] = []
         handles: dict[str, Any] = {}
         for i in range(count):
-            with map_nvml_errors("nvmlDeviceGetHandleByIndex", gpu=str(i)):
-                handle = nv.nvmlDeviceGetHandleByIndex(i)
-            gpu = self._gpu(i, handle)
+            try:
+                with map_nvml_errors("nvmlDeviceGetHandleByIndex", gpu=str(i)):
+                    handle = nv.nvmlDeviceGetHandleByIndex(i)
+                gpu = self._gpu(i, handle)
+            except DeviceError as exc:
+                # One broken GPU (e.g. fallen off the bus before we started) must not keep the
+                # others from being served; with none left, start-up reports no devices.
+                log.error("GPU skipped: NVML cannot describe it", extra={"gpu": i, "error": str(exc)})
+                continue
             if gpu.name in SKIPPED_NAMES:
                 continue
             gpus.append(gpu)
