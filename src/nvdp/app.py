@@ -18,12 +18,15 @@ from nvdp.devices import DeviceTree, Health, Node
 from nvdp.errors import ConfigError, DiscoveryError, NoDevicesFound
 from nvdp.health import overlay, settings_from, transitions
 from nvdp.healthwatch import DEFAULT_TUNING, HealthMonitor, PumpTuning
+from nvdp.instrument import instrument
 from nvdp.manager import Manager
 from nvdp.resources import TreePlan, plan_tree
-from nvdp.server import ServingContext
+from nvdp.server import ResourceServer, ServingContext
+from nvdp.stats import PluginStats
 
 if TYPE_CHECKING:
     from nvdp.simcontrol import ControlServer
+    from nvdp.web import OpsServer
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,11 @@ class Plugin:
         self.backend: GpuBackend | None = None
         self.node: Node | None = None
         self.manager = Manager(cfg.kubelet_socket, ServingContext(cfg, Node(gpus=()).topology, ()))
+        # Counters for metrics; the health monitor records XID events here too.
+        self.stats = PluginStats()
+        self.manager.on_new_server = self._instrument
+        self.manager.on_apply = self.stats.observe_tree
+        self.ops: OpsServer | None = None  # the /metrics, /healthz, /readyz listener, when asked for
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.started = asyncio.Event()  # set once serving (or idling after an init error)
@@ -119,6 +127,9 @@ class Plugin:
         self._logged_problems: frozenset[mig.Problem] = frozenset()
         self._last_rescan_error: str | None = None
 
+    def _instrument(self, server: ResourceServer) -> None:
+        instrument(server, self.stats)
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -133,6 +144,11 @@ class Plugin:
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         log.info("Running with config: %s", self.cfg.to_json())
         try:
+            if self.cfg.metrics_address:  # first, so probes answer while discovery runs
+                from nvdp.web import OpsServer
+
+                self.ops = OpsServer(self, self.cfg.metrics_address)
+                await self.ops.start()
             await self._start()
             if self.cfg.simulate_control:
                 await self._open_control(self.cfg.simulate_control)
@@ -149,6 +165,8 @@ class Plugin:
             await self._stop_health()
             if self._control is not None:
                 await self._control.close()
+            if self.ops is not None:
+                await self.ops.close()
             with contextlib.suppress(Exception):
                 await self.manager.close()
             if self.backend is not None:

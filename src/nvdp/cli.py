@@ -1,4 +1,4 @@
-"""Command line: `nvdp serve|devices|demo|simulate|version`, and `nvidia-device-plugin` (= `nvdp serve`).
+"""Command line: `nvdp serve|devices|demo|doctor|simulate|status|version`, and `nvidia-device-plugin` (= `nvdp serve`).
 
 The only module that reads argv and os.environ, sets up logging and decides exit codes:
 0 stopped cleanly; 1 initialisation failed (NVML, no devices) or an unexpected error;
@@ -19,7 +19,7 @@ import click
 
 from nvdp import __version__
 from nvdp.config import OPTIONS, Config, load
-from nvdp.errors import ConfigError, DiscoveryError
+from nvdp.errors import ConfigError, DiscoveryError, ListenError
 
 log = logging.getLogger("nvdp")
 
@@ -64,10 +64,13 @@ def _serve(cli_values: dict[str, Any]) -> None:
     from nvdp.app import Plugin
 
     cfg = _config_or_exit(cli_values)
-    logs.setup(cfg.log_level)
+    logs.setup(cfg.log_level, fmt=cfg.log_format)
     plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values))
     try:
         asyncio.run(plugin.run(handle_signals=True))
+    except ListenError as exc:
+        log.error("initialisation failed: %s", exc)
+        sys.exit(EXIT_INIT_ERROR)
     except ConfigError as exc:  # e.g. an invalid simulated profile, found before any socket exists
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
@@ -140,6 +143,55 @@ def demo(profile: str) -> None:
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+@click.option("--proc-root", default="/proc", show_default=True, help="the node's /proc")
+@click.option("--sys-root", default="/sys", show_default=True, help="the node's /sys")
+@click.option("--etc-root", default="/etc", show_default=True, help="the node's /etc (container runtime, CDI)")
+@click.option("--run-root", default="/run", show_default=True, help="the node's /run (CDI specs)")
+@_option_decorators
+def doctor(as_json: bool, proc_root: str, sys_root: str, etc_root: str, run_root: str, **cli_values: Any) -> None:
+    """Check this node for what the plugin needs; exit 1 when something blocks it."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from nvdp import doctor as dr
+    from nvdp.app import open_backend
+
+    cfg = _config_or_exit(cli_values)
+    layout = dr.Layout.from_config(cfg, proc=Path(proc_root), sys=Path(sys_root), etc=Path(etc_root),
+                                   run=Path(run_root))
+    # The plugin's own backend factory, looking for the driver where doctor found the driver root.
+    backend_cfg = replace(cfg, container_driver_root=str(layout.driver_root))
+    checks = dr.Doctor(cfg, layout, lambda: open_backend(backend_cfg), simulated=bool(cfg.simulate))
+    try:
+        results = asyncio.run(checks.run())
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    click.echo(json.dumps(dr.to_json(results), indent=2) if as_json else "\n".join(dr.render(results)))
+    sys.exit(1 if dr.blocking(results) else 0)
+
+
+@main.command()
+@click.option("--address", envvar="NVDP_METRICS_ADDRESS", required=True,
+              help="the plugin's --metrics-address (HOST:PORT) or a URL [env: NVDP_METRICS_ADDRESS]")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+def status(address: str, as_json: bool) -> None:
+    """Show a running plugin's devices, health and registrations (read from its /metrics)."""
+    from nvdp import status as st
+
+    try:
+        view = st.parse(st.fetch(st.metrics_url(address)))
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except st.StatusError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(view.to_json(), indent=2) if as_json else st.render(view))
 
 
 @main.command()

@@ -90,6 +90,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("cdi_feature_flags", "cdi-feature-flags", "list", (), ("CDI_FEATURE_FLAGS",)),
     Option("cdi_disable_hooks", "cdi-disable-hooks", "list", (), ("CDI_DISABLE_HOOKS",)),
     # nvdp's own options.
+    Option("metrics_address", "metrics-address", "str", "", ("NVDP_METRICS_ADDRESS",), "flags.nvdp.metricsAddress",
+           help="HOST:PORT serving /metrics, /healthz and /readyz (e.g. :9401); empty: off"),
+    Option("log_format", "log-format", "str", "text", ("NVDP_LOG_FORMAT",), "flags.nvdp.logFormat",
+           choices=("text", "json"), help="log lines as key=value text or one JSON object each"),
     Option("simulate", "simulate", "str", None, ("NVDP_SIMULATE",), "flags.nvdp.simulate",
            help="run on a simulated node: a built-in profile name or a YAML file"),
     Option("mig_rescan_interval", "mig-rescan-interval", "float", 0.0, ("NVDP_MIG_RESCAN_INTERVAL",),
@@ -157,6 +161,8 @@ class Config:
     config_file: str | None = None
     cdi_feature_flags: tuple[str, ...] = ()
     cdi_disable_hooks: tuple[str, ...] = ()
+    metrics_address: str = ""
+    log_format: str = "text"
     simulate: str | None = None
     mig_rescan_interval: float = 0.0
     log_level: str = "info"
@@ -422,8 +428,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "--mig-rescan-interval", f"{cfg.mig_rescan_interval} is not a number of seconds >= 0 (0 turns rescans off)"
         )
+    if cfg.metrics_address:
+        parse_listen_address(cfg.metrics_address)
     if cfg.imex_channel_ids not in ((), (0,)):
         raise ConfigError("--imex-channel-ids", f"channelIDs must be [] or [0]; found {list(cfg.imex_channel_ids)}")
+
+
+def parse_listen_address(text: str, field: str = "--metrics-address") -> tuple[str, int]:
+    """"HOST:PORT" -> (host, port), as Go's net.Listen reads it: an empty host means every
+    interface, an IPv6 host is bracketed ("[::1]:9401"), port 0 picks a free port."""
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    valid = (
+        bool(sep)
+        and port.isdigit()
+        and int(port) <= 65535
+        and (bracketed or ":" not in host)  # an IPv6 host needs brackets
+        and not any(c.isspace() or c in "[]/" for c in host)
+    )
+    if not valid:
+        raise ConfigError(field, f"{text!r} is not HOST:PORT (e.g. :9401, 0.0.0.0:9401, [::1]:9401)")
+    return host, int(port)
 
 
 def options_markdown() -> str:

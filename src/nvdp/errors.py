@@ -11,7 +11,8 @@
     ├── AllocationError        a kubelet request cannot be honoured
     │   ├── UnknownDevice      an ID the resource does not advertise
     │   └── UnhealthyDevice    an ID that is currently Unhealthy
-    └── RegistrationError      the kubelet refused or did not answer Register
+    ├── RegistrationError      the kubelet refused or did not answer Register
+    └── ListenError            the metrics/probe listener could not be opened (address in use...)
 
 Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where they enter
 (`nvml.py`, `kubelet.py`) and re-raised `from` the original.
@@ -86,3 +87,7 @@ class UnhealthyDevice(AllocationError):
 
 class RegistrationError(PluginError):
     """The kubelet refused our Register call, or did not answer in time."""
+
+
+class ListenError(PluginError):
+    """The operations listener (--metrics-address) could not be opened."""

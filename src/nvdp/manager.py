@@ -53,6 +53,8 @@ class Manager:
         self._kubelet_identity: tuple[int, int] | None = None
         self._last_failure: str | None = None
         self.on_new_server: Callable[[ResourceServer], None] | None = None
+        # Called after each apply with (previous tree, new tree); metrics count health changes.
+        self.on_apply: Callable[[DeviceTree, DeviceTree], None] | None = None
 
     @property
     def tree(self) -> DeviceTree:
@@ -66,7 +68,8 @@ class Manager:
         """Start servers for new resources, update changed ones, stop vanished ones."""
         if context is not None:
             self.context = context
-        change = diff(self.tree, tree)
+        previous = self.tree
+        change = diff(previous, tree)
         for name in change.removed:
             await self.servers.pop(name).stop()
             self.registered.discard(name)
@@ -83,6 +86,8 @@ class Manager:
             self.servers[name] = server
         if change.added:
             self._wake.set()
+        if self.on_apply is not None:
+            self.on_apply(previous, tree)
 
     async def close(self) -> None:
         for server in self.servers.values():

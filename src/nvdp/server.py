@@ -80,6 +80,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self._stopping = False
         # Called after each Allocate with (resource name, request ids, error or None); for metrics.
         self.on_allocate: Callable[[str, Sequence[str], Exception | None], None] | None = None
+        # Wrapped around every call (e.g. timing for metrics); read at each start().
+        self.interceptors: list[grpc.aio.ServerInterceptor] = []
 
     @property
     def name(self) -> str:
@@ -103,7 +105,7 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)  # a stale socket from an earlier run
         self._stopping = False
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=self.interceptors)
         pb_grpc.add_DevicePluginServicer_to_server(self, server)
         server.add_insecure_port(f"unix://{self.socket_path}")
         await server.start()
