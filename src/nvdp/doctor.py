@@ -412,7 +412,8 @@ class Doctor:
             return Result(name, Status.FAIL, f"{path} does not exist: the kubelet is not running or uses another "
                           "root directory", fix="start the kubelet, or point --kubelet-socket at its folder")
         if not stat.S_ISSOCK(mode):
-            return Result(name, Status.FAIL, f"{path} is not a socket")
+            return Result(name, Status.FAIL, f"{path} is not a socket",
+                          fix="something else created this file: remove it and restart the kubelet")
         try:
             async with grpc.aio.insecure_channel(f"unix://{path}") as channel:
                 await asyncio.wait_for(channel.channel_ready(), KUBELET_TIMEOUT_S)
@@ -448,7 +449,8 @@ class Doctor:
         name, files = "container-runtime", tuple(f"read {f}" for f in c.files)
         uses_cdi = bool(set(self.cfg.device_list_strategy) & CDI_STRATEGIES)
         if c.error:
-            return Result(name, Status.FAIL, f"{c.runtime}: cannot parse {c.error}", files)
+            return Result(name, Status.FAIL, f"{c.runtime}: cannot parse {c.error}", files,
+                          fix=f"correct the file; {c.runtime} itself fails to start with it")
         if c.nvidia_default:
             return Result(name, Status.PASS, f"{c.runtime}: the default runtime is '{c.default}' "
                           f"({c.runtimes[c.default]})", files)

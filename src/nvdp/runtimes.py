@@ -91,7 +91,8 @@ def read_containerd(etc: Path) -> RuntimeConfig | None:
         return None
     files = [main]
     doc, error = _read_toml(files)
-    for pattern in doc.get("imports", []) if not error else []:
+    imports = doc.get("imports") if not error else None
+    for pattern in imports if isinstance(imports, list) else ():
         target = _under(etc, str(pattern), main.parent)
         files += sorted(p for p in target.parent.glob(target.name) if p.is_file() and p != main)
     if len(files) > 1:

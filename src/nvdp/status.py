@@ -129,10 +129,12 @@ def render(status: Status) -> str:
                          str(r.allocations), str(r.allocation_errors)])
         parts.append(table(rows))
     if status.devices:
-        rows = [["RESOURCE", "DEVICE", "GPU", "HEALTH", "REASON"]]
+        # The GPU column only where a device is not a whole GPU (replicas, MIG devices).
+        with_gpu = any(d.gpu_uuid != d.device for d in status.devices)
+        rows = [["RESOURCE", "DEVICE", *(["GPU"] if with_gpu else []), "HEALTH", "REASON"]]
         for d in status.devices:
-            gpu = "" if d.gpu_uuid == d.device else d.gpu_uuid
-            rows.append([d.resource, d.device, gpu, "Healthy" if d.healthy else "Unhealthy", d.reason])
+            rows.append([d.resource, d.device, *([d.gpu_uuid] if with_gpu else []),
+                         "Healthy" if d.healthy else "Unhealthy", d.reason])
         parts.append(table(rows))
     if status.xid_events:
         parts.append(table([["XID EVENTS", "COUNT"], *([k, str(v)] for k, v in sorted(status.xid_events.items()))]))

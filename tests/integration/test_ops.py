@@ -1,0 +1,293 @@
+"""Metrics, probes and structured logs of the real plugin, scraped over HTTP during fake-kubelet runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nvdp.app import Plugin
+from nvdp.config import Config
+from nvdp.devices import Health, Resource
+from nvdp.errors import ListenError
+from nvdp.server import ResourceServer
+from nvdp.testing import FakeKubelet
+from tests.conftest import running_plugin
+
+GPU = "nvidia.com/gpu"
+MakeConfig = Callable[..., Config]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+LOCAL = "127.0.0.1:0"
+
+
+def _get(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode()
+
+
+async def get(plugin: Plugin, path: str, **kw: object) -> tuple[int, str]:
+    assert plugin.ops is not None
+    status, _, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{plugin.ops.port}{path}", **kw)  # type: ignore[arg-type]
+    return status, body
+
+
+async def scrape(plugin: Plugin) -> Samples:
+    status, text = await get(plugin, "/metrics")
+    assert status == 200
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll an async or sync condition until it holds (probes change on the plugin's own schedule)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_metrics_follow_allocations(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    async with running_plugin(make_config("dgx-h100", metrics_address=LOCAL)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU)
+        ids = list(endpoint.devices)
+        before = await scrape(plugin)
+        assert value(before, "nvdp_allocations_total", resource=GPU) == 0
+        assert value(before, "nvdp_resource_registered", resource=GPU) == 1
+        assert value(before, "nvdp_listandwatch_streams", resource=GPU) == 1
+        assert value(before, "nvdp_registrations_total") == 1
+        assert all(value(before, "nvdp_device_healthy", resource=GPU, device=i, gpu_uuid=i, reason="") == 1
+                   for i in ids)
+
+        await kubelet.preferred_allocation(GPU, ids, [], 2)
+        await kubelet.allocate(GPU, ids[:2])
+        await kubelet.allocate(GPU, ids[2:3])
+        with pytest.raises(grpc.aio.AioRpcError):
+            await kubelet.allocate(GPU, ["GPU-not-here"])
+        after = await scrape(plugin)
+        assert value(after, "nvdp_allocations_total", resource=GPU) == 2
+        assert value(after, "nvdp_allocated_devices_total", resource=GPU) == 3
+        assert value(after, "nvdp_allocation_errors_total", resource=GPU, error="unknown_device") == 1
+        assert value(after, "nvdp_grpc_requests_total", resource=GPU, method="Allocate", code="OK") == 2
+        assert value(after, "nvdp_grpc_requests_total", resource=GPU, method="Allocate", code="INVALID_ARGUMENT") == 1
+        assert value(after, "nvdp_grpc_request_duration_seconds_count", resource=GPU, method="Allocate") == 3
+        assert value(after, "nvdp_grpc_request_duration_seconds_count", resource=GPU,
+                     method="GetPreferredAllocation") == 1
+        assert value(after, "nvdp_grpc_request_duration_seconds_count", resource=GPU, method="ListAndWatch") == 1
+        # The liveness probe's own call is not counted as kubelet traffic.
+        options = value(after, "nvdp_grpc_requests_total", resource=GPU, method="GetDevicePluginOptions", code="OK")
+        assert (await get(plugin, "/healthz"))[0] == 200
+        assert value(await scrape(plugin), "nvdp_grpc_requests_total", resource=GPU,
+                     method="GetDevicePluginOptions", code="OK") == options
+
+
+async def test_metrics_follow_health_changes(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    async with running_plugin(make_config("pcie-l40s", metrics_address=LOCAL)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=4)
+        sick = plugin.manager.tree[GPU].devices[1]
+        reason = "XID 79: GPU has fallen off the bus"
+
+        async def set_health(health: Health, why: str = "") -> None:
+            # The path every health change takes: a new tree applied by the manager.
+            current = plugin.manager.tree[GPU].devices
+            devices = tuple(d.with_health(health, why) if d.id == sick.id else d for d in current)
+            await plugin.manager.apply({GPU: Resource(GPU, devices)})
+
+        plugin.stats.record_xid(sick.gpu_uuid, 79)  # what the health monitor reports with the event
+        await set_health(Health.UNHEALTHY, reason)
+        await kubelet.wait_for(lambda: endpoint.devices[sick.id].health == "Unhealthy")
+        samples = await scrape(plugin)
+        assert value(samples, "nvdp_device_healthy", resource=GPU, device=sick.id, gpu_uuid=sick.gpu_uuid,
+                     reason=reason) == 0
+        assert value(samples, "nvdp_health_transitions_total", resource=GPU, health="Unhealthy", reason=reason) == 1
+        assert value(samples, "nvdp_xid_events_total", gpu_uuid=sick.gpu_uuid, xid="79") == 1
+        with pytest.raises(grpc.aio.AioRpcError):
+            await kubelet.allocate(GPU, [sick.id])
+        assert value(await scrape(plugin), "nvdp_allocation_errors_total", resource=GPU, error="unhealthy_device") == 1
+
+        await set_health(Health.HEALTHY)
+        await kubelet.wait_for(lambda: endpoint.devices[sick.id].health == "Healthy")
+        samples = await scrape(plugin)
+        assert value(samples, "nvdp_device_healthy", resource=GPU, device=sick.id, gpu_uuid=sick.gpu_uuid,
+                     reason="") == 1
+        assert value(samples, "nvdp_health_transitions_total", resource=GPU, health="Healthy", reason=reason) == 1
+
+
+async def test_probes_flip_when_the_kubelet_goes_away(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    async with running_plugin(make_config("pcie-l40s", metrics_address=LOCAL)) as plugin:
+        await kubelet.wait_registered(GPU, min_devices=4)
+        await eventually(lambda: plugin.stats.open_streams(GPU) == 1)
+        assert await get(plugin, "/readyz") == (200, "[+]registered:nvidia.com/gpu ok\nok\n")
+        assert (await get(plugin, "/healthz"))[0] == 200
+
+        await kubelet.stop()  # the kubelet dies: its ListAndWatch stream ends
+        await eventually(lambda: plugin.stats.open_streams(GPU) == 0)
+        status, body = await get(plugin, "/readyz")
+        assert status == 503 and "[-]registered:nvidia.com/gpu failed" in body
+        assert (await get(plugin, "/healthz"))[0] == 200  # the plugin itself is fine: no restart wanted
+
+        await kubelet.restart()  # a new kubelet: folder wiped, kubelet.sock re-created
+        await kubelet.wait_registered(GPU, min_devices=4)
+        await eventually(lambda: plugin.stats.open_streams(GPU) == 1)
+        assert (await get(plugin, "/readyz"))[0] == 200
+        samples = await scrape(plugin)
+        assert value(samples, "nvdp_kubelet_restarts_total") >= 1
+        assert value(samples, "nvdp_registrations_total") == 2
+
+
+async def test_readiness_waits_for_registration(plugin_dir: Path, make_config: MakeConfig) -> None:
+    async with running_plugin(make_config("pcie-l40s", metrics_address=LOCAL)) as plugin:
+        status, body = await get(plugin, "/readyz")  # no kubelet yet
+        assert status == 503 and "not registered with the kubelet" in body
+        assert value(await scrape(plugin), "nvdp_resource_registered", resource=GPU) == 0
+        async with FakeKubelet(str(plugin_dir)) as kubelet:
+            await kubelet.wait_registered(GPU, min_devices=4)
+            await eventually(lambda: plugin.stats.open_streams(GPU) == 1)
+            assert (await get(plugin, "/readyz"))[0] == 200
+
+
+async def test_liveness_fails_when_a_server_does_not_answer(plugin_dir: Path, make_config: MakeConfig) -> None:
+    from nvdp.probes import liveness
+
+    plugin = Plugin(make_config("pcie-l40s"))
+    resource = Resource(GPU, ())
+    plugin.manager.servers[GPU] = ResourceServer(resource, plugin.manager.context, str(plugin_dir))  # never started
+    result = await liveness(plugin, timeout=0.5)
+    assert not result.ok
+    assert "[-]server:nvidia.com/gpu failed: GetDevicePluginOptions" in result.text()
+
+
+async def test_idle_plugin_is_alive_but_not_ready(
+    tmp_path: Path, kubelet: FakeKubelet, make_config: MakeConfig
+) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("gpus: []\n")
+    async with running_plugin(make_config(str(empty), fail_on_init_error="false", metrics_address=LOCAL)) as plugin:
+        assert (await get(plugin, "/healthz"))[0] == 200
+        status, body = await get(plugin, "/readyz")
+        assert status == 503 and "initialisation failed: no devices found" in body
+        assert value(await scrape(plugin), "nvdp_init_failed") == 1
+
+
+async def test_http_edges(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    async with running_plugin(make_config("h200", metrics_address=LOCAL)) as plugin:
+        assert plugin.ops is not None
+        base = f"http://127.0.0.1:{plugin.ops.port}"
+        assert (await asyncio.to_thread(_get, base + "/nope"))[0] == 404
+        assert (await asyncio.to_thread(_get, base + "/metrics", "POST"))[0] == 405
+        status, headers, body = await asyncio.to_thread(_get, base + "/metrics", "HEAD")
+        assert status == 200 and body == "" and int(headers["content-length"]) > 0
+        _, headers, body = await asyncio.to_thread(
+            _get, base + "/metrics", "GET", {"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert headers["content-type"].startswith("application/openmetrics-text") and body.endswith("# EOF\n")
+        # Garbage instead of HTTP: a 400, and the listener keeps serving.
+        reader, writer = await asyncio.open_connection("127.0.0.1", plugin.ops.port)
+        writer.write(b"\x16\x03\x01 not http\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 400")
+        writer.close()
+        assert (await get(plugin, "/healthz"))[0] == 200
+
+
+async def test_metrics_address_in_use_fails_before_touching_sockets(
+    plugin_dir: Path, make_config: MakeConfig
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError, match=f"--metrics-address 127.0.0.1:{port}"):
+            async with running_plugin(make_config("h200", metrics_address=f"127.0.0.1:{port}")):
+                pass
+    assert list(plugin_dir.iterdir()) == []
+
+
+async def test_metrics_are_off_by_default(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    async with running_plugin(make_config("h200")) as plugin:
+        await kubelet.wait_registered(GPU)
+        assert plugin.ops is None
+
+
+async def test_status_command_reads_a_running_plugin(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    async with running_plugin(make_config("pcie-l40s", metrics_address=LOCAL)) as plugin:
+        await kubelet.wait_registered(GPU, min_devices=4)
+        await eventually(lambda: plugin.stats.open_streams(GPU) == 1)
+        sick = plugin.manager.tree[GPU].devices[0]
+        devices = (sick.with_health(Health.UNHEALTHY, "XID 48: double-bit ECC error"),
+                   *plugin.manager.tree[GPU].devices[1:])
+        await plugin.manager.apply({GPU: Resource(GPU, devices)})
+        assert plugin.ops is not None
+        nvdp = str(Path(sys.executable).parent / "nvdp")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NVDP_")}
+        env["NVDP_METRICS_ADDRESS"] = f"127.0.0.1:{plugin.ops.port}"
+        for args in (["status"], ["status", "--json"]):
+            proc = await asyncio.create_subprocess_exec(nvdp, *args, env=env, stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err
+            if args[-1] == "--json":
+                view = json.loads(out)
+                assert view["resources"][0] | {"allocations": 0} == {
+                    "name": GPU, "registered": True, "streams": 1, "devices": 4, "healthy": 3, "allocations": 0,
+                    "allocation_errors": 0}
+                assert [d["reason"] for d in view["devices"]][:2] == ["XID 48: double-bit ECC error", ""]
+            else:
+                text = out.decode()
+                assert "backend=simulated" in text and "3/4" in text
+                assert f"{sick.id}" in text and "Unhealthy  XID 48: double-bit ECC error" in text
+
+
+def test_status_command_without_a_plugin_exits_1() -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    result = subprocess.run([str(Path(sys.executable).parent / "nvdp"), "status", "--address", f"127.0.0.1:{port}"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "is the plugin running with --metrics-address?" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_json_logs_from_the_real_process(plugin_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NVDP_")}
+    env["NVDP_LOG_FORMAT"] = "json"
+    async with FakeKubelet(str(plugin_dir)) as kubelet:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "nvidia-device-plugin"), "--simulate", "pcie-l40s",
+             "--kubelet-socket", str(plugin_dir / "kubelet.sock")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            await kubelet.wait_registered(GPU, timeout=20, min_devices=4)
+            proc.terminate()
+            out, _ = proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    events = [json.loads(line) for line in out.splitlines()]  # every line is one JSON object
+    registered = [e for e in events if e["message"] == "registered with the kubelet"]
+    assert registered and registered[0]["resource"] == GPU and registered[0]["level"] == "info"
+    assert events[-1]["message"] == "stopped"
