@@ -471,7 +471,7 @@ class Doctor:
         return Result(name, Status.FAIL, f"{c.runtime}: not configured for NVIDIA (no nvidia runtime, CDI off)",
                       files, fix=CONFIGURE[c.runtime])
 
-    def cdi(self) -> Result:
+    def cdi_specs(self) -> Result:
         name = "cdi-specs"
         folders = [self.layout.etc / "cdi", self.layout.run / "cdi"]
         kinds = cdi_specs(folders)
@@ -532,7 +532,7 @@ CHECKS: tuple[tuple[str, Callable[[Doctor], Any]], ...] = (
     ("kubelet-folder", Doctor.kubelet_folder),
     ("kubelet-socket", Doctor.kubelet_socket),
     ("container-runtime", Doctor.container_runtime),
-    ("cdi-specs", Doctor.cdi),
+    ("cdi-specs", Doctor.cdi_specs),
     ("inotify", Doctor.inotify),
     ("clock", Doctor.clock),
 )

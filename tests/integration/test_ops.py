@@ -291,3 +291,19 @@ async def test_json_logs_from_the_real_process(plugin_dir: Path) -> None:
     registered = [e for e in events if e["message"] == "registered with the kubelet"]
     assert registered and registered[0]["resource"] == GPU and registered[0]["level"] == "info"
     assert events[-1]["message"] == "stopped"
+
+
+def test_metrics_address_in_use_exits_1_without_traceback(plugin_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "nvidia-device-plugin"), "--simulate", "h200",
+             "--kubelet-socket", str(plugin_dir / "kubelet.sock"), "--metrics-address", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=30,
+            env={k: v for k, v in os.environ.items() if not k.startswith("NVDP_")})
+    assert result.returncode == 1
+    assert f"--metrics-address 127.0.0.1:{port}: cannot listen" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(plugin_dir.iterdir()) == []
