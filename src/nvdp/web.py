@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 import h11
@@ -48,7 +47,6 @@ class OpsServer:
     def __init__(self, plugin: Plugin, address: str) -> None:
         self.plugin = plugin
         self.address = address
-        self.registry = make_registry(partial(plugin_state, plugin))
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
 
@@ -82,7 +80,11 @@ class OpsServer:
             return Reply(405, b"only GET and HEAD\n")
         if path == "/metrics":
             encoder, content_type = choose_encoder(accept)
-            return Reply(200, encoder(self.registry), content_type)
+            # Copied on the loop (consistent, and the state is only touched there), rendered in a
+            # thread: text encoding is most of a scrape's cost (~7 ms for 384 devices).
+            state = plugin_state(self.plugin)
+            body = await asyncio.to_thread(encoder, make_registry(lambda: state))
+            return Reply(200, body, content_type)
         result = await liveness(self.plugin) if path == "/healthz" else readiness(self.plugin)
         return Reply(200 if result.ok else 503, result.text().encode())
 
