@@ -1,7 +1,8 @@
 """The operations listener: /metrics, /healthz and /readyz on `--metrics-address`.
 
 A small asyncio server in the plugin's own event loop, so a probe answered proves the loop is
-responsive and the metrics read the live state without locks or threads. HTTP parsing is h11's
+responsive, and a scrape copies the state where it lives (on the loop) before a worker thread
+renders the text, the costly part, so the loop stays free for the kubelet. HTTP parsing is h11's
 (a sans-I/O HTTP/1.1 library); every response closes the connection, which Prometheus and the
 kubelet's probes handle fine.
 
