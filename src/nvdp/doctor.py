@@ -58,12 +58,20 @@ class Status(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class Result:
-    name: str
+class Verdict:
+    """What one check found; `fix` says what to do (for WARN and FAIL)."""
+
     status: Status
     summary: str
     details: tuple[str, ...] = ()
     fix: str = ""
+
+
+@dataclass(frozen=True)
+class Result(Verdict):
+    """A verdict under the check's name (the names are in `CHECKS`)."""
+
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -229,28 +237,28 @@ class Doctor:
         self.found = await asyncio.to_thread(discover, self.open_backend, self.cfg)
         results = []
         for name, check in CHECKS:
-            result = check(self)
-            results.append(await result if asyncio.iscoroutine(result) else result)
-            assert results[-1].name == name
+            verdict = check(self)
+            if asyncio.iscoroutine(verdict):
+                verdict = await verdict
+            results.append(Result(verdict.status, verdict.summary, verdict.details, verdict.fix, name=name))
         return results
 
     @property
     def node(self) -> Node | None:
         return self.found.node
 
-    def _simulated(self, name: str) -> Result:
-        return Result(name, Status.SKIP, f"simulated node ({self.cfg.simulate}): no driver files to check")
+    def _simulated(self) -> Verdict:
+        return Verdict(Status.SKIP, f"simulated node ({self.cfg.simulate}): no driver files to check")
 
     # --- the driver -----------------------------------------------------------------------------
 
-    def kernel_driver(self) -> Result:
-        name = "kernel-driver"
+    def kernel_driver(self) -> Verdict:
         if self.simulated:
-            return self._simulated(name)
+            return self._simulated()
         version = kernel_module_version(self.layout.proc)
         where = self.layout.proc / "driver/nvidia/version"
         if version is None:
-            return Result(name, Status.FAIL, f"the NVIDIA kernel module is not loaded ({where} is missing)",
+            return Verdict(Status.FAIL, f"the NVIDIA kernel module is not loaded ({where} is missing)",
                           fix="install the NVIDIA driver and load it (modprobe nvidia); with the GPU Operator, "
                           "check its driver pod")
         library = self.node.driver_version if self.node else ""
@@ -258,72 +266,68 @@ class Doctor:
             path = self._library_path()
             library = library_version(path) if path else ""
         if version and library and version != library:
-            return Result(name, Status.FAIL, f"driver/library version mismatch: kernel module {version}, "
+            return Verdict(Status.FAIL, f"driver/library version mismatch: kernel module {version}, "
                           f"NVML library {library}",
                           fix="the driver was upgraded without reloading the module: reboot the node "
                           "(or unload and reload the nvidia modules)")
-        return Result(name, Status.PASS, f"NVIDIA kernel module {version or '(unknown version)'} is loaded")
+        return Verdict(Status.PASS, f"NVIDIA kernel module {version or '(unknown version)'} is loaded")
 
     def _library_path(self) -> Path | None:
         """Where the plugin finds libnvidia-ml.so.1 under the driver root (its search order)."""
         tried = (self.layout.driver_root / d / LIBRARY for d in LIBRARY_DIRS)
         return next((p for p in tried if p.exists()), None)
 
-    def nvml_library(self) -> Result:
-        name = "nvml-library"
+    def nvml_library(self) -> Verdict:
         if self.simulated:
-            return self._simulated(name)
+            return self._simulated()
         root = self.layout.driver_root
         details = tuple(f"tried {root / d / LIBRARY}" for d in LIBRARY_DIRS)
         found = self._library_path()
         if found is not None:
             version = library_version(found)
-            return Result(name, Status.PASS, f"found {found}" + (f" (version {version})" if version else ""), details)
+            return Verdict(Status.PASS, f"found {found}" + (f" (version {version})" if version else ""), details)
         if self.node is not None:
-            return Result(name, Status.PASS, f"{LIBRARY} is not under {root}; the loader found it on its default "
+            return Verdict(Status.PASS, f"{LIBRARY} is not under {root}; the loader found it on its default "
                           "search path", details)
-        return Result(name, Status.FAIL, f"{LIBRARY} not found under the driver root {root}", details,
+        return Verdict(Status.FAIL, f"{LIBRARY} not found under the driver root {root}", details,
                       fix="set --driver-root to where the driver is installed (/run/nvidia/driver with the GPU "
                       "Operator) and mount it at --driver-root-ctr-path, or run the plugin with the nvidia "
                       "runtime so that the library is injected")
 
-    def nvml(self) -> Result:
-        name = "nvml"
+    def nvml(self) -> Verdict:
         error = self.found.error
         if error is not None:
             searched = error.searched if isinstance(error, NvmlUnavailable) else ()
-            return Result(name, Status.FAIL, str(error).split("; searched:")[0],
+            return Verdict(Status.FAIL, str(error).split("; searched:")[0],
                           tuple(f"searched {p}" for p in searched),
                           fix="the plugin must see the driver: make nvidia the container runtime's default "
                           "(or give the DaemonSet runtimeClassName: nvidia), or mount the driver root; on a "
                           "node without GPUs, set --fail-on-init-error=false")
         assert self.node is not None
         if self.simulated:
-            return Result(name, Status.PASS, f"simulated node {self.cfg.simulate}: driver {self.node.driver_version}")
-        return Result(name, Status.PASS, f"NVML initialised: driver {self.node.driver_version}")
+            return Verdict(Status.PASS, f"simulated node {self.cfg.simulate}: driver {self.node.driver_version}")
+        return Verdict(Status.PASS, f"NVML initialised: driver {self.node.driver_version}")
 
-    def gpus(self) -> Result:
-        name = "gpus"
+    def gpus(self) -> Verdict:
         if self.node is None:
-            return Result(name, Status.SKIP, "no discovery (see nvml)")
+            return Verdict(Status.SKIP, "no discovery (see nvml)")
         details = tuple(_gpu_line(g) for g in self.node.gpus)
         if not self.node.gpus:
-            return Result(name, Status.FAIL, "NVML sees no GPU", details,
+            return Verdict(Status.FAIL, "NVML sees no GPU", details,
                           fix="check nvidia-smi on the host; in a container NVIDIA_VISIBLE_DEVICES must be 'all'")
         seen = {pci_sysfs_name(g.pci_bus_id) for g in self.node.gpus}
         hidden = set() if self.simulated else (pci_gpus(self.layout.sys) | kernel_gpus(self.layout.proc)) - seen
         if hidden:
-            return Result(name, Status.WARN, f"{len(hidden)} NVIDIA GPU(s) on the PCI bus are not visible to NVML: "
+            return Verdict(Status.WARN, f"{len(hidden)} NVIDIA GPU(s) on the PCI bus are not visible to NVML: "
                           f"{', '.join(sorted(hidden))}", details,
                           fix="look for XID 79 (fallen off the bus) in the kernel log and run nvidia-smi; in a "
                           "container, NVIDIA_VISIBLE_DEVICES must be 'all'")
-        return Result(name, Status.PASS, f"{len(self.node.gpus)} GPU(s): "
+        return Verdict(Status.PASS, f"{len(self.node.gpus)} GPU(s): "
                       f"{', '.join(sorted({g.name for g in self.node.gpus}))}", details)
 
-    def device_nodes(self) -> Result:
-        name = "device-nodes"
+    def device_nodes(self) -> Verdict:
         if self.simulated:
-            return self._simulated(name)
+            return self._simulated()
         dev = self.layout.dev_root / "dev"
         if self.node is not None:
             required = ["nvidiactl", *(f"nvidia{g.minor}" for g in self.node.gpus)]
@@ -338,58 +342,56 @@ class Doctor:
         details = [f"missing {dev / n}" for n in missing + absent] + [f"no read/write access to {dev / n}"
                                                                       for n in denied]
         if missing:
-            return Result(name, Status.FAIL, f"{len(missing)} device node(s) missing under {dev}", tuple(details),
+            return Verdict(Status.FAIL, f"{len(missing)} device node(s) missing under {dev}", tuple(details),
                           fix="create them (nvidia-modprobe, or nvidia-ctk system create-dev-char-symlinks "
                           "--create-all) or set --dev-root to the root whose /dev has them")
         if absent or denied:
-            return Result(name, Status.WARN, f"{len(absent)} optional node(s) missing, {len(denied)} not "
+            return Verdict(Status.WARN, f"{len(absent)} optional node(s) missing, {len(denied)} not "
                           f"accessible by uid {self.uid}", tuple(details),
                           fix="nvidia-uvm is created on first CUDA use (nvidia-modprobe -u -c=0); MIG needs "
                           "/dev/nvidia-caps (nvidia-ctk system create-device-nodes --control-devices)")
-        return Result(name, Status.PASS, f"{len(required)} device node(s) present under {dev}")
+        return Verdict(Status.PASS, f"{len(required)} device node(s) present under {dev}")
 
-    def mig(self) -> Result:
-        name = "mig"
+    def mig(self) -> Verdict:
         if self.node is None:
-            return Result(name, Status.SKIP, "no discovery (see nvml)")
+            return Verdict(Status.SKIP, "no discovery (see nvml)")
         strategy = self.cfg.mig_strategy
         on = [g for g in self.node.gpus if g.mig_enabled]
         details = tuple(f"GPU {g.index}: MIG on, {len(g.mig_devices)} MIG device(s)" for g in on)
         if self.found.tree_error is not None:
-            return Result(name, Status.FAIL, f"the plugin would not start: {self.found.tree_error}", details,
+            return Verdict(Status.FAIL, f"the plugin would not start: {self.found.tree_error}", details,
                           fix="choose a --mig-strategy that matches the GPUs' MIG mode")
         if strategy == "none":
             if on:
-                return Result(name, Status.WARN, f"MIG is on for {len(on)} GPU(s) but --mig-strategy=none: they "
+                return Verdict(Status.WARN, f"MIG is on for {len(on)} GPU(s) but --mig-strategy=none: they "
                               "are advertised as whole GPUs and pods on them see no device", details,
                               fix="use --mig-strategy=single or mixed, or turn MIG off (nvidia-smi -mig 0)")
-            return Result(name, Status.PASS, "MIG is off on every GPU (--mig-strategy=none)")
+            return Verdict(Status.PASS, "MIG is off on every GPU (--mig-strategy=none)")
         if strategy == "single":
             profiles = {(m.gi_slices, m.memory_mb) for g in on for m in g.mig_devices}
             if on and len(on) != len(self.node.gpus):
-                return Result(name, Status.FAIL, "--mig-strategy=single needs MIG on every GPU or on none; "
+                return Verdict(Status.FAIL, "--mig-strategy=single needs MIG on every GPU or on none; "
                               f"it is on for {len(on)} of {len(self.node.gpus)}", details,
                               fix="use --mig-strategy=mixed, or set the same MIG mode on every GPU")
             if len(profiles) > 1:
-                return Result(name, Status.FAIL, "--mig-strategy=single needs one MIG profile on every GPU; "
+                return Verdict(Status.FAIL, "--mig-strategy=single needs one MIG profile on every GPU; "
                               f"found {len(profiles)}", details, fix="use --mig-strategy=mixed")
         empty = [g for g in on if not g.mig_devices]
         if empty:
-            return Result(name, Status.WARN, f"MIG is on for GPU(s) {', '.join(str(g.index) for g in empty)} but "
+            return Verdict(Status.WARN, f"MIG is on for GPU(s) {', '.join(str(g.index) for g in empty)} but "
                           "no MIG device exists: nothing to advertise there", details,
                           fix="create MIG devices (nvidia-smi mig -cgi ... -C, or the MIG manager)")
-        return Result(name, Status.PASS, f"--mig-strategy={strategy} matches: MIG on for {len(on)} of "
+        return Verdict(Status.PASS, f"--mig-strategy={strategy} matches: MIG on for {len(on)} of "
                       f"{len(self.node.gpus)} GPU(s)", details)
 
     # --- the kubelet ------------------------------------------------------------------------------
 
-    def kubelet_folder(self) -> Result:
-        name = "kubelet-folder"
+    def kubelet_folder(self) -> Verdict:
         if not self.layout.kubelet_socket:
-            return Result(name, Status.SKIP, "--kubelet-socket is empty: the plugin does not register")
+            return Verdict(Status.SKIP, "--kubelet-socket is empty: the plugin does not register")
         folder = Path(self.layout.kubelet_socket).parent
         if not folder.is_dir():
-            return Result(name, Status.FAIL, f"{folder} does not exist",
+            return Verdict(Status.FAIL, f"{folder} does not exist",
                           fix="mount the kubelet's device-plugins folder (/var/lib/kubelet/device-plugins) into "
                           "the plugin, or point --kubelet-socket at the kubelet's folder (kubelet --root-dir)")
         probe = folder / f".nvdp-doctor-{os.getpid()}"
@@ -397,45 +399,43 @@ class Doctor:
             probe.touch()
             probe.unlink()
         except OSError as exc:
-            return Result(name, Status.FAIL, f"cannot create sockets in {folder}: {exc.strerror} (uid {self.uid})",
+            return Verdict(Status.FAIL, f"cannot create sockets in {folder}: {exc.strerror} (uid {self.uid})",
                           fix="run the plugin as root (the kubelet's folder is root's) and mount it read-write")
-        return Result(name, Status.PASS, f"{folder} exists and is writable")
+        return Verdict(Status.PASS, f"{folder} exists and is writable")
 
-    async def kubelet_socket(self) -> Result:
-        name = "kubelet-socket"
+    async def kubelet_socket(self) -> Verdict:
         path = self.layout.kubelet_socket
         if not path:
-            return Result(name, Status.SKIP, "--kubelet-socket is empty: the plugin does not register")
+            return Verdict(Status.SKIP, "--kubelet-socket is empty: the plugin does not register")
         try:
             mode = os.stat(path).st_mode
         except OSError:
-            return Result(name, Status.FAIL, f"{path} does not exist: the kubelet is not running or uses another "
+            return Verdict(Status.FAIL, f"{path} does not exist: the kubelet is not running or uses another "
                           "root directory", fix="start the kubelet, or point --kubelet-socket at its folder")
         if not stat.S_ISSOCK(mode):
-            return Result(name, Status.FAIL, f"{path} is not a socket",
+            return Verdict(Status.FAIL, f"{path} is not a socket",
                           fix="something else created this file: remove it and restart the kubelet")
         try:
             async with grpc.aio.insecure_channel(f"unix://{path}") as channel:
                 await asyncio.wait_for(channel.channel_ready(), KUBELET_TIMEOUT_S)
         except TimeoutError:
-            return Result(name, Status.FAIL, f"{path} does not answer within {KUBELET_TIMEOUT_S:g} s",
+            return Verdict(Status.FAIL, f"{path} does not answer within {KUBELET_TIMEOUT_S:g} s",
                           fix="check that the kubelet runs (systemctl status kubelet) and its log")
-        return Result(name, Status.PASS, f"the kubelet answers on {path}")
+        return Verdict(Status.PASS, f"the kubelet answers on {path}")
 
     # --- the container runtime ------------------------------------------------------------------
 
-    def container_runtime(self) -> Result:
-        name = "container-runtime"
+    def container_runtime(self) -> Verdict:
         configs = read_all(self.layout.etc)
         running = running_processes(self.layout.proc)
         used = next((rt for proc, rt in RUNTIME_PROCESSES.items() if proc in running), None)
         if used is not None and used not in configs:
-            return Result(name, Status.WARN, f"{used} is running but no {used} configuration was found under "
+            return Verdict(Status.WARN, f"{used} is running but no {used} configuration was found under "
                           f"{self.layout.etc}", fix="k3s and RKE2 keep containerd's config under "
                           "/var/lib/rancher; check it there, or pass --etc-root")
         judged = [configs[used]] if used is not None else list(configs.values())
         if not judged:
-            return Result(name, Status.WARN, f"no containerd, CRI-O or docker configuration under {self.layout.etc}",
+            return Verdict(Status.WARN, f"no containerd, CRI-O or docker configuration under {self.layout.etc}",
                           fix="run doctor on the node (or pass --etc-root with the node's /etc)")
         verdicts = [self._judge(c) for c in judged]
         order = [Status.PASS, Status.WARN, Status.FAIL]
@@ -443,83 +443,80 @@ class Doctor:
         details = tuple(f"{v.summary}" for v in verdicts if v is not best)
         if used is None and len(verdicts) > 1:
             details += ("no runtime process visible under /proc: judged by the best configuration found",)
-        return Result(name, best.status, best.summary, best.details + details, best.fix)
+        return Verdict(best.status, best.summary, best.details + details, best.fix)
 
-    def _judge(self, c: RuntimeConfig) -> Result:
-        name, files = "container-runtime", tuple(f"read {f}" for f in c.files)
+    def _judge(self, c: RuntimeConfig) -> Verdict:
+        files = tuple(f"read {f}" for f in c.files)
         uses_cdi = bool(set(self.cfg.device_list_strategy) & CDI_STRATEGIES)
         if c.error:
-            return Result(name, Status.FAIL, f"{c.runtime}: cannot parse {c.error}", files,
+            return Verdict(Status.FAIL, f"{c.runtime}: cannot parse {c.error}", files,
                           fix=f"correct the file; {c.runtime} itself fails to start with it")
         if c.nvidia_default:
-            return Result(name, Status.PASS, f"{c.runtime}: the default runtime is '{c.default}' "
+            return Verdict(Status.PASS, f"{c.runtime}: the default runtime is '{c.default}' "
                           f"({c.runtimes[c.default]})", files)
         if c.hooks:
-            return Result(name, Status.PASS, f"{c.runtime}: the NVIDIA OCI hook is installed ({c.hooks[0]})", files)
+            return Verdict(Status.PASS, f"{c.runtime}: the NVIDIA OCI hook is installed ({c.hooks[0]})", files)
         if c.cdi and uses_cdi:
-            return Result(name, Status.PASS, f"{c.runtime}: CDI is enabled and the plugin returns CDI names "
+            return Verdict(Status.PASS, f"{c.runtime}: CDI is enabled and the plugin returns CDI names "
                           f"(--device-list-strategy={','.join(self.cfg.device_list_strategy)})", files)
         if c.nvidia_runtimes:
-            return Result(name, Status.WARN, f"{c.runtime}: the nvidia runtime '{c.nvidia_runtimes[0]}' is "
+            return Verdict(Status.WARN, f"{c.runtime}: the nvidia runtime '{c.nvidia_runtimes[0]}' is "
                           f"configured but the default is '{c.default}': pods and the plugin itself need "
                           "runtimeClassName: nvidia", files,
                           fix=f"{CONFIGURE[c.runtime]}, or create a RuntimeClass with handler "
                           f"{c.nvidia_runtimes[0]} and set runtimeClassName in the DaemonSet and the pods")
         if c.cdi:
-            return Result(name, Status.WARN, f"{c.runtime}: no nvidia runtime, but CDI is enabled: use "
+            return Verdict(Status.WARN, f"{c.runtime}: no nvidia runtime, but CDI is enabled: use "
                           "--device-list-strategy=cdi-cri", files, fix=CONFIGURE[c.runtime])
-        return Result(name, Status.FAIL, f"{c.runtime}: not configured for NVIDIA (no nvidia runtime, CDI off)",
+        return Verdict(Status.FAIL, f"{c.runtime}: not configured for NVIDIA (no nvidia runtime, CDI off)",
                       files, fix=CONFIGURE[c.runtime])
 
-    def cdi_specs(self) -> Result:
-        name = "cdi-specs"
+    def cdi_specs(self) -> Verdict:
         folders = [self.layout.etc / "cdi", self.layout.run / "cdi"]
         kinds = cdi_specs(folders)
         details = tuple(f"{kind}: {len(names)} device(s)" for kind, names in sorted(kinds.items()))
         strategies = set(self.cfg.device_list_strategy)
         if not strategies & CDI_STRATEGIES:
-            return Result(name, Status.SKIP, f"not used with --device-list-strategy={','.join(sorted(strategies))}",
+            return Verdict(Status.SKIP, f"not used with --device-list-strategy={','.join(sorted(strategies))}",
                           details)
         kind = f"{CDI_VENDOR}/gpu"
         fix = (f"generate it: nvidia-ctk cdi generate --vendor={CDI_VENDOR} --class=gpu "
                f"--device-name-strategy={'uuid' if self.cfg.device_id_strategy == 'uuid' else 'index'} "
                f"--output=/var/run/cdi/{CDI_VENDOR}-gpu.yaml")
         if kind not in kinds:
-            return Result(name, Status.FAIL, f"no CDI spec of kind {kind} in {', '.join(map(str, folders))}: the "
+            return Verdict(Status.FAIL, f"no CDI spec of kind {kind} in {', '.join(map(str, folders))}: the "
                           "runtime cannot resolve the device names the plugin returns", details, fix)
         if self.node is not None:
             wanted = {g.uuid if self.cfg.device_id_strategy == "uuid" else str(g.index) for g in self.node.gpus}
             missing = sorted(wanted - kinds[kind])
             if missing:
-                return Result(name, Status.FAIL, f"the {kind} spec lacks {len(missing)} GPU(s): "
+                return Verdict(Status.FAIL, f"the {kind} spec lacks {len(missing)} GPU(s): "
                               f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}", details, fix)
-        return Result(name, Status.PASS, f"{kind} spec found with {len(kinds[kind])} device(s)", details)
+        return Verdict(Status.PASS, f"{kind} spec found with {len(kinds[kind])} device(s)", details)
 
     # --- the host ---------------------------------------------------------------------------------
 
-    def inotify(self) -> Result:
-        name = "inotify"
+    def inotify(self) -> Verdict:
         limit = _read(self.layout.proc / "sys/fs/inotify/max_user_instances")
         if limit is None or not limit.strip().isdigit():
-            return Result(name, Status.SKIP, "cannot read fs.inotify.max_user_instances")
+            return Verdict(Status.SKIP, "cannot read fs.inotify.max_user_instances")
         maximum = int(limit)
         used = inotify_in_use(self.layout.proc, self.uid)
         summary = f"{used} of {maximum} inotify instances in use by uid {self.uid}"
         fix = "raise the limit: sysctl -w fs.inotify.max_user_instances=8192 (persist it in /etc/sysctl.d)"
         if used >= maximum:
-            return Result(name, Status.FAIL, f"{summary}: the plugin cannot watch the kubelet folder", fix=fix)
+            return Verdict(Status.FAIL, f"{summary}: the plugin cannot watch the kubelet folder", fix=fix)
         if used >= maximum * 0.9:
-            return Result(name, Status.WARN, f"{summary}: close to the limit", fix=fix)
-        return Result(name, Status.PASS, summary)
+            return Verdict(Status.WARN, f"{summary}: close to the limit", fix=fix)
+        return Verdict(Status.PASS, summary)
 
-    def clock(self) -> Result:
-        name = "clock"
+    def clock(self) -> Verdict:
         now = datetime.fromtimestamp(self.now(), UTC)
         if now < CLOCK_FLOOR:
-            return Result(name, Status.WARN, f"the system clock reads {now:%Y-%m-%d %H:%M} UTC, before "
+            return Verdict(Status.WARN, f"the system clock reads {now:%Y-%m-%d %H:%M} UTC, before "
                           f"{CLOCK_FLOOR:%Y-%m-%d}: log times are wrong and TLS (image pulls) fails",
                           fix="enable time synchronisation (chrony or systemd-timesyncd)")
-        return Result(name, Status.PASS, f"the system clock reads {now:%Y-%m-%d %H:%M} UTC")
+        return Verdict(Status.PASS, f"the system clock reads {now:%Y-%m-%d %H:%M} UTC")
 
 
 CHECKS: tuple[tuple[str, Callable[[Doctor], Any]], ...] = (

@@ -294,7 +294,7 @@ async def test_cli_exits_1_when_something_blocks(tmp_path: Path) -> None:
 
 
 def test_json_shape() -> None:
-    results = [Result("nvml", P, "ok"), Result("gpus", F, "none", ("a",), "fix it")]
+    results = [Result(P, "ok", name="nvml"), Result(F, "none", ("a",), "fix it", name="gpus")]
     assert to_json(results) == {"ok": False, "checks": [
         {"name": "nvml", "status": "pass", "summary": "ok", "details": [], "fix": ""},
         {"name": "gpus", "status": "fail", "summary": "none", "details": ["a"], "fix": "fix it"}]}
