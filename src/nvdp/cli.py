@@ -151,8 +151,10 @@ def demo(profile: str) -> None:
 @click.option("--sys-root", default="/sys", show_default=True, help="the node's /sys")
 @click.option("--etc-root", default="/etc", show_default=True, help="the node's /etc (container runtime, CDI)")
 @click.option("--run-root", default="/run", show_default=True, help="the node's /run (CDI specs)")
+@click.option("--var-root", default="/var", show_default=True, help="the node's /var (k3s and RKE2 containerd)")
 @_option_decorators
-def doctor(as_json: bool, proc_root: str, sys_root: str, etc_root: str, run_root: str, **cli_values: Any) -> None:
+def doctor(as_json: bool, proc_root: str, sys_root: str, etc_root: str, run_root: str, var_root: str,
+           **cli_values: Any) -> None:
     """Check this node for what the plugin needs; exit 1 when something blocks it."""
     from dataclasses import replace
     from pathlib import Path
@@ -162,7 +164,7 @@ def doctor(as_json: bool, proc_root: str, sys_root: str, etc_root: str, run_root
 
     cfg = _config_or_exit(cli_values)
     layout = dr.Layout.from_config(cfg, proc=Path(proc_root), sys=Path(sys_root), etc=Path(etc_root),
-                                   run=Path(run_root))
+                                   run=Path(run_root), var=Path(var_root))
     # The plugin's own backend factory, looking for the driver where doctor found the driver root.
     backend_cfg = replace(cfg, container_driver_root=str(layout.driver_root))
     checks = dr.Doctor(cfg, layout, lambda: open_backend(backend_cfg), simulated=bool(cfg.simulate))

@@ -41,10 +41,21 @@ from nvdp.runtimes import RuntimeConfig, read_all
 NVIDIA_PCI_VENDOR = "0x10de"
 CLOCK_FLOOR = datetime(2025, 1, 1, tzinfo=UTC)  # a clock before this has certainly not been set
 KUBELET_TIMEOUT_S = 2.0
-# Process names under /proc -> the runtime the kubelet talks to.
-RUNTIME_PROCESSES = {"cri-dockerd": "docker", "containerd": "containerd", "crio": "cri-o"}
+# Process names under /proc -> the runtime the kubelet talks to, most specific first (k3s, RKE2
+# and k0s run a process named containerd too; dockerd runs on containerd).
+RUNTIME_PROCESSES = {
+    "k3s-server": "containerd (k3s)", "k3s-agent": "containerd (k3s)", "k3s": "containerd (k3s)",
+    "rke2": "containerd (rke2)", "k0s": "containerd (k0s)", "cri-dockerd": "docker",
+    "containerd": "containerd", "crio": "cri-o",
+}
+_K3S = ("{0} adds the nvidia runtime by itself when nvidia-container-runtime is installed; make it the default "
+        "with `{0} server|agent --default-runtime=nvidia` and restart {0}")
 CONFIGURE = {
     "containerd": "nvidia-ctk runtime configure --runtime=containerd --set-as-default && systemctl restart containerd",
+    "containerd (k0s)": "nvidia-ctk runtime configure --runtime=containerd --set-as-default "
+                        "--config=/etc/k0s/containerd.d/nvidia.toml && systemctl restart k0sworker",
+    "containerd (k3s)": _K3S.format("k3s"),
+    "containerd (rke2)": _K3S.format("rke2"),
     "cri-o": "nvidia-ctk runtime configure --runtime=crio --set-as-default && systemctl restart crio",
     "docker": "nvidia-ctk runtime configure --runtime=docker --set-as-default && systemctl restart docker",
 }
@@ -84,6 +95,7 @@ class Layout:
     sys: Path = Path("/sys")
     etc: Path = Path("/etc")
     run: Path = Path("/run")
+    var: Path = Path("/var")
     kubelet_socket: str = "/var/lib/kubelet/device-plugins/kubelet.sock"
 
     @classmethod
@@ -426,17 +438,18 @@ class Doctor:
     # --- the container runtime ------------------------------------------------------------------
 
     def container_runtime(self) -> Verdict:
-        configs = read_all(self.layout.etc)
+        configs = read_all(self.layout.etc, self.layout.var)
         running = running_processes(self.layout.proc)
         used = next((rt for proc, rt in RUNTIME_PROCESSES.items() if proc in running), None)
         if used is not None and used not in configs:
-            return Verdict(Status.WARN, f"{used} is running but no {used} configuration was found under "
-                          f"{self.layout.etc}", fix="k3s and RKE2 keep containerd's config under "
-                          "/var/lib/rancher; check it there, or pass --etc-root")
+            return Verdict(Status.WARN, f"{used} is running but its configuration was not found under "
+                          f"{self.layout.etc} or {self.layout.var}", fix="pass the node's folders with --etc-root "
+                          "and --var-root")
         judged = [configs[used]] if used is not None else list(configs.values())
         if not judged:
-            return Verdict(Status.WARN, f"no containerd, CRI-O or docker configuration under {self.layout.etc}",
-                          fix="run doctor on the node (or pass --etc-root with the node's /etc)")
+            return Verdict(Status.WARN, f"no containerd, CRI-O or docker configuration under {self.layout.etc} "
+                          f"or {self.layout.var}", fix="run doctor on the node, or pass the node's folders with "
+                          "--etc-root and --var-root")
         verdicts = [self._judge(c) for c in judged]
         order = [Status.PASS, Status.WARN, Status.FAIL]
         best = min(verdicts, key=lambda v: order.index(v.status))

@@ -3,7 +3,8 @@
 Three runtimes, each reduced to the same facts (`RuntimeConfig`): the runtimes it knows (name ->
 binary), its default runtime, whether CDI is on, and any NVIDIA OCI hook.
 
-- containerd: `<etc>/containerd/config.toml` plus its `imports` (drop-ins such as the
+- containerd: `<etc>/containerd/config.toml` (k0s: `<etc>/k0s/containerd.toml`; k3s and RKE2:
+  `<var>/lib/rancher/{k3s,rke2}/agent/etc/containerd/config.toml`) plus its `imports` (drop-ins such as the
   `conf.d/99-nvidia.toml` that `nvidia-ctk runtime configure` writes), merged in order with the
   later file winning, as containerd does. The CRI section is `io.containerd.cri.v1.runtime`
   (config version 3, containerd 2.x, where CDI is on by default), `io.containerd.grpc.v1.cri`
@@ -85,8 +86,19 @@ def _read_toml(files: list[Path]) -> tuple[dict[str, Any], str]:
     return doc, ""
 
 
-def read_containerd(etc: Path) -> RuntimeConfig | None:
-    main = etc / "containerd" / "config.toml"
+def containerd_configs(etc: Path, var: Path) -> dict[str, Path]:
+    """Where each containerd distribution keeps its config: the plain one, k0s (under /etc), and
+    the containerd that k3s and RKE2 embed (generated under /var/lib/rancher)."""
+    return {
+        "containerd": etc / "containerd" / "config.toml",
+        "containerd (k0s)": etc / "k0s" / "containerd.toml",
+        "containerd (k3s)": var / "lib/rancher/k3s/agent/etc/containerd/config.toml",
+        "containerd (rke2)": var / "lib/rancher/rke2/agent/etc/containerd/config.toml",
+    }
+
+
+def read_containerd(etc: Path, main: Path | None = None, label: str = "containerd") -> RuntimeConfig | None:
+    main = main or etc / "containerd" / "config.toml"
     if not main.is_file():
         return None
     files = [main]
@@ -99,7 +111,7 @@ def read_containerd(etc: Path) -> RuntimeConfig | None:
         doc, error = _read_toml(files)
     names = tuple(str(f) for f in files)
     if error:
-        return RuntimeConfig("containerd", names, error=error)
+        return RuntimeConfig(label, names, error=error)
     version = doc.get("version", 1) if isinstance(doc.get("version", 1), int) else 1
     # Drop-ins may use another version than the main file: read every CRI section, the main
     # file's version first.
@@ -117,9 +129,7 @@ def read_containerd(etc: Path) -> RuntimeConfig | None:
             default = section["containerd"]["default_runtime_name"]
         if cdi is None and isinstance(section.get("enable_cdi"), bool):
             cdi = section["enable_cdi"]
-    return RuntimeConfig(
-        "containerd", names, runtimes, default or "runc", cdi if cdi is not None else version >= 3
-    )
+    return RuntimeConfig(label, names, runtimes, default or "runc", cdi if cdi is not None else version >= 3)
 
 
 def read_crio(etc: Path) -> RuntimeConfig | None:
@@ -176,7 +186,8 @@ def read_docker(etc: Path) -> RuntimeConfig | None:
     )
 
 
-def read_all(etc: Path) -> dict[str, RuntimeConfig]:
-    """Every runtime configured under `etc`, by runtime name."""
-    found = (read_containerd(etc), read_crio(etc), read_docker(etc))
+def read_all(etc: Path, var: Path) -> dict[str, RuntimeConfig]:
+    """Every runtime configured under the roots, by runtime name ("containerd (k3s)", "cri-o"...)."""
+    found = [read_containerd(etc, path, label) for label, path in containerd_configs(etc, var).items()]
+    found += [read_crio(etc), read_docker(etc)]
     return {c.runtime: c for c in found if c is not None}

@@ -120,7 +120,7 @@ def build_good_node(root: Path, node: Node) -> None:
 
 def layout(root: Path, kubelet_socket: str) -> Layout:
     return Layout(driver_root=root / "driver", dev_root=root, proc=root / "proc", sys=root / "sys",
-                  etc=root / "etc", run=root / "run", kubelet_socket=kubelet_socket)
+                  etc=root / "etc", run=root / "run", var=root / "var", kubelet_socket=kubelet_socket)
 
 
 def statuses(results: list[Result]) -> dict[str, Status]:
@@ -160,6 +160,14 @@ def mismatched_library(root: Path) -> None:
     (lib / "libnvidia-ml.so.1").symlink_to("libnvidia-ml.so.590.10")
 
 
+def k3s(root: Path) -> None:
+    """A k3s node: k3s generated containerd's config with the nvidia runtime, not as the default."""
+    (root / "etc/containerd/config.toml").unlink()
+    put(root / "var/lib/rancher/k3s/agent/etc/containerd/config.toml", CONTAINERD_NVIDIA_NOT_DEFAULT)
+    put(root / "proc/4242/comm", "containerd\n")
+    put(root / "proc/4000/comm", "k3s-agent\n")
+
+
 def hidden_gpu(root: Path) -> None:
     put(root / "sys/bus/pci/devices/0000:e1:00.0/vendor", "0x10de\n")
     put(root / "sys/bus/pci/devices/0000:e1:00.0/class", "0x030200\n")
@@ -185,6 +193,7 @@ def cdi_spec(root: Path) -> None:
                      {"container-runtime": F}, id="runtime config unparsable"),
         pytest.param(write("proc/4242/comm", "crio\n"), {}, static, {"container-runtime": W},
                      id="CRI-O running without a CRI-O config"),
+        pytest.param(k3s, {}, static, {"container-runtime": W}, id="k3s: nvidia runtime not the default"),
         pytest.param(nothing, {"device_list_strategy": "cdi-cri"}, static, {"cdi-specs": F, "container-runtime": P},
                      id="CDI strategy without a spec"),
         pytest.param(cdi_spec, {"device_list_strategy": "cdi-cri"}, static, {"cdi-specs": P}, id="CDI spec present"),
@@ -250,6 +259,18 @@ async def test_runtime_not_configured_says_how_to_configure_it(tmp_path: Path, k
     assert "containerd: not configured for NVIDIA" in result.summary
     assert result.fix.startswith("nvidia-ctk runtime configure --runtime=containerd --set-as-default")
     assert f"read {tmp_path}/etc/containerd/config.toml" in result.details
+
+
+async def test_k3s_is_judged_by_its_own_config(tmp_path: Path, kubelet: FakeKubelet) -> None:
+    node = pcie_node()
+    build_good_node(tmp_path, node)
+    k3s(tmp_path)
+    put(tmp_path / "etc/containerd/config.toml", CONTAINERD_NVIDIA)  # a leftover that k3s does not read
+    doctor = Doctor(load({"kubelet_socket": kubelet.socket_path}, {}), layout(tmp_path, kubelet.socket_path),
+                    lambda: StaticBackend(node))
+    result = {r.name: r for r in await doctor.run()}["container-runtime"]
+    assert result.status is W and result.summary.startswith("containerd (k3s): the nvidia runtime")
+    assert "--default-runtime=nvidia" in result.fix
 
 
 async def test_clock_before_2025_warns(tmp_path: Path, kubelet: FakeKubelet) -> None:

@@ -145,6 +145,12 @@ def test_docker(tmp_path: Path, text: str, expected: tuple[object, ...]) -> None
     assert facts(read_docker(write(tmp_path, {"docker/daemon.json": text}))) == expected
 
 
-def test_read_all(tmp_path: Path) -> None:
-    write(tmp_path, {"containerd/config.toml": CONTAINERD_V2_RUNC_ONLY, "docker/daemon.json": "{}"})
-    assert sorted(read_all(tmp_path)) == ["containerd", "docker"]
+def test_read_all_finds_every_distribution(tmp_path: Path) -> None:
+    etc, var = tmp_path / "etc", tmp_path / "var"
+    write(etc, {"containerd/config.toml": CONTAINERD_V2_RUNC_ONLY, "docker/daemon.json": "{}",
+                "k0s/containerd.toml": CONTAINERD_V2_NVIDIA_DEFAULT})
+    write(var, {"lib/rancher/k3s/agent/etc/containerd/config.toml": CONTAINERD_V1_NVIDIA_NOT_DEFAULT})
+    found = read_all(etc, var)
+    assert sorted(found) == ["containerd", "containerd (k0s)", "containerd (k3s)", "docker"]
+    assert found["containerd (k0s)"].nvidia_default
+    assert found["containerd (k3s)"].nvidia_runtimes == ("nvidia",) and not found["containerd (k3s)"].nvidia_default
