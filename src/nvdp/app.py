@@ -16,7 +16,7 @@ from nvdp.backend import GpuBackend, HealthSource
 from nvdp.config import Config
 from nvdp.devices import DeviceTree, Health, Node
 from nvdp.errors import ConfigError, DiscoveryError, NoDevicesFound
-from nvdp.health import overlay, settings_from, transitions
+from nvdp.health import HealthEvent, overlay, settings_from, transitions
 from nvdp.healthwatch import DEFAULT_TUNING, HealthMonitor, PumpTuning
 from nvdp.instrument import instrument
 from nvdp.manager import Manager
@@ -103,7 +103,7 @@ class Plugin:
         self.backend: GpuBackend | None = None
         self.node: Node | None = None
         self.manager = Manager(cfg.kubelet_socket, ServingContext(cfg, Node(gpus=()).topology, ()))
-        # Counters for metrics; the health monitor records XID events here too.
+        # Counters for metrics: Allocate and gRPC calls, applied trees, health events.
         self.stats = PluginStats()
         self.manager.on_new_server = self._instrument
         self.manager.on_apply = self.stats.observe_tree
@@ -114,6 +114,7 @@ class Plugin:
         self.init_error: DiscoveryError | None = None
         self.discovered: DeviceTree = {}  # what discovery found, before the health overlay
         self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning)
+        self.health.on_event = self._count_event
         self._publish_lock = asyncio.Lock()
         self._health_task: asyncio.Task[None] | None = None
         self._health_key: tuple[object, ...] | None = None
@@ -129,6 +130,9 @@ class Plugin:
 
     def _instrument(self, server: ResourceServer) -> None:
         instrument(server, self.stats)
+
+    def _count_event(self, event: HealthEvent) -> None:
+        self.stats.record_health_event(event.gpu, event.kind.value, event.xid)
 
     def stop(self) -> None:
         self._stop.set()

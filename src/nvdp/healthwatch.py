@@ -141,6 +141,7 @@ class HealthMonitor:
         self._wake = asyncio.Event()
         self._last_probe = float("-inf")
         self.events_received = 0
+        self.on_event: Callable[[HealthEvent], None] | None = None  # sees every event for a served GPU (metrics)
         self.probes_run = 0
 
     async def watch(self, source: HealthSource, node: Node) -> None:
@@ -209,6 +210,8 @@ class HealthMonitor:
             log.warning("health event for a GPU this plugin does not serve; ignored",
                         extra=_log_fields(item.gpu or "?", item.kind.value, item.xid))
             return
+        if self.on_event is not None:
+            self.on_event(item)
         fault = fault_for_event(item, self.settings.switches.xids, now)
         if fault is None:
             level = logging.DEBUG if item.kind is EventKind.ECC_CORRECTED else logging.INFO

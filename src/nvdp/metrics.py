@@ -40,6 +40,7 @@ STREAMS = "nvdp_listandwatch_streams"
 REGISTRATIONS = "nvdp_registrations"
 KUBELET_RESTARTS = "nvdp_kubelet_restarts"
 HEALTH_TRANSITIONS = "nvdp_health_transitions"
+HEALTH_EVENTS = "nvdp_health_events"
 XID_EVENTS = "nvdp_xid_events"
 ALLOCATIONS = "nvdp_allocations"
 ALLOCATED_DEVICES = "nvdp_allocated_devices"
@@ -142,6 +143,11 @@ class PluginCollector(Collector):
         for (resource, health, reason), n in sorted(stats.health_transitions.items()):
             transitions.add_metric([resource, health, reason], n)
         yield transitions
+        events = CounterMetricFamily(HEALTH_EVENTS, "health events reported by the driver, by GPU and kind "
+                                     "(xid, ecc, ecc-corrected)", labels=["gpu_uuid", "kind"])
+        for (gpu, kind), n in sorted(stats.health_events.items()):
+            events.add_metric([gpu, kind], n)
+        yield events
         xids = CounterMetricFamily(XID_EVENTS, "XID events reported by the driver, by GPU and XID",
                                    labels=["gpu_uuid", "xid"])
         for (gpu, xid), n in sorted(stats.xid_events.items()):

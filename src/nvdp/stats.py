@@ -2,9 +2,9 @@
 
 `PluginStats` is owned by the `Plugin`. Its writers are the Allocate hook and the gRPC
 interceptor (instrument.py), the manager's tree hook (every applied tree is compared with the
-previous one, so a health change is counted however it was made) and the health monitor (XID
-events). The metrics collector reads a `snapshot()` at scrape time, together with the current
-device tree, so nothing it shows is stale.
+previous one, so a health change is counted however it was made) and the health monitor (every
+event it receives for a served GPU). The metrics collector reads a `snapshot()` at scrape time,
+together with the current device tree, so nothing it shows is stale.
 
 Writers may run on the event loop or in a helper thread (NVML's event wait), so every method
 takes a lock; each call is a few dictionary updates.
@@ -69,6 +69,7 @@ class StatsSnapshot:
     rpc_codes: Mapping[tuple[str, str, str], int]  # (resource, method, status code) -> calls
     streams: Mapping[str, int]  # resource -> open ListAndWatch streams
     health_transitions: Mapping[tuple[str, str, str], int]  # (resource, new health, reason) -> count
+    health_events: Mapping[tuple[str, str], int]  # (GPU UUID, event kind) -> events
     xid_events: Mapping[tuple[str, int], int]  # (GPU UUID, XID) -> events
 
 
@@ -87,6 +88,7 @@ class PluginStats:
         self._rpc_codes: Counter[tuple[str, str, str]] = Counter()
         self._streams: Counter[str] = Counter()
         self._health_transitions: Counter[tuple[str, str, str]] = Counter()
+        self._health_events: Counter[tuple[str, str]] = Counter()
         self._xid_events: Counter[tuple[str, int]] = Counter()
 
     # --- writers ----------------------------------------------------------------------------------
@@ -121,15 +123,19 @@ class PluginStats:
         with self._lock:
             self._health_transitions[resource, health.value, reason] += 1
 
-    def record_xid(self, gpu_uuid: str, xid: int) -> None:
-        """One XID event reported for a GPU (counted whether or not the policy acts on it)."""
+    def record_health_event(self, gpu_uuid: str, kind: str, xid: int | None = None) -> None:
+        """One event the driver reported for a GPU ("xid", "ecc", ...), counted whether or not the
+        health policy acts on it; XID events are also counted by XID number."""
         with self._lock:
-            self._xid_events[gpu_uuid, xid] += 1
+            self._health_events[gpu_uuid, kind] += 1
+            if xid is not None:
+                self._xid_events[gpu_uuid, xid] += 1
 
     def observe_tree(self, old: DeviceTree, new: DeviceTree) -> None:
-        """Count every device whose health differs between two applied trees. The reason is the
-        new one for a device going Unhealthy and the one that cleared for a device recovering. A
-        device seen for the first time counts only when it arrives Unhealthy."""
+        """Count every device whose health or reason differs between two applied trees (as the
+        health log lines do). The reason is the new one for a device going (or staying) Unhealthy
+        and the one that cleared for a device recovering. A device seen for the first time counts
+        only when it arrives Unhealthy."""
         for name, resource in new.items():
             before = old[name].by_id if name in old else {}
             for device in resource.devices:
@@ -137,7 +143,7 @@ class PluginStats:
                 if previous is None:
                     if not device.healthy:
                         self.record_health_transition(name, device.health, device.reason)
-                elif previous.health is not device.health:
+                elif (previous.health, previous.reason) != (device.health, device.reason):
                     reason = device.reason if not device.healthy else previous.reason
                     self.record_health_transition(name, device.health, reason)
 
@@ -153,5 +159,6 @@ class PluginStats:
                 rpc_codes=dict(self._rpc_codes),
                 streams=dict(self._streams),
                 health_transitions=dict(self._health_transitions),
+                health_events=dict(self._health_events),
                 xid_events=dict(self._xid_events),
             )

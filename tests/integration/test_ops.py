@@ -19,9 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nvdp.app import Plugin
 from nvdp.config import Config
-from nvdp.devices import Health, Resource
+from nvdp.devices import Resource
 from nvdp.errors import ListenError
 from nvdp.server import ResourceServer
+from nvdp.simulated import SimulatedBackend
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
 
@@ -29,6 +30,7 @@ GPU = "nvidia.com/gpu"
 MakeConfig = Callable[..., Config]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 LOCAL = "127.0.0.1:0"
+FAST = {"health_quiet_period": "0.2", "health_probe_interval": "0.05"}  # quick recoveries for tests
 
 
 def _get(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
@@ -72,9 +74,24 @@ async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None
             await asyncio.sleep(0.02)
 
 
+async def readyz_turns(plugin: Plugin, status: int) -> str:
+    """Poll /readyz until it answers `status`: the kubelet may open its stream a moment before the
+    plugin has read the Register answer, so readiness follows registration by a few milliseconds."""
+    body = ""
+
+    async def answers() -> bool:
+        nonlocal body
+        code, body = await get(plugin, "/readyz")
+        return code == status
+
+    await eventually(answers)
+    return body
+
+
 async def test_metrics_follow_allocations(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
     async with running_plugin(make_config("dgx-h100", metrics_address=LOCAL)) as plugin:
         endpoint = await kubelet.wait_registered(GPU)
+        await readyz_turns(plugin, 200)
         ids = list(endpoint.devices)
         before = await scrape(plugin)
         assert value(before, "nvdp_allocations_total", resource=GPU) == 0
@@ -106,55 +123,84 @@ async def test_metrics_follow_allocations(kubelet: FakeKubelet, make_config: Mak
                      method="GetDevicePluginOptions", code="OK") == options
 
 
-async def test_metrics_follow_health_changes(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
-    async with running_plugin(make_config("pcie-l40s", metrics_address=LOCAL)) as plugin:
+def labelled(samples: Samples, name: str, **labels: str) -> dict[frozenset[tuple[str, str]], float]:
+    """The series of a metric whose labels include these."""
+    want = set(labels.items())
+    return {key: v for (n, key), v in samples.items() if n == name and want <= key}
+
+
+def reason_of(plugin: Plugin, device: str) -> str:
+    return plugin.manager.tree[GPU].by_id[device].reason
+
+
+async def test_metrics_follow_injected_faults(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    async with running_plugin(make_config("pcie-l40s", metrics_address=LOCAL, **FAST)) as plugin:
         endpoint = await kubelet.wait_registered(GPU, min_devices=4)
-        sick = plugin.manager.tree[GPU].devices[1]
-        reason = "XID 79: GPU has fallen off the bus"
+        backend = plugin.backend
+        assert isinstance(backend, SimulatedBackend)
 
-        async def set_health(health: Health, why: str = "") -> None:
-            # The path every health change takes: a new tree applied by the manager.
-            current = plugin.manager.tree[GPU].devices
-            devices = tuple(d.with_health(health, why) if d.id == sick.id else d for d in current)
-            await plugin.manager.apply({GPU: Resource(GPU, devices)})
-
-        plugin.stats.record_xid(sick.gpu_uuid, 79)  # what the health monitor reports with the event
-        await set_health(Health.UNHEALTHY, reason)
-        await kubelet.wait_for(lambda: endpoint.devices[sick.id].health == "Unhealthy")
+        # A fatal XID: the device goes Unhealthy with the reason, and stays so.
+        fatal = backend.inject_xid(1, 79).gpu
+        await kubelet.wait_for(lambda: endpoint.devices[fatal].health == "Unhealthy")
+        r79 = reason_of(plugin, fatal)
+        assert r79.startswith("XID 79")
         samples = await scrape(plugin)
-        assert value(samples, "nvdp_device_healthy", resource=GPU, device=sick.id, gpu_uuid=sick.gpu_uuid,
-                     reason=reason) == 0
-        assert value(samples, "nvdp_health_transitions_total", resource=GPU, health="Unhealthy", reason=reason) == 1
-        assert value(samples, "nvdp_xid_events_total", gpu_uuid=sick.gpu_uuid, xid="79") == 1
+        assert value(samples, "nvdp_device_healthy", resource=GPU, device=fatal, gpu_uuid=fatal, reason=r79) == 0
+        assert value(samples, "nvdp_health_transitions_total", resource=GPU, health="Unhealthy", reason=r79) == 1
+        assert value(samples, "nvdp_xid_events_total", gpu_uuid=fatal, xid="79") == 1
+        assert value(samples, "nvdp_health_events_total", gpu_uuid=fatal, kind="xid") == 1
         with pytest.raises(grpc.aio.AioRpcError):
-            await kubelet.allocate(GPU, [sick.id])
+            await kubelet.allocate(GPU, [fatal])
         assert value(await scrape(plugin), "nvdp_allocation_errors_total", resource=GPU, error="unhealthy_device") == 1
 
-        await set_health(Health.HEALTHY)
-        await kubelet.wait_for(lambda: endpoint.devices[sick.id].health == "Healthy")
+        # A transient XID: Unhealthy, then Healthy after the quiet period; both transitions counted.
+        transient = backend.inject_xid(2, 94).gpu
+        await kubelet.wait_for(lambda: endpoint.devices[transient].health == "Unhealthy")
+        r94 = reason_of(plugin, transient)
+        await kubelet.wait_for(lambda: endpoint.devices[transient].health == "Healthy", timeout=5)
         samples = await scrape(plugin)
-        assert value(samples, "nvdp_device_healthy", resource=GPU, device=sick.id, gpu_uuid=sick.gpu_uuid,
+        assert value(samples, "nvdp_health_transitions_total", resource=GPU, health="Unhealthy", reason=r94) == 1
+        assert value(samples, "nvdp_health_transitions_total", resource=GPU, health="Healthy", reason=r94) == 1
+        assert value(samples, "nvdp_device_healthy", resource=GPU, device=transient, gpu_uuid=transient,
                      reason="") == 1
-        assert value(samples, "nvdp_health_transitions_total", resource=GPU, health="Healthy", reason=reason) == 1
+
+        # An XID the policy ignores (13, an application error): counted, no health change.
+        ignored = backend.inject_xid(3, 13).gpu
+        await eventually(lambda: plugin.stats.snapshot().xid_events.get((ignored, 13)) == 1)
+        samples = await scrape(plugin)
+        assert value(samples, "nvdp_device_healthy", resource=GPU, device=ignored, gpu_uuid=ignored, reason="") == 1
+        assert sum(labelled(samples, "nvdp_health_transitions_total", health="Unhealthy").values()) == 2
+
+        # An uncorrectable ECC event and a lost GPU: their own event kind and reason.
+        ecc = backend.inject_ecc_event(0).gpu
+        await kubelet.wait_for(lambda: endpoint.devices[ecc].health == "Unhealthy")
+        samples = await scrape(plugin)
+        assert value(samples, "nvdp_health_events_total", gpu_uuid=ecc, kind="ecc") == 1
+        assert labelled(samples, "nvdp_device_healthy", device=ecc) == {
+            frozenset({("resource", GPU), ("device", ecc), ("gpu_uuid", ecc), ("reason", reason_of(plugin, ecc))}): 0}
+        backend.lose(3)
+        await kubelet.wait_for(lambda: endpoint.devices[ignored].health == "Unhealthy")
+        lost = reason_of(plugin, ignored)
+        samples = await scrape(plugin)
+        assert value(samples, "nvdp_health_transitions_total", resource=GPU, health="Unhealthy", reason=lost) == 1
+        assert sum(value for value in labelled(samples, "nvdp_device_healthy").values()) == 1  # only GPU 2 is left
 
 
 async def test_probes_flip_when_the_kubelet_goes_away(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
     async with running_plugin(make_config("pcie-l40s", metrics_address=LOCAL)) as plugin:
         await kubelet.wait_registered(GPU, min_devices=4)
-        await eventually(lambda: plugin.stats.open_streams(GPU) == 1)
-        assert await get(plugin, "/readyz") == (200, "[+]registered:nvidia.com/gpu ok\nok\n")
+        assert await readyz_turns(plugin, 200) == "[+]registered:nvidia.com/gpu ok\nok\n"
         assert (await get(plugin, "/healthz"))[0] == 200
 
         await kubelet.stop()  # the kubelet dies: its ListAndWatch stream ends
         await eventually(lambda: plugin.stats.open_streams(GPU) == 0)
-        status, body = await get(plugin, "/readyz")
-        assert status == 503 and "[-]registered:nvidia.com/gpu failed" in body
+        status, body = await get(plugin, "/readyz")  # at once: the stream is the kubelet listening
+        assert status == 503 and "[-]registered:nvidia.com/gpu failed: registered, but the kubelet holds no" in body
         assert (await get(plugin, "/healthz"))[0] == 200  # the plugin itself is fine: no restart wanted
 
         await kubelet.restart()  # a new kubelet: folder wiped, kubelet.sock re-created
         await kubelet.wait_registered(GPU, min_devices=4)
-        await eventually(lambda: plugin.stats.open_streams(GPU) == 1)
-        assert (await get(plugin, "/readyz"))[0] == 200
+        await readyz_turns(plugin, 200)
         samples = await scrape(plugin)
         assert value(samples, "nvdp_kubelet_restarts_total") >= 1
         assert value(samples, "nvdp_registrations_total") == 2
@@ -167,8 +213,7 @@ async def test_readiness_waits_for_registration(plugin_dir: Path, make_config: M
         assert value(await scrape(plugin), "nvdp_resource_registered", resource=GPU) == 0
         async with FakeKubelet(str(plugin_dir)) as kubelet:
             await kubelet.wait_registered(GPU, min_devices=4)
-            await eventually(lambda: plugin.stats.open_streams(GPU) == 1)
-            assert (await get(plugin, "/readyz"))[0] == 200
+            await readyz_turns(plugin, 200)
 
 
 async def test_liveness_fails_when_a_server_does_not_answer(plugin_dir: Path, make_config: MakeConfig) -> None:
@@ -232,33 +277,41 @@ async def test_metrics_are_off_by_default(kubelet: FakeKubelet, make_config: Mak
         assert plugin.ops is None
 
 
-async def test_status_command_reads_a_running_plugin(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
-    async with running_plugin(make_config("pcie-l40s", metrics_address=LOCAL)) as plugin:
-        await kubelet.wait_registered(GPU, min_devices=4)
-        await eventually(lambda: plugin.stats.open_streams(GPU) == 1)
-        sick = plugin.manager.tree[GPU].devices[0]
-        devices = (sick.with_health(Health.UNHEALTHY, "XID 48: double-bit ECC error"),
-                   *plugin.manager.tree[GPU].devices[1:])
-        await plugin.manager.apply({GPU: Resource(GPU, devices)})
-        assert plugin.ops is not None
+async def test_status_shows_a_fault_injected_from_outside(
+    kubelet: FakeKubelet, make_config: MakeConfig, plugin_dir: Path
+) -> None:
+    control = str(plugin_dir / "control.sock")
+    cfg = make_config("pcie-l40s", metrics_address=LOCAL, simulate_control=control, **FAST)
+    async with running_plugin(cfg) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=4)
+        await readyz_turns(plugin, 200)
+        assert plugin.ops is not None and plugin.node is not None
+        sick = plugin.node.gpus[0].uuid
         nvdp = str(Path(sys.executable).parent / "nvdp")
         env = {k: v for k, v in os.environ.items() if not k.startswith("NVDP_")}
         env["NVDP_METRICS_ADDRESS"] = f"127.0.0.1:{plugin.ops.port}"
-        for args in (["status"], ["status", "--json"]):
+
+        async def run(*args: str) -> bytes:
             proc = await asyncio.create_subprocess_exec(nvdp, *args, env=env, stdout=asyncio.subprocess.PIPE,
                                                         stderr=asyncio.subprocess.PIPE)
             out, err = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, err
-            if args[-1] == "--json":
-                view = json.loads(out)
-                assert view["resources"][0] | {"allocations": 0} == {
-                    "name": GPU, "registered": True, "streams": 1, "devices": 4, "healthy": 3, "allocations": 0,
-                    "allocation_errors": 0}
-                assert [d["reason"] for d in view["devices"]][:2] == ["XID 48: double-bit ECC error", ""]
-            else:
-                text = out.decode()
-                assert "backend=simulated" in text and "3/4" in text
-                assert f"{sick.id}" in text and "Unhealthy  XID 48: double-bit ECC error" in text
+            return out
+
+        await run("simulate", "inject", "--control", control, "xid", "--gpu", "0", "--xid", "48")
+        await kubelet.wait_for(lambda: endpoint.devices[sick].health == "Unhealthy")
+        reason = reason_of(plugin, sick)
+        assert reason.startswith("XID 48")
+
+        view = json.loads(await run("status", "--json"))
+        assert view["resources"] == [{"name": GPU, "registered": True, "streams": 1, "devices": 4, "healthy": 3,
+                                      "allocations": 0, "allocation_errors": 0}]
+        first = view["devices"][0]
+        assert (first["device"], first["healthy"], first["reason"]) == (sick, False, reason)
+        assert view["xid_events"] == {f"{sick}: XID 48": 1}
+        text = (await run("status")).decode()
+        assert "backend=simulated" in text and "3/4" in text
+        assert f"{sick}  Unhealthy  {reason}" in text
 
 
 def test_status_command_without_a_plugin_exits_1() -> None:

@@ -68,7 +68,7 @@ def test_devices_registration_and_info() -> None:
 def test_counters_and_histograms_come_from_the_stats() -> None:
     stats = PluginStats()
     stats.record_allocation(GPU, ["GPU-0"], None)
-    stats.record_xid("GPU-1", 79)
+    stats.record_health_event("GPU-1", "xid", 79)
     stats.record_rpc(GPU, "Allocate", 0.0004, "OK")
     stats.record_rpc(GPU, "Allocate", 0.3, "OK")
     stats.observe_tree({GPU: Resource(GPU, (dev(1),))}, {GPU: Resource(GPU, (dev(1, Health.UNHEALTHY, "x"),))})
@@ -103,7 +103,7 @@ def test_status_reads_the_metrics_back() -> None:
     stats = PluginStats()
     stats.record_allocation(GPU, ["GPU-0"], None)
     stats.stream_opened(GPU)
-    stats.record_xid("GPU-1", 79)
+    stats.record_health_event("GPU-1", "xid", 79)
     text, _ = scrape(state(stats))
     view = parse(text)
     assert (view.backend, view.driver_version, view.registrations, view.kubelet_restarts) == (

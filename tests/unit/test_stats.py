@@ -53,8 +53,8 @@ def test_a_value_on_a_bound_counts_in_that_bucket() -> None:
                      {(GPU, "Unhealthy", "XID 79"): 1}, id="goes unhealthy"),
         pytest.param(tree(device(0, BAD, "XID 48")), tree(device(0)),
                      {(GPU, "Healthy", "XID 48"): 1}, id="recovers, counted under the reason that cleared"),
-        pytest.param(tree(device(0, BAD, "XID 48")), tree(device(0, BAD, "XID 79")), {},
-                     id="still unhealthy, other reason: no transition"),
+        pytest.param(tree(device(0, BAD, "XID 48")), tree(device(0, BAD, "XID 79")),
+                     {(GPU, "Unhealthy", "XID 79"): 1}, id="still unhealthy, new reason: counted"),
         pytest.param({}, tree(device(0), device(1)), {}, id="new healthy devices"),
         pytest.param({}, tree(device(0, BAD, "GPU lost")), {(GPU, "Unhealthy", "GPU lost"): 1},
                      id="new device arriving unhealthy"),
@@ -80,9 +80,10 @@ def test_allocations_errors_xids_and_streams() -> None:
     stats.record_allocation(GPU, ["a", "b"], None)
     stats.record_allocation(GPU, ["c"], None)
     stats.record_allocation(GPU, ["x"], UnknownDevice(GPU, "x"))
-    stats.record_xid("GPU-0", 79)
-    stats.record_xid("GPU-0", 79)
-    stats.record_xid("GPU-1", 48)
+    stats.record_health_event("GPU-0", "xid", 79)
+    stats.record_health_event("GPU-0", "xid", 79)
+    stats.record_health_event("GPU-1", "xid", 48)
+    stats.record_health_event("GPU-1", "ecc")
     stats.stream_opened(GPU)
     stats.stream_opened(GPU)
     stats.stream_closed(GPU)
@@ -93,6 +94,7 @@ def test_allocations_errors_xids_and_streams() -> None:
     assert snap.allocated_devices == {GPU: 3}
     assert snap.allocation_errors == {(GPU, "unknown_device"): 1}
     assert snap.xid_events == {("GPU-0", 79): 2, ("GPU-1", 48): 1}
+    assert snap.health_events == {("GPU-0", "xid"): 2, ("GPU-1", "xid"): 1, ("GPU-1", "ecc"): 1}
     assert snap.streams == {GPU: 1} and stats.open_streams(GPU) == 1
     assert snap.rpc_codes == {(GPU, "Allocate", "OK"): 1, (GPU, "Allocate", "INVALID_ARGUMENT"): 1}
     assert snap.rpc_latency[GPU, "Allocate"].count == 2
@@ -103,7 +105,7 @@ def test_snapshot_is_a_copy() -> None:
     stats.record_rpc(GPU, "Allocate", 0.001, "OK")
     snap = stats.snapshot()
     stats.record_rpc(GPU, "Allocate", 0.001, "OK")
-    stats.record_xid("GPU-0", 13)
+    stats.record_health_event("GPU-0", "xid", 13)
     assert snap.rpc_latency[GPU, "Allocate"].count == 1
     assert snap.xid_events == {}
 
