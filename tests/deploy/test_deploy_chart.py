@@ -218,8 +218,6 @@ def test_nvdp_reads_the_rendered_env_as_meant(render: Any, case: Case) -> None:
 
 def test_every_rendered_env_var_is_one_nvdp_or_the_runtime_reads(render: Any) -> None:
     known = {e for o in OPTIONS for e in o.envs} | set(RUNTIME_ENV) | {"NVIDIA_MIG_MONITOR_DEVICES"}
-    # Read by the metrics/health work that is landing separately (see docs/deployment.md).
-    known |= {"NVDP_METRICS_ADDRESS"}
     for param in CASES:
         case = param.values[0]
         env = env_of(plugin_container(only(render("helm4", case), "DaemonSet")))
