@@ -29,13 +29,14 @@ from typing import Any
 import grpc
 import yaml
 
+from nvdp import mig
 from nvdp.backend import GpuBackend
 from nvdp.config import Config
 from nvdp.container import CDI_STRATEGIES, CDI_VENDOR
 from nvdp.devices import DeviceTree, GpuInfo, Node
 from nvdp.errors import DiscoveryError, NvmlUnavailable
 from nvdp.nvml import LIBRARY, LIBRARY_DIRS, pci_sysfs_name
-from nvdp.resources import build_tree
+from nvdp.resources import plan_tree
 from nvdp.runtimes import RuntimeConfig, read_all
 
 NVIDIA_PCI_VENDOR = "0x10de"
@@ -113,8 +114,9 @@ class Discovery:
 
     node: Node | None = None
     tree: DeviceTree | None = None
+    problems: tuple[mig.Problem, ...] = ()  # what the plugin would log about the MIG layout
     error: DiscoveryError | None = None
-    tree_error: DiscoveryError | None = None
+    tree_error: DiscoveryError | None = None  # the plugin would not start with this node and config
     backend: str = ""
 
 
@@ -134,7 +136,8 @@ def discover(open_backend: Callable[[], GpuBackend], cfg: Config) -> Discovery:
     finally:
         backend.close()
     try:
-        found.tree = build_tree(found.node, cfg)
+        plan = plan_tree(found.node, cfg)
+        found.tree, found.problems = plan.tree, plan.problems
     except DiscoveryError as exc:
         found.tree_error = exc
     return found
@@ -365,36 +368,29 @@ class Doctor:
         return Verdict(Status.PASS, f"{len(required)} device node(s) present under {dev}")
 
     def mig(self) -> Verdict:
+        """The plugin's own MIG planning (resources.plan_tree) on the discovered node."""
         if self.node is None:
             return Verdict(Status.SKIP, "no discovery (see nvml)")
         strategy = self.cfg.mig_strategy
         on = [g for g in self.node.gpus if g.mig_enabled]
-        details = tuple(f"GPU {g.index}: MIG on, {len(g.mig_devices)} MIG device(s)" for g in on)
+        details = (f"layout: {mig.describe_layout(self.node.gpus)}",
+                   *(p.message for p in self.found.problems))
         if self.found.tree_error is not None:
             return Verdict(Status.FAIL, f"the plugin would not start: {self.found.tree_error}", details,
-                          fix="choose a --mig-strategy that matches the GPUs' MIG mode")
-        if strategy == "none":
-            if on:
-                return Verdict(Status.WARN, f"MIG is on for {len(on)} GPU(s) but --mig-strategy=none: they "
-                              "are advertised as whole GPUs and pods on them see no device", details,
-                              fix="use --mig-strategy=single or mixed, or turn MIG off (nvidia-smi -mig 0)")
-            return Verdict(Status.PASS, "MIG is off on every GPU (--mig-strategy=none)")
-        if strategy == "single":
-            profiles = {(m.gi_slices, m.memory_mb) for g in on for m in g.mig_devices}
-            if on and len(on) != len(self.node.gpus):
-                return Verdict(Status.FAIL, "--mig-strategy=single needs MIG on every GPU or on none; "
-                              f"it is on for {len(on)} of {len(self.node.gpus)}", details,
-                              fix="use --mig-strategy=mixed, or set the same MIG mode on every GPU")
-            if len(profiles) > 1:
-                return Verdict(Status.FAIL, "--mig-strategy=single needs one MIG profile on every GPU; "
-                              f"found {len(profiles)}", details, fix="use --mig-strategy=mixed")
-        empty = [g for g in on if not g.mig_devices]
-        if empty:
-            return Verdict(Status.WARN, f"MIG is on for GPU(s) {', '.join(str(g.index) for g in empty)} but "
-                          "no MIG device exists: nothing to advertise there", details,
-                          fix="create MIG devices (nvidia-smi mig -cgi ... -C, or the MIG manager)")
-        return Verdict(Status.PASS, f"--mig-strategy={strategy} matches: MIG on for {len(on)} of "
-                      f"{len(self.node.gpus)} GPU(s)", details)
+                           fix="use --mig-strategy=mixed, or give every GPU the same MIG mode and one profile "
+                           "(docs/mig.md)")
+        if strategy == "none" and on:
+            return Verdict(Status.WARN, f"MIG is on for {len(on)} GPU(s) but --mig-strategy=none: they are "
+                           "advertised as whole GPUs and pods on them see no device", details,
+                           fix="use --mig-strategy=single or mixed, or turn MIG off (nvidia-smi -mig 0)")
+        if self.found.problems:
+            return Verdict(Status.WARN, f"{len(self.found.problems)} MIG problem(s): "
+                           f"{self.found.problems[0].message}", details,
+                           fix="recreate the MIG devices (nvidia-smi mig, or the MIG manager); docs/mig.md")
+        if not on:
+            return Verdict(Status.PASS, f"MIG is off on every GPU (--mig-strategy={strategy})", details)
+        return Verdict(Status.PASS, f"--mig-strategy={strategy} serves MIG on {len(on)} of {len(self.node.gpus)} "
+                       "GPU(s)", details)
 
     # --- the kubelet ------------------------------------------------------------------------------
 

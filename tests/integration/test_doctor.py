@@ -75,11 +75,16 @@ def no_nvml(node: Node) -> Callable[[], StaticBackend]:
     return missing_nvml
 
 
-def with_mig(node: Node) -> Callable[[], StaticBackend]:
-    first = replace(node.gpus[0], mig_enabled=True,
-                    mig_devices=(MigInfo(slot=0, uuid="MIG-0", gi_id=1, ci_id=0, gi_slices=1, ci_slices=1,
-                                         memory_mb=11000),))
+def with_mig(node: Node, devices: int = 1) -> Callable[[], StaticBackend]:
+    """GPU 0 in MIG mode with `devices` 1g MIG devices; the others whole."""
+    migs = tuple(MigInfo(slot=i, uuid=f"MIG-{i}", gi_id=i + 1, ci_id=0, gi_slices=1, ci_slices=1, memory_mb=11000)
+                 for i in range(devices))
+    first = replace(node.gpus[0], mig_enabled=True, mig_devices=migs)
     return static(replace(node, gpus=(first, *node.gpus[1:])))
+
+
+def with_empty_mig(node: Node) -> Callable[[], StaticBackend]:
+    return with_mig(node, devices=0)
 
 
 def pcie_node() -> Node:
@@ -205,6 +210,11 @@ def cdi_spec(root: Path) -> None:
         pytest.param(remove("dev/nvidia1"), {}, static, {"device-nodes": F}, id="device node missing"),
         pytest.param(remove("dev/nvidia-uvm"), {}, static, {"device-nodes": W}, id="nvidia-uvm not created yet"),
         pytest.param(nothing, {}, with_mig, {"mig": W, "device-nodes": W}, id="MIG on with strategy none, no caps"),
+        pytest.param(nothing, {"mig_strategy": "mixed"}, with_mig, {"device-nodes": W}, id="MIG served by mixed"),
+        pytest.param(nothing, {"mig_strategy": "single"}, with_mig, {"mig": F, "device-nodes": W},
+                     id="single with MIG on one GPU only"),
+        pytest.param(nothing, {"mig_strategy": "mixed"}, with_empty_mig, {"mig": W, "device-nodes": W},
+                     id="MIG on without MIG devices"),
         pytest.param(write("proc/sys/fs/inotify/max_user_instances", "1\n"), {}, static, {"inotify": F},
                      id="inotify instances exhausted"),
         pytest.param(nothing, {"kubelet_socket": "<root>/kubelet/kubelet.sock"}, static,
@@ -271,6 +281,18 @@ async def test_k3s_is_judged_by_its_own_config(tmp_path: Path, kubelet: FakeKube
     result = {r.name: r for r in await doctor.run()}["container-runtime"]
     assert result.status is W and result.summary.startswith("containerd (k3s): the nvidia runtime")
     assert "--default-runtime=nvidia" in result.fix
+
+
+async def test_mig_uses_the_plugins_own_rules(tmp_path: Path, kubelet: FakeKubelet) -> None:
+    node = pcie_node()
+    build_good_node(tmp_path, node)
+    cfg = load({"kubelet_socket": kubelet.socket_path, "mig_strategy": "single"}, {})
+    doctor = Doctor(cfg, layout(tmp_path, kubelet.socket_path), with_mig(node))
+    result = {r.name: r for r in await doctor.run()}["mig"]
+    assert result.status is F
+    assert "the plugin would not start: all devices on the node must be configured with the same migEnabled" in (
+        result.summary)
+    assert result.details[0] == "layout: 0:1g.11gb 1:off 2:off 3:off"
 
 
 async def test_clock_before_2025_warns(tmp_path: Path, kubelet: FakeKubelet) -> None:
