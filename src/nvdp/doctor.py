@@ -14,10 +14,8 @@ check; a test keeps that list and `CHECKS` in step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import os
-import re
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 
 from nvdp import mig
 from nvdp.backend import GpuBackend
@@ -35,11 +32,20 @@ from nvdp.config import Config
 from nvdp.container import CDI_STRATEGIES, CDI_VENDOR
 from nvdp.devices import DeviceTree, GpuInfo, Node
 from nvdp.errors import DiscoveryError, NvmlUnavailable
+from nvdp.nodefacts import (
+    cdi_specs,
+    inotify_in_use,
+    kernel_gpus,
+    kernel_module_version,
+    library_version,
+    pci_gpus,
+    read_text,
+    running_processes,
+)
 from nvdp.nvml import LIBRARY, LIBRARY_DIRS, pci_sysfs_name
 from nvdp.resources import plan_tree
 from nvdp.runtimes import RuntimeConfig, read_all
 
-NVIDIA_PCI_VENDOR = "0x10de"
 CLOCK_FLOOR = datetime(2025, 1, 1, tzinfo=UTC)  # a clock before this has certainly not been set
 KUBELET_TIMEOUT_S = 2.0
 # Process names under /proc -> the runtime the kubelet talks to, most specific first (k3s, RKE2
@@ -141,90 +147,6 @@ def discover(open_backend: Callable[[], GpuBackend], cfg: Config) -> Discovery:
     except DiscoveryError as exc:
         found.tree_error = exc
     return found
-
-
-# --------------------------------------------------------------------------------------------
-# Small readers
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def kernel_module_version(proc: Path) -> str | None:
-    """The loaded kernel module's version from /proc/driver/nvidia/version, or None."""
-    text = _read(proc / "driver" / "nvidia" / "version")
-    if text is None:
-        return None
-    match = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
-    return match.group(1) if match else ""
-
-
-def library_version(path: Path) -> str:
-    """"580.65.06" when libnvidia-ml.so.1 links to libnvidia-ml.so.580.65.06, else ""."""
-    match = re.search(r"\.so\.(\d+\.\d+(?:\.\d+)*)$", Path(os.path.realpath(path)).name)
-    return match.group(1) if match else ""
-
-
-def pci_gpus(sys: Path) -> set[str]:
-    """Bus IDs of NVIDIA display/3D controllers on the PCI bus (NVSwitches are bridges: left out)."""
-    found = set()
-    devices = sys / "bus" / "pci" / "devices"
-    for dev in devices.iterdir() if devices.is_dir() else ():
-        vendor, klass = _read(dev / "vendor"), _read(dev / "class")
-        if vendor and klass and vendor.strip() == NVIDIA_PCI_VENDOR and klass.strip().startswith("0x03"):
-            found.add(dev.name.lower())
-    return found
-
-
-def kernel_gpus(proc: Path) -> set[str]:
-    folder = proc / "driver" / "nvidia" / "gpus"
-    return {p.name.lower() for p in folder.iterdir()} if folder.is_dir() else set()
-
-
-def running_processes(proc: Path) -> set[str]:
-    names = set()
-    for pid in proc.glob("[0-9]*"):
-        comm = _read(pid / "comm")
-        if comm:
-            names.add(comm.strip())
-    return names
-
-
-def inotify_in_use(proc: Path, uid: int) -> int:
-    """inotify instances held by processes of `uid` (those whose fds we may read)."""
-    count = 0
-    for pid in proc.glob("[0-9]*"):
-        try:
-            if pid.stat().st_uid != uid:
-                continue
-            fds = list((pid / "fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                count += os.readlink(fd) == "anon_inode:inotify"
-    return count
-
-
-def cdi_specs(folders: Sequence[Path]) -> dict[str, set[str]]:
-    """CDI kind -> device names, from every spec file in the folders."""
-    kinds: dict[str, set[str]] = {}
-    for folder in folders:
-        for path in sorted(folder.glob("*")) if folder.is_dir() else ():
-            if path.suffix not in (".yaml", ".yml", ".json"):
-                continue
-            try:
-                spec = yaml.safe_load(path.read_text())  # JSON is YAML
-            except (OSError, yaml.YAMLError):
-                continue
-            if isinstance(spec, dict) and isinstance(spec.get("kind"), str):
-                names = {str(d.get("name")) for d in spec.get("devices") or () if isinstance(d, dict)}
-                kinds.setdefault(spec["kind"], set()).update(names)
-    return kinds
 
 
 def _gpu_line(g: GpuInfo) -> str:
@@ -506,7 +428,7 @@ class Doctor:
     # --- the host ---------------------------------------------------------------------------------
 
     def inotify(self) -> Verdict:
-        limit = _read(self.layout.proc / "sys/fs/inotify/max_user_instances")
+        limit = read_text(self.layout.proc / "sys/fs/inotify/max_user_instances")
         if limit is None or not limit.strip().isdigit():
             return Verdict(Status.SKIP, "cannot read fs.inotify.max_user_instances")
         maximum = int(limit)
