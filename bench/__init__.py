@@ -1,1 +1,1 @@
-"""nvdp benchmarks: `python -m bench` (or `make bench`)."""
+"""nvdp benchmarks: `make bench` (= `python -m bench`); see docs/benchmarks.md."""

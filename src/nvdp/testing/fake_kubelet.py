@@ -74,7 +74,7 @@ class PluginEndpoint:
 
 @dataclass
 class Event:
-    kind: str  # "register", "rejected", "devices", "disconnected"
+    kind: str  # "serving" (kubelet.sock about to appear), "register", "rejected", "devices", "disconnected"
     resource: str
     at: float
     detail: str = ""
@@ -100,6 +100,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         os.makedirs(self.folder, exist_ok=True)
         server = grpc.aio.server()
         pb_grpc.add_RegistrationServicer_to_server(self, server)
+        self._record("serving", "", self.socket_path)  # before the socket file exists: restart timings start here
         server.add_insecure_port(f"unix://{self.socket_path}")
         await server.start()
         self._server = server
@@ -176,6 +177,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         return None
 
     async def _list_and_watch(self, plugin: PluginEndpoint) -> None:
+        ended = "stream ended"
         try:
             async for response in plugin.stub.ListAndWatch(pb.Empty()):
                 devices: dict[str, pb.Device] = {}
@@ -188,13 +190,13 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
                     plugin.updates += 1
                     self._changed.notify_all()
                 self._record("devices", plugin.resource, f"{len(devices)} devices")
-        except grpc.aio.AioRpcError:
-            pass
+        except grpc.aio.AioRpcError as exc:
+            ended = f"{exc.code().name}: {exc.details()}"  # e.g. RESOURCE_EXHAUSTED for a list over 4 MiB
         finally:
             async with self._changed:
                 plugin.connected = False
                 self._changed.notify_all()
-            self._record("disconnected", plugin.resource)
+            self._record("disconnected", plugin.resource, ended)
 
     async def _disconnect(self, plugin: PluginEndpoint) -> None:
         if plugin.stream_task is not None:
