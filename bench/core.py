@@ -31,12 +31,11 @@ async def startup(settings: Settings) -> list[Figure]:
     """From just before the spawn to the fake kubelet receiving the first ListAndWatch message."""
     to_devices, to_register = [], []
     for _ in range(settings.n(20, 5)):
-        async with kubelet_folder() as (folder, kubelet):
-            async with PluginProcess(folder, SIMULATED) as plugin:
-                listed = await wait_event(kubelet, "devices", plugin.spawned_at, GPU_RESOURCE)
-                registered = await wait_event(kubelet, "register", plugin.spawned_at, GPU_RESOURCE)
-                to_devices.append((listed.at - plugin.spawned_at) * 1000)
-                to_register.append((registered.at - plugin.spawned_at) * 1000)
+        async with kubelet_folder() as (folder, kubelet), PluginProcess(folder, SIMULATED) as plugin:
+            listed = await wait_event(kubelet, "devices", plugin.spawned_at, GPU_RESOURCE)
+            registered = await wait_event(kubelet, "register", plugin.spawned_at, GPU_RESOURCE)
+            to_devices.append((listed.at - plugin.spawned_at) * 1000)
+            to_register.append((registered.at - plugin.spawned_at) * 1000)
     version_only = []
     for _ in range(settings.n(10, 3)):
         t0 = time.monotonic()

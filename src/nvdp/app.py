@@ -19,7 +19,7 @@ from nvdp.errors import ConfigError, DiscoveryError, NoDevicesFound
 from nvdp.health import HealthEvent, overlay, settings_from, transitions
 from nvdp.healthwatch import DEFAULT_TUNING, HealthMonitor, PumpTuning
 from nvdp.instrument import instrument
-from nvdp.manager import Manager
+from nvdp.manager import Manager, RetryPolicy
 from nvdp.resources import TreePlan, plan_tree
 from nvdp.server import ResourceServer, ServingContext
 from nvdp.stats import PluginStats
@@ -96,13 +96,14 @@ class Plugin:
         backend_factory: BackendFactory = open_backend,
         reload_config: Callable[[], Config] | None = None,
         health_tuning: PumpTuning = DEFAULT_TUNING,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.cfg = cfg
         self._backend_factory = backend_factory
         self._reload_config = reload_config
         self.backend: GpuBackend | None = None
         self.node: Node | None = None
-        self.manager = Manager(cfg.kubelet_socket, ServingContext(cfg, Node(gpus=()).topology, ()))
+        self.manager = Manager(cfg.kubelet_socket, ServingContext(cfg, Node(gpus=()).topology, ()), retry=retry)
         # Counters for metrics: Allocate and gRPC calls, applied trees, health events.
         self.stats = PluginStats()
         self.manager.on_new_server = self._instrument

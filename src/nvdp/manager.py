@@ -13,11 +13,12 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from nvdp._proto import api_pb2 as pb
 from nvdp.devices import DeviceTree, diff
 from nvdp.errors import RegistrationError
-from nvdp.kubelet import register
+from nvdp.kubelet import REGISTER_TIMEOUT_S, register
 from nvdp.server import ResourceServer, ServingContext
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,20 @@ log = logging.getLogger(__name__)
 Registrar = Callable[[str, str, str, pb.DevicePluginOptions], Awaitable[None]]
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 5.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Registration timing: each Register call may take `timeout_s`; after a failure the next try
+    waits `first_s`, doubling up to `max_s`. Tests shorten it; nodes keep the defaults."""
+
+    first_s: float = BACKOFF_FIRST_S
+    max_s: float = BACKOFF_MAX_S
+    timeout_s: float = REGISTER_TIMEOUT_S
+
+    def delay(self, failures: int) -> float:
+        """The wait after `failures` consecutive failures (1 = the first)."""
+        return min(self.first_s * 2 ** min(failures - 1, 64), self.max_s)
 
 
 class Manager:
@@ -40,6 +55,7 @@ class Manager:
         context: ServingContext,
         registrar: Registrar | None = None,
         socket_dir: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.kubelet_socket = kubelet_socket
         self.socket_dir = socket_dir or os.path.dirname(kubelet_socket) or "."
@@ -47,8 +63,12 @@ class Manager:
         self.servers: dict[str, ResourceServer] = {}
         self.registered: set[str] = set()
         self.registrations = 0  # successful Register calls, for metrics
+        self.registration_failures = 0
         self.kubelet_restarts = 0
-        self._register = registrar or (lambda sock, name, endpoint, opts: register(sock, name, endpoint, opts))
+        self.retry = retry or RetryPolicy()
+        self._register = registrar or (
+            lambda sock, name, endpoint, opts: register(sock, name, endpoint, opts, timeout=self.retry.timeout_s)
+        )
         self._wake = asyncio.Event()
         self._kubelet_identity: tuple[int, int] | None = None
         self._last_failure: str | None = None
@@ -143,8 +163,9 @@ class Manager:
                     )
                 except RegistrationError as exc:
                     self._log_failure_once(str(exc))
-                    delay = min(BACKOFF_FIRST_S * 2**failures, BACKOFF_MAX_S)
+                    self.registration_failures += 1
                     failures += 1
+                    delay = self.retry.delay(failures)
                     break
                 self.registered.add(server.name)
                 self.registrations += 1
