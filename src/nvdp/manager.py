@@ -137,6 +137,7 @@ class Manager:
         identity = self._kubelet_socket_identity()
         if identity is not None and self._kubelet_identity is not None and identity != self._kubelet_identity:
             log.info("kubelet restarted", extra={"socket": self.kubelet_socket})
+            self._kubelet_identity = identity  # one restart, however many folder events it causes
             self.kubelet_restarts += 1
             self.registered.clear()
             restarted = True
