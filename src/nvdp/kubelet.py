@@ -37,6 +37,10 @@ async def register(
         async with grpc.aio.insecure_channel(f"unix://{kubelet_socket}") as channel:
             await pb_grpc.RegistrationStub(channel).Register(request, timeout=timeout, wait_for_ready=True)
     except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # hung, or a dead kubelet's socket file
+            raise RegistrationError(
+                f"kubelet at {kubelet_socket} did not answer Register for {resource_name} within {timeout:g} s"
+            ) from exc
         raise RegistrationError(
             f"kubelet at {kubelet_socket} refused {resource_name}: {exc.code().name}: {exc.details()}"
         ) from exc

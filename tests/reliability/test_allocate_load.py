@@ -1,0 +1,125 @@
+"""2,000 Allocate calls from 16 concurrent clients, 4 extra ListAndWatch streams open, health flipping.
+
+Health flips go through `Manager.apply` with trees whose `Device.health` changed: the public path
+every health change takes. TODO(health): when fault injection lands on the simulated backend,
+flip health by injecting XIDs instead, so the health monitor is under load too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from nvdp._proto import api_pb2 as pb
+from nvdp._proto import api_pb2_grpc as pb_grpc
+from nvdp.app import Plugin
+from nvdp.config import Config
+from nvdp.devices import DeviceTree, Health, Resource
+from nvdp.testing import FakeKubelet
+from tests.conftest import running_plugin
+from tests.reliability.conftest import WAIT_S, LogWatch
+
+GPU = "nvidia.com/gpu"
+CLIENTS = 16
+CALLS = 2000
+STREAMS = 4
+
+
+def with_health(tree: DeviceTree, unhealthy: set[str]) -> DeviceTree:
+    resource = tree[GPU]
+    devices = tuple(
+        d.with_health(Health.UNHEALTHY, "flipped by the test") if d.id in unhealthy else d.with_health(Health.HEALTHY)
+        for d in resource.devices
+    )
+    return {**tree, GPU: Resource(GPU, devices)}
+
+
+@dataclass
+class Outcomes:
+    ok: int = 0
+    refused_unhealthy: int = 0
+    other: list[str] = field(default_factory=list)
+    ever_unhealthy: set[str] = field(default_factory=set)
+
+
+async def client(socket: str, ids: list[str], calls: int, seed: int, outcomes: Outcomes) -> None:
+    rng = random.Random(seed)
+    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+        stub = pb_grpc.DevicePluginStub(channel)
+        for _ in range(calls):
+            wanted = rng.sample(ids, rng.choice((1, 1, 2, 4)))
+            request = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=wanted)])
+            try:
+                response = await stub.Allocate(request, timeout=WAIT_S)
+            except grpc.aio.AioRpcError as exc:
+                named = [i for i in wanted if i in (exc.details() or "")]
+                if (exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "unhealthy device" in (exc.details() or "")
+                        and named and set(named) <= outcomes.ever_unhealthy):
+                    outcomes.refused_unhealthy += 1
+                else:
+                    outcomes.other.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            (container,) = response.container_responses
+            if container.envs["NVIDIA_VISIBLE_DEVICES"].split(",") != wanted:
+                outcomes.other.append(f"asked {wanted}, got {container.envs['NVIDIA_VISIBLE_DEVICES']}")
+            else:
+                outcomes.ok += 1
+
+
+async def watch(socket: str, seen: list[list[tuple[str, str]]]) -> None:
+    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+        async for response in pb_grpc.DevicePluginStub(channel).ListAndWatch(pb.Empty()):
+            seen.append([(d.ID, d.health) for d in response.devices])
+
+
+async def flip_health(plugin: Plugin, ids: list[str], stop: asyncio.Event, outcomes: Outcomes) -> int:
+    rng = random.Random(7)
+    flips = 0
+    while not stop.is_set():
+        unhealthy = set(rng.sample(ids, rng.randint(0, 3)))
+        outcomes.ever_unhealthy |= unhealthy  # before the tree reaches the server
+        await plugin.manager.apply(with_health(plugin.manager.tree, unhealthy))
+        flips += 1
+        await asyncio.sleep(0.002)
+    await plugin.manager.apply(with_health(plugin.manager.tree, set()))  # end with all healthy
+    return flips
+
+
+@pytest.mark.slow
+async def test_concurrent_allocations_while_streaming_and_flipping_health(
+    kubelet: FakeKubelet, make_config: Callable[..., Config], logs: LogWatch
+) -> None:
+    async with running_plugin(make_config("dgx-h100")) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, timeout=WAIT_S, min_devices=8)
+        ids = sorted(endpoint.devices)
+        socket = plugin.manager.servers[GPU].socket_path
+        seen: list[list[list[tuple[str, str]]]] = [[] for _ in range(STREAMS)]
+        watchers = [asyncio.create_task(watch(socket, s)) for s in seen]
+        outcomes, stop = Outcomes(), asyncio.Event()
+        flipper = asyncio.create_task(flip_health(plugin, ids, stop, outcomes))
+        async with asyncio.timeout(120):
+            await asyncio.gather(*(client(socket, ids, CALLS // CLIENTS, c, outcomes) for c in range(CLIENTS)))
+        stop.set()
+        flips = await flipper
+
+        # Every stream and the kubelet end on the final state: all eight devices healthy.
+        final = [(i, "Healthy") for i in ids]
+        for s in seen:
+            await kubelet.wait_for(lambda s=s: bool(s) and sorted(s[-1]) == final, WAIT_S)  # type: ignore[misc]
+        await kubelet.wait_for(lambda: all(d.health == "Healthy" for d in endpoint.devices.values()), WAIT_S)
+        assert endpoint.connected  # the kubelet's stream survived it all
+        for w in watchers:
+            w.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+
+    assert outcomes.other == []
+    assert outcomes.ok + outcomes.refused_unhealthy == CALLS  # nothing lost
+    assert outcomes.ok > CALLS // 2 and flips > 10  # the load and the flips really overlapped
+    assert all(len(message) == 8 for s in seen for message in s)  # always the full list
+    assert kubelet.errors == []
+    assert sum(e.kind == "register" for e in kubelet.events) == 1
