@@ -70,9 +70,23 @@ class AllocationError(PluginError):
     """A request from the kubelet that cannot be honoured."""
 
 
+MAX_ID_SHOWN = 128
+
+
+def shown_id(device_id: str) -> str:
+    """A device ID as an error message shows it: unchanged when short and printable; otherwise
+    quoted (no control characters in a log line) and cut (gRPC status details must stay well
+    under the 16 KiB metadata limit, or the caller gets RESOURCE_EXHAUSTED instead of our error)."""
+    if len(device_id) <= MAX_ID_SHOWN and device_id.isprintable():
+        return device_id
+    if len(device_id) <= MAX_ID_SHOWN:
+        return repr(device_id)
+    return f"{device_id[:MAX_ID_SHOWN]!r}... ({len(device_id)} characters)"
+
+
 class UnknownDevice(AllocationError):
     def __init__(self, resource: str, device_id: str) -> None:
-        super().__init__(f"invalid allocation request for {resource!r}: unknown device: {device_id}")
+        super().__init__(f"invalid allocation request for {resource!r}: unknown device: {shown_id(device_id)}")
         self.resource = resource
         self.device_id = device_id
 
