@@ -418,6 +418,8 @@ def validate(cfg: Config) -> None:
             continue
         value = getattr(cfg, opt.field)
         items = value if isinstance(value, tuple) else (value,)
+        if not items:  # e.g. DEVICE_LIST_STRATEGY="": no device list would reach the container runtime
+            raise ConfigError(_flag_name(opt), f"empty; give at least one of: {', '.join(opt.choices)}")
         for item in items:
             if item not in opt.choices:
                 raise ConfigError(
