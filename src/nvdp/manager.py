@@ -39,7 +39,7 @@ class RetryPolicy:
 
     def delay(self, failures: int) -> float:
         """The wait after `failures` consecutive failures (1 = the first)."""
-        return min(self.first_s * 2 ** min(failures - 1, 64), self.max_s)
+        return min(self.first_s * 2.0 ** min(failures - 1, 64), self.max_s)
 
 
 class Manager:

@@ -7,14 +7,22 @@ time, so a slow CI machine makes it slower, not red.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 WAIT_S = 30.0  # upper bound for anything that should happen "soon"; only reached when broken
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
+    """Poll until `predicate()` holds (for state that no Condition announces)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
 
 
 def open_fds() -> int:

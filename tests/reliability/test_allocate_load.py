@@ -22,7 +22,7 @@ from nvdp.config import Config
 from nvdp.devices import DeviceTree, Health, Resource
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
-from tests.reliability.conftest import WAIT_S, LogWatch
+from tests.reliability.conftest import WAIT_S, LogWatch, eventually
 
 GPU = "nvidia.com/gpu"
 CLIENTS = 16
@@ -110,7 +110,7 @@ async def test_concurrent_allocations_while_streaming_and_flipping_health(
         # Every stream and the kubelet end on the final state: all eight devices healthy.
         final = [(i, "Healthy") for i in ids]
         for s in seen:
-            await kubelet.wait_for(lambda s=s: bool(s) and sorted(s[-1]) == final, WAIT_S)  # type: ignore[misc]
+            await eventually(lambda s=s: bool(s) and sorted(s[-1]) == final)  # type: ignore[misc]
         await kubelet.wait_for(lambda: all(d.health == "Healthy" for d in endpoint.devices.values()), WAIT_S)
         assert endpoint.connected  # the kubelet's stream survived it all
         for w in watchers:

@@ -20,7 +20,7 @@ from nvdp.config import Config
 from nvdp.manager import RetryPolicy
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
-from tests.reliability.conftest import WAIT_S, LogWatch
+from tests.reliability.conftest import WAIT_S, LogWatch, eventually
 
 GPU = "nvidia.com/gpu"
 FAST = RetryPolicy(first_s=0.01, max_s=0.08, timeout_s=0.3)
@@ -54,9 +54,7 @@ def failure_reasons(logs: LogWatch) -> list[str]:
 
 
 async def wait_failures(plugin: Plugin, count: int) -> None:
-    async with asyncio.timeout(WAIT_S):
-        while plugin.manager.registration_failures < count:
-            await asyncio.sleep(0.01)
+    await eventually(lambda: plugin.manager.registration_failures >= count)
 
 
 @pytest.mark.parametrize(
@@ -99,7 +97,7 @@ async def test_retries_then_registers_when_the_kubelet_recovers(
                 kubelet.refuse_with, kubelet.register_delay = None, 0.0
             await kubelet.start()
             await kubelet.wait_registered(GPU, timeout=WAIT_S, min_devices=8)
-            await kubelet.wait_for(lambda: plugin.manager.all_registered, WAIT_S)
+            await eventually(lambda: plugin.manager.all_registered)
             lines = state_lines(logs)
     finally:
         await kubelet.stop()
@@ -122,7 +120,7 @@ async def test_one_line_per_state_change(
         await kubelet.wait_for(lambda: sum(e.kind == "rejected" for e in kubelet.events) >= 5, WAIT_S)
         kubelet.refuse_with = None
         await kubelet.wait_registered(GPU, timeout=WAIT_S)
-        await kubelet.wait_for(lambda: plugin.manager.all_registered, WAIT_S)
+        await eventually(lambda: plugin.manager.all_registered)
         lines = state_lines(logs)
     await kubelet.stop()
     assert lines == [FAILED, FAILED, REGISTERED]
