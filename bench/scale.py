@@ -20,11 +20,11 @@ from nvdp._proto import api_pb2 as pb
 from nvdp.config import Config, Sharing, TimeSlicingResource
 from nvdp.devices import Node, Resource
 from nvdp.resources import GPU_RESOURCE, build_tree
-from nvdp.server import device_message
+from nvdp.server import KUBELET_MAX_MESSAGE_BYTES, device_message
 from nvdp.simulated import SimulatedBackend
 from nvdp.testing.process import PluginProcess
 
-KUBELET_MAX_MESSAGE = 4 * 1024 * 1024  # gRPC's default max receive size, which the kubelet keeps
+KUBELET_MAX_MESSAGE = KUBELET_MAX_MESSAGE_BYTES  # gRPC's default max receive size, which the kubelet keeps
 
 
 @cache
@@ -80,7 +80,8 @@ def config_file(folder: str, replicas: int) -> str:
 
 async def serve_largest(settings: Settings, replicas: int) -> list[Figure]:
     devices = DGX_GPUS * replicas
-    startup, preferred, allocate = [], [], []
+    startup, allocate = [], []
+    preferred: dict[int, list[float]] = {}
     for _ in range(settings.n(3, 1)):
         async with kubelet_folder() as (folder, kubelet):
             args = (*SIMULATED, f"--config-file={config_file(folder, replicas)}")
@@ -94,18 +95,20 @@ async def serve_largest(settings: Settings, replicas: int) -> list[Figure]:
     ) as rig:
         ids = sorted(rig.kubelet.plugin(GPU_RESOURCE).devices)
 
-        async def prefer(i: int) -> object:
-            return await rig.kubelet.preferred_allocation(GPU_RESOURCE, ids, [], 1)
-
         async def alloc(i: int) -> object:
             return await rig.kubelet.allocate(GPU_RESOURCE, [ids[(i * 7919) % len(ids)]])
 
-        preferred = await timed_calls(prefer, settings.n(20, 5), 1)
+        for size in (1, 8, 100):
+            async def prefer(i: int, size: int = size) -> object:
+                return await rig.kubelet.preferred_allocation(GPU_RESOURCE, ids, [], size)
+
+            preferred[size] = await timed_calls(prefer, settings.n(20, 5), 1)
         allocate = await timed_calls(alloc, settings.n(200, 50), 1)
     return [
         Figure(f"exec -> kubelet holds {devices:,} devices", "ms", startup),
-        Figure(f"GetPreferredAllocation (1 of {devices:,} available)", "ms", preferred,
-               note="the request itself carries every available ID"),
+        *(Figure(f"GetPreferredAllocation ({size} of {devices:,} available)", "ms", samples,
+                 note="the request itself carries every available ID")
+          for size, samples in preferred.items()),
         Figure(f"Allocate (1 replica of {devices:,})", "ms", allocate),
     ]
 

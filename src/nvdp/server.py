@@ -26,6 +26,8 @@ from nvdp.errors import AllocationError
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
+# The kubelet reads ListAndWatch with gRPC's default receive limit, and the list cannot be split.
+KUBELET_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self.socket_path = os.path.join(socket_dir, resource.socket_name)
         self.version = 0
         self._changed = asyncio.Condition()
+        self._message: tuple[int, pb.ListAndWatchResponse] | None = None  # (version, list message)
+        self._too_large = False
         self._server: grpc.aio.Server | None = None
         self._stopping = False
         # Called after each Allocate with (resource name, request ids, error or None); for metrics.
@@ -127,6 +131,27 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         await self.stop()
         await self.start()
 
+    def list_message(self) -> pb.ListAndWatchResponse:
+        """The device list every stream sends: built once per version (not once per stream) and
+        checked against the kubelet's limit, which rejects the whole list when it is exceeded."""
+        if self._message is None or self._message[0] != self.version:
+            message = pb.ListAndWatchResponse(devices=[device_message(d) for d in self.resource.devices])
+            self._message = (self.version, message)
+            self._check_size(message.ByteSize())
+        return self._message[1]
+
+    def _check_size(self, size: int) -> None:
+        too_large = size > KUBELET_MAX_MESSAGE_BYTES
+        if too_large and not self._too_large:
+            log.error(
+                "device list too large: the kubelet will reject it; lower the time-slicing replicas",
+                extra={"resource": self.name, "devices": len(self.resource.devices), "bytes": size,
+                       "limit": KUBELET_MAX_MESSAGE_BYTES},
+            )
+        elif self._too_large and not too_large:
+            log.info("device list fits the kubelet's limit again", extra={"resource": self.name, "bytes": size})
+        self._too_large = too_large
+
     def _has_news(self, sent: int) -> bool:
         return self._stopping or self.version != sent
 
@@ -147,8 +172,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
                 if self._stopping:
                     return
                 sent = self.version
-                devices = self.resource.devices
-            yield pb.ListAndWatchResponse(devices=[device_message(d) for d in devices])
+                message = self.list_message()
+            yield message
 
     async def GetPreferredAllocation(
         self, request: pb.PreferredAllocationRequest, context: Context
