@@ -1,7 +1,8 @@
 """`python -m bench [MODULE...] [--quick]`: run the benchmarks, write bench/results/*.json, print a table.
 
 To add a benchmark module: write `bench/<name>.py` with `run(settings) -> list[Figure]` (see
-bench/harness.py) and add one line to MODULES below.
+bench/harness.py) and add one line to MODULES below. A missed goal is reported, not an error
+(exit 0) unless --strict; a module that raises is an error (exit 1) after the others have run.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, not figures to publish")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write <module>.json")
     parser.add_argument("--markdown", action="store_true", help="print the summary as a markdown table")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed (default: report only)")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"benchmark modules that failed: {', '.join(failed)}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if missed and args.strict else 0
 
 
 if __name__ == "__main__":

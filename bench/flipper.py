@@ -4,8 +4,8 @@
 
 Runs the real `Plugin` on the simulated dgx-h100 node. Each line "flip" on stdin toggles the
 health of the first GPU through `Manager.apply` (the path every health change takes) and answers
-"flipped" on stdout. "ready" is printed once serving. When the health module can inject faults
-into the simulated node, this can become an injected XID instead.
+"flipped" on stdout. "ready" is printed once serving. The change is applied directly, so the
+figure is the fan-out alone; bench/health.py measures the path from an injected XID.
 """
 
 from __future__ import annotations

@@ -142,6 +142,8 @@ def machine() -> dict[str, Any]:
         "nvdp": nvdp.__version__,
         "git_commit": _git_commit(),
         "executable": sys.executable,
+        # Other work on the machine (a CI neighbour, a parallel build) skews latencies: keep it on record.
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -205,5 +207,5 @@ def machine_line(info: dict[str, Any]) -> str:
     return (
         f"{info['cpu_model']}, {info['usable_cores']}/{info['cores']} cores, {info['memory_gib']} GiB, "
         f"Python {info['python']}, grpcio {info['grpcio']}, protobuf {info['protobuf']} ({info['protobuf_backend']}), "
-        f"nvdp {info['nvdp']} @ {info['git_commit']}"
+        f"nvdp {info['nvdp']} @ {info['git_commit']}; load average {info['load_average_at_start'][0]}"
     )
