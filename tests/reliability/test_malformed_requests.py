@@ -155,6 +155,8 @@ Case = Callable[[list[str]], Any]
         pytest.param("GetPreferredAllocation", lambda ids: prefer([], [], 2), "[]", id="nothing available"),
         pytest.param("GetPreferredAllocation", lambda ids: prefer(ids[:2], [ids[5]], 2), "[]",
                      id="must-include not available"),
+        pytest.param("GetPreferredAllocation", lambda ids: prefer([*ids, "GPU-x"], ["GPU-x"], 2), "[]",
+                     id="must-include unknown (but listed as available)"),
         pytest.param("GetPreferredAllocation", lambda ids: prefer(ids[:4], ids[:3], 2), "[]",
                      id="must-include larger than size"),
         pytest.param("GetPreferredAllocation", lambda ids: prefer(ids + ids, [ids[1], ids[1]], 3), "3 IDs",
