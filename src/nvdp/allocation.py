@@ -73,8 +73,6 @@ def preferred(
     shared_policy: str = "distributed",
 ) -> list[str]:
     """The device IDs to prefer: must-include ones first (request order), then the picks."""
-    if not set(must_include) <= set(available) or len(usable(resource, must_include)) < len(set(must_include)):
-        return []  # a must-include ID that is not available, unknown or unhealthy cannot be in the answer
     required = usable(resource, must_include)
     required_ids = {r.id for r in required}
     candidates = [d for d in usable(resource, available) if d.id not in required_ids]

@@ -116,13 +116,15 @@ def prefer(available: list[str], must: list[str], size: int) -> pb.PreferredAllo
 
 
 def check_preferred(response: pb.PreferredAllocationResponse, available: list[str], must: list[str],
-                    size: int) -> None:
-    """What the kubelet checks in an answer (the fake kubelet's rules), for one container."""
+                    size: int, known: list[str]) -> None:
+    """The fake kubelet's rules for one container's answer, with the allocator's documented
+    leniency for requests the kubelet never sends (docs/allocation.md): a must-include ID is
+    answered even when it is missing from the available list, and an unknown one is ignored."""
     (container,) = response.container_responses
     ids = list(container.deviceIDs)
     assert len(set(ids)) == len(ids), "duplicate IDs"
-    assert set(ids) <= set(available), "IDs that are not available"
-    assert not ids or set(must) <= set(ids), "must-include IDs dropped"
+    assert set(ids) <= set(available) | set(must), "IDs neither available nor must-include"
+    assert not ids or {m for m in must if m in known} <= set(ids), "must-include IDs dropped"
     assert len(ids) <= max(size, 0), "more IDs than asked for"
 
 
@@ -153,9 +155,9 @@ Case = Callable[[list[str]], Any]
         pytest.param("GetPreferredAllocation", lambda ids: prefer(ids, [], -1), "[]", id="negative size"),
         pytest.param("GetPreferredAllocation", lambda ids: prefer(ids, [], 0), "[]", id="size 0"),
         pytest.param("GetPreferredAllocation", lambda ids: prefer([], [], 2), "[]", id="nothing available"),
-        pytest.param("GetPreferredAllocation", lambda ids: prefer(ids[:2], [ids[5]], 2), "[]",
+        pytest.param("GetPreferredAllocation", lambda ids: prefer(ids[:2], [ids[5]], 2), "2 IDs",
                      id="must-include not available"),
-        pytest.param("GetPreferredAllocation", lambda ids: prefer([*ids, "GPU-x"], ["GPU-x"], 2), "[]",
+        pytest.param("GetPreferredAllocation", lambda ids: prefer([*ids, "GPU-x"], ["GPU-x"], 2), "2 IDs",
                      id="must-include unknown (but listed as available)"),
         pytest.param("GetPreferredAllocation", lambda ids: prefer(ids[:4], ids[:3], 2), "[]",
                      id="must-include larger than size"),
@@ -185,7 +187,7 @@ def test_malformed_request(whole: Served, logs: LogWatch, method: str, request_f
         else:
             containers = request.container_requests
             check_preferred(response, list(containers[0].available_deviceIDs),
-                            list(containers[0].must_include_deviceIDs), containers[0].allocation_size)
+                            list(containers[0].must_include_deviceIDs), containers[0].allocation_size, whole.ids)
             got = list(responses[0].deviceIDs)
             assert (got == []) if expect == "[]" else len(got) == int(expect.split()[0])
     # Still serving.
@@ -199,7 +201,7 @@ def test_10000_valid_replica_ids_in_one_request(shared: Served, logs: LogWatch) 
     visible = response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"].split(",")
     assert sorted(visible) == sorted({physical_id(i) for i in shared.ids})  # each GPU once
     chosen = shared.stub.GetPreferredAllocation(prefer(shared.ids, [], 10_000), timeout=WAIT_S)
-    check_preferred(chosen, shared.ids, [], 10_000)
+    check_preferred(chosen, shared.ids, [], 10_000, shared.ids)
     assert len(chosen.container_responses[0].deviceIDs) == 10_000
 
 
@@ -250,4 +252,4 @@ def test_generated_allocate(whole: Served, items: list[int | str]) -> None:
 def test_generated_preferred(whole: Served, available: list[int | str], must: list[int | str], size: int) -> None:
     request = prefer(resolve(available, whole.ids), resolve(must, whole.ids), size)
     response = whole.stub.GetPreferredAllocation(request, timeout=WAIT_S)
-    check_preferred(response, resolve(available, whole.ids), resolve(must, whole.ids), size)
+    check_preferred(response, resolve(available, whole.ids), resolve(must, whole.ids), size, whole.ids)
