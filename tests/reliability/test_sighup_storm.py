@@ -1,9 +1,9 @@
 """A SIGHUP storm on the real process: 50 signals in 5 s, the config file rewritten before each.
 
 The last config wins; the resource keeps its registration and its streams (the kubelet's and a
-watcher's) through every reload, whether the reload changed its device list or only settings.
-TODO(mig): with mixed MIG strategy a node serves several resources; add one that the storm never
-changes and check that its stream sees no message at all.
+watcher's) through every reload, whether the reload changed its device list or only settings. On a
+MIG-mixed node the storm changes only `nvidia.com/gpu` (the one GPU without MIG): the MIG resources
+keep their registration and stream and get no message at all after the first.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -44,13 +46,30 @@ async def watch(socket: str, seen: list[int]) -> None:
             seen.append(len(response.devices))
 
 
+@dataclass(frozen=True)
+class Node:
+    args: tuple[str, ...]
+    gpus: int  # full GPUs under nvidia.com/gpu (each becomes `replicas` devices)
+    unchanged: dict[str, int]  # resources the storm must not touch -> their device count
+
+
+PLAIN = Node(("--simulate", "dgx-h100"), 8, {})
+MIG_MIXED = Node(("--simulate", "a100-mig-mixed", "--mig-strategy", "mixed"), 1,
+                 {"nvidia.com/mig-1g.5gb": 24, "nvidia.com/mig-2g.10gb": 3, "nvidia.com/mig-3g.20gb": 3})
+
+
 @pytest.mark.slow
-async def test_sighup_storm_last_config_wins_and_streams_survive(kubelet: FakeKubelet, plugin_dir: Path) -> None:
+@pytest.mark.parametrize("node", [pytest.param(PLAIN, id="dgx-h100"), pytest.param(MIG_MIXED, id="a100 MIG mixed")])
+async def test_sighup_storm_last_config_wins_and_streams_survive(
+    kubelet: FakeKubelet, plugin_dir: Path, node: Node
+) -> None:
     config = plugin_dir / "config.yaml"
     write_config(config, replicas=2, device_specs=False)
-    plugin = PluginProcess(str(plugin_dir), ("--simulate", "dgx-h100", f"--config-file={config}"))
+    plugin = PluginProcess(str(plugin_dir), (*node.args, f"--config-file={config}"))
     async with plugin:
-        endpoint = await kubelet.wait_registered(GPU, timeout=WAIT_S, min_devices=16)
+        endpoint = await kubelet.wait_registered(GPU, timeout=WAIT_S, min_devices=2 * node.gpus)
+        untouched = {name: await kubelet.wait_registered(name, timeout=WAIT_S, min_devices=count)
+                     for name, count in node.unchanged.items()}
         seen: list[int] = []
         watcher = asyncio.create_task(watch(str(plugin_dir / "nvidia-gpu.sock"), seen))
         await eventually(lambda: bool(seen))
@@ -61,19 +80,25 @@ async def test_sighup_storm_last_config_wins_and_streams_survive(kubelet: FakeKu
             plugin.signal(signal.SIGHUP)
             await asyncio.sleep(INTERVAL_S)
 
-        await kubelet.wait_for(lambda: len(endpoint.devices) == 8 * FINAL_REPLICAS, WAIT_S)
-        await eventually(lambda: bool(seen) and seen[-1] == 8 * FINAL_REPLICAS)
-        device = sorted(endpoint.devices)[0]
-        answer = await kubelet.allocate(GPU, [device])
+        final = node.gpus * FINAL_REPLICAS
+        await kubelet.wait_for(lambda: len(endpoint.devices) == final, WAIT_S)
+        await eventually(lambda: bool(seen) and seen[-1] == final)
+        answer = await kubelet.allocate(GPU, sorted(endpoint.devices)[:1])
         assert "/dev/nvidiactl" in [d.container_path for d in answer.devices]  # passDeviceSpecs: true
         assert endpoint.connected and not watcher.done()  # both streams lived through the storm
+        for name, held in untouched.items():
+            assert held.connected and held.updates == 1, name  # no message since the first
+            assert len(held.devices) == node.unchanged[name]
         watcher.cancel()
+        stopping = time.monotonic()
         assert await plugin.stop() == 0
 
-    assert sum(e.kind == "register" for e in kubelet.events) == 1
-    assert [e for e in kubelet.events if e.kind == "disconnected"][:-1] == []  # only the final stop
+    for name in (GPU, *node.unchanged):
+        assert sum(e.kind == "register" and e.resource == name for e in kubelet.events) == 1, name
+    assert [e for e in kubelet.events if e.kind == "disconnected" and e.at < stopping] == []  # none before the stop
     assert kubelet.errors == []
     log = plugin.log()
     assert "Traceback" not in log and " ERROR " not in log
     reloads = log.count("nvdp.app: reloaded")
     assert 1 <= reloads <= SIGNALS  # signals that arrive during a reload are folded into the next one
+
