@@ -83,7 +83,9 @@ def invalid_text(opt: Option) -> st.SearchStrategy[str]:
     if opt.choices:
         return bad_word(opt.choices)
     assert opt.kind == "intlist"
-    return st.one_of(st.sampled_from(("1", "0,0", "2,0", "-1")), st.text(st.sampled_from("abc.x "), min_size=1))
+    # Blank text is an empty list (valid), so generated garbage needs one non-blank character.
+    garbage = st.text(st.sampled_from("abc.x "), min_size=1).filter(lambda s: s.strip() != "")
+    return st.one_of(st.sampled_from(("1", "0,0", "2,0", "-1")), garbage)
 
 
 def invalid_file_value(opt: Option) -> st.SearchStrategy[Any]:
