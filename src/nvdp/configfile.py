@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nvdp.config import Sharing, TimeSlicingResource
-from nvdp.errors import ConfigError
+from nvdp.errors import ConfigError, config_error_from
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,7 @@ def read_config_file(path: str, read_text: Callable[[str], str]) -> tuple[dict[s
     try:
         model = _ConfigFile.model_validate(doc)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"config file field {where}", first["msg"]) from exc
+        raise config_error_from(exc, "config file") from exc
     return doc, _sharing_from(model.sharing)
 
 

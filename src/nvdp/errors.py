@@ -20,6 +20,11 @@ Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pydantic is imported only where a file is validated (start-up time)
+    from pydantic import ValidationError
+
 
 class PluginError(Exception):
     """Base of every error nvdp raises on purpose."""
@@ -31,6 +36,14 @@ class ConfigError(PluginError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"invalid {field}: {message}")
         self.field = field
+
+
+def config_error_from(exc: ValidationError, where: str) -> ConfigError:
+    """The first pydantic error as a ConfigError naming the field: `<where> field a.0.b`."""
+    first = exc.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")  # our validators' own text, as written
+    return ConfigError(f"{where} field {path}" if path else where, message)
 
 
 class DiscoveryError(PluginError):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from nvdp import mig as migrules
 from nvdp.devices import GpuInfo, MigInfo, Node, PcieLevel, Topology
-from nvdp.errors import ConfigError, EventWaitError
+from nvdp.errors import ConfigError, EventWaitError, config_error_from
 from nvdp.health import EventKind, HealthEvent, ProbeSample
 from nvdp.migprofiles import MODELS
 
@@ -125,9 +125,7 @@ def load_profile(name_or_path: str) -> tuple[str, Profile]:
         return label, Profile.model_validate(yaml.safe_load(text))
     except (yaml.YAMLError, ValidationError) as exc:
         if isinstance(exc, ValidationError):
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"simulated profile {label} field {where}", first["msg"]) from exc
+            raise config_error_from(exc, f"simulated profile {label}") from exc
         raise ConfigError(f"simulated profile {label}", f"not valid YAML: {exc}") from exc
 
 
@@ -467,8 +465,7 @@ class SimulatedBackend:
         try:
             spec = MigSpec.model_validate({"enabled": enabled, "devices": list(devices)})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ConfigError(f"mig layout field {'.'.join(str(p) for p in first['loc'])}", first["msg"]) from exc
+            raise config_error_from(exc, "mig layout") from exc
         gpus[position] = with_mig_layout(self.profile_name, gpus[position], spec, f"gpu {gpu_index}")
         minors = simulated_mig_minors(gpus, self.profile.mig_minors_missing)
         self.node = replace(self.node, gpus=tuple(gpus), mig_minors=minors)
