@@ -204,6 +204,87 @@ sharing:
     assert (res.name, res.replicas, res.rename) == ("nvidia.com/gpu", 4, "nvidia.com/gpu.shared")
 
 
+def _time_slicing(resource: str, rename_by_default: bool = False) -> str:
+    return f"sharing: {{timeSlicing: {{renameByDefault: {str(rename_by_default).lower()}, resources: [{resource}]}}}}"
+
+
+_LONG = "x" * 53  # nvidia.com/ + 53 = 64 characters
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "message"),
+    [
+        pytest.param(_time_slicing("{name: gpu, replicas: 1}"), "resources.0.replicas",
+                     "number of replicas must be >= 2", id="one replica"),
+        pytest.param(_time_slicing("{name: gpu, replicas: '4'}"), "resources.0.replicas", "integer",
+                     id="replicas as text"),
+        pytest.param(_time_slicing("{name: gpu}"), "resources.0.replicas", "no replicas specified",
+                     id="no replicas"),
+        pytest.param(_time_slicing("{replicas: 2}"), "resources.0.name", "no resource name specified",
+                     id="no name"),
+        pytest.param("sharing: {timeSlicing: {resources: []}}", "sharing.timeSlicing.resources",
+                     "no resources specified", id="empty resources"),
+        pytest.param("sharing: {timeSlicing: {renameByDefault: true}}", "sharing.timeSlicing.resources",
+                     "no resources specified", id="no resources key"),
+        pytest.param("sharing: {mps: {}}", "sharing.mps.resources", "no resources specified", id="empty mps"),
+        pytest.param(_time_slicing("{name: 'Nvidia_GPU!', replicas: 2}"), "resources.0.name",
+                     "incorrect format for resource name", id="not dns-1123"),
+        pytest.param(_time_slicing("{name: example.com/gpu, replicas: 2}"), "resources.0.name",
+                     "incorrect format for resource name 'nvidia.com/example.com/gpu'", id="other domain"),
+        pytest.param(_time_slicing(f"{{name: {_LONG}, replicas: 2}}"), "resources.0.name",
+                     "63 characters or less", id="64 characters"),
+        pytest.param(_time_slicing("{name: gpu, replicas: 2, rename: GPU_TS}"), "resources.0.rename",
+                     "incorrect format for resource name", id="bad rename"),
+        pytest.param(_time_slicing(f"{{name: {_LONG[:-7]}, replicas: 2}}", rename_by_default=True),
+                     "resources.0.name", "served as", id="shared suffix too long"),
+        pytest.param(_time_slicing("{name: gpu, replicas: 2, devices: foo}"), "resources.0.devices",
+                     "the only valid string input is 'all'", id="devices other string"),
+        pytest.param(_time_slicing("{name: gpu, replicas: 2, devices: 0}"), "resources.0.devices",
+                     "a count of devices must be > 0", id="devices zero count"),
+        pytest.param(_time_slicing("{name: gpu, replicas: 2, devices: 2.0}"), "resources.0.devices",
+                     "a count of devices", id="devices float"),
+        pytest.param(_time_slicing("{name: gpu, replicas: 2, devices: [0, foo]}"), "resources.0.devices",
+                     "unsupported type for device in devices list: 'foo'", id="devices bad item"),
+        pytest.param(_time_slicing("{name: gpu, replicas: 2, devices: [-1]}"), "resources.0.devices",
+                     "unsupported type", id="devices negative index"),
+    ],
+)
+def test_sharing_validation_matches_the_official_plugin(text: str, field: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({"config_file": "/c.yaml"}, {}, files(**{"/c.yaml": text}))
+    assert f"config file field {field if field.startswith('sharing') else 'sharing.timeSlicing.' + field}:" in str(
+        info.value
+    )
+    assert message in str(info.value)
+    assert "Value error" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("resource", "rename_by_default", "served"),
+    [
+        pytest.param("{name: gpu, replicas: 2}", False, ("nvidia.com/gpu", None), id="prefix added"),
+        # The official plugin drops an explicit rename (DisableResourceNamingInConfig): pods keep
+        # asking for nvidia.com/gpu, so nvdp must keep serving it there.
+        pytest.param("{name: gpu, replicas: 2, rename: gpu-ts}", False, ("nvidia.com/gpu", None),
+                     id="rename dropped"),
+        pytest.param("{name: gpu, replicas: 2, rename: gpu-ts}", True, ("nvidia.com/gpu", "nvidia.com/gpu.shared"),
+                     id="renameByDefault wins over rename"),
+        pytest.param(f"{{name: {_LONG[:-1]}, replicas: 2}}", False, (f"nvidia.com/{_LONG[:-1]}", None),
+                     id="63 characters"),
+        pytest.param("{name: gpu, replicas: 2, devices: all}", False, ("nvidia.com/gpu", None), id="devices all"),
+        pytest.param("{name: gpu, replicas: 2, devices: 3}", False, ("nvidia.com/gpu", None), id="devices count"),
+        pytest.param("{name: gpu, replicas: 2, devices: [0, '1', '0:1', GPU-a, MIG-b, MIG-GPU-c/1/0]}", False,
+                     ("nvidia.com/gpu", None), id="devices list"),
+    ],
+)
+def test_sharing_names_match_the_official_plugin(
+    resource: str, rename_by_default: bool, served: tuple[str, str | None]
+) -> None:
+    cfg = load({"config_file": "/c.yaml"}, {}, files(**{"/c.yaml": _time_slicing(resource, rename_by_default)}))
+    (res,) = cfg.sharing.resources
+    assert (res.name, res.rename) == served
+
+
 def test_every_option_has_a_config_field() -> None:
     fields = set(Config.__dataclass_fields__)
     assert {o.field for o in OPTIONS} <= fields
