@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from nvdp.config import Config
 from nvdp.devices import Device, Resource
-from nvdp.errors import AllocationError, UnhealthyDevice, UnknownDevice
+from nvdp.errors import AllocationError, UnhealthyDevice, UnknownDevice, invalid_request
 from nvdp.resources import physical_id
 
 VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
@@ -91,8 +91,7 @@ def edits_for(
         and any(d.replica is not None for d in devices)
     ):
         raise AllocationError(
-            f"invalid allocation request for {resource.name!r}: invalid request: "
-            f"maximum request size for shared resources is 1; found {len(ids)}"
+            invalid_request(resource.name, f"maximum request size for shared resources is 1; found {len(ids)}")
         )
     ids_for_runtime = runtime_ids(devices, cfg.device_id_strategy)
     strategies = set(cfg.device_list_strategy)

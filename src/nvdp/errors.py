@@ -97,17 +97,25 @@ def shown_id(device_id: str) -> str:
     return f"{device_id[:MAX_ID_SHOWN]!r}... ({len(device_id)} characters)"
 
 
+def invalid_request(resource: str, detail: str) -> str:
+    """An Allocate refusal worded as the official plugin's (`rm.ValidateRequest`), so logs and
+    alerts written for it keep matching."""
+    return f'invalid allocation request for "{resource}": invalid request: {detail}'
+
+
 class UnknownDevice(AllocationError):
     def __init__(self, resource: str, device_id: str) -> None:
-        super().__init__(f"invalid allocation request for {resource!r}: unknown device: {shown_id(device_id)}")
+        super().__init__(invalid_request(resource, f"unknown device: {shown_id(device_id)}"))
         self.resource = resource
         self.device_id = device_id
 
 
 class UnhealthyDevice(AllocationError):
+    """nvdp only: the official plugin hands out unhealthy devices."""
+
     def __init__(self, resource: str, device_id: str, reason: str = "") -> None:
         why = f" ({reason})" if reason else ""
-        super().__init__(f"invalid allocation request for {resource!r}: unhealthy device: {device_id}{why}")
+        super().__init__(invalid_request(resource, f"unhealthy device: {shown_id(device_id)}{why}"))
         self.resource = resource
         self.device_id = device_id
 
