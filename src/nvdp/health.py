@@ -291,6 +291,7 @@ def fault_for_event(event: HealthEvent, xids: XidFilter, now: float) -> Fault | 
 
 
 def apply_event(state: HealthState, event: HealthEvent, xids: XidFilter, now: float) -> HealthState:
+    """Fold one event into the state; `state` itself comes back when policy ignores the event."""
     fault = fault_for_event(event, xids, now)
     return state if fault is None else add_fault(state, fault)
 
@@ -391,10 +392,6 @@ def forget_gpus(state: HealthState, present: Iterable[str]) -> HealthState:
 def recovery_times(state: HealthState, quiet_period_s: float) -> list[float]:
     """When each transient fault may clear (a probe of its GPU is due then)."""
     return [f.last + quiet_period_s for f in state.faults.values() if f.severity is Severity.TRANSIENT]
-
-
-def next_recovery(state: HealthState, quiet_period_s: float) -> float | None:
-    return min(recovery_times(state, quiet_period_s), default=None)
 
 
 # ---------------------------------------------------------------------------------------------

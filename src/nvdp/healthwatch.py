@@ -29,10 +29,10 @@ from nvdp.health import (
     Scope,
     Severity,
     add_fault,
+    apply_event,
     apply_probe,
     apply_wait_result,
     drop_faults,
-    fault_for_event,
     forget_gpus,
     recovery_times,
 )
@@ -212,13 +212,12 @@ class HealthMonitor:
             return
         if self.on_event is not None:
             self.on_event(item)
-        fault = fault_for_event(item, self.settings.switches.xids, now)
-        if fault is None:
+        new = apply_event(self.state, item, self.settings.switches.xids, now)
+        if new is self.state:
             level = logging.DEBUG if item.kind is EventKind.ECC_CORRECTED else logging.INFO
             log.log(level, "health event ignored by policy",
                     extra=_log_fields(item.gpu, item.kind.value, item.xid))
-            return
-        self.state = add_fault(self.state, fault)
+        self.state = new
 
     def _apply_wait(self, outcome: WaitOutcome, now: float) -> None:
         threshold = self.settings.wait_error_threshold

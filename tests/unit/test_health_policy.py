@@ -26,8 +26,8 @@ from nvdp.health import (
     check_switches,
     classify_xid,
     forget_gpus,
-    next_recovery,
     overlay,
+    recovery_times,
     transitions,
 )
 
@@ -202,7 +202,7 @@ def probe(state: HealthState, now: float, **samples: ProbeSample) -> HealthState
 def test_transient_xid_clears_after_the_quiet_period_with_a_passing_probe() -> None:
     state = probe(HealthState(), 0.0, a=OK)
     state = apply_event(state, xid(A, 94), XidFilter(), now=10.0)
-    assert next_recovery(state, QUIET) == 70.0
+    assert recovery_times(state, QUIET) == [70.0]
     assert unhealthy_ids(overlay(node_tree(), probe(state, 69.9, a=OK))) == {A}
     state = apply_event(state, xid(A, 94), XidFilter(), now=50.0)  # a new event restarts the quiet period
     assert unhealthy_ids(overlay(node_tree(), probe(state, 70.0, a=OK))) == {A}
