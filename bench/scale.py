@@ -34,7 +34,7 @@ def _node() -> Node:
 
 def _resource(replicas: int) -> Resource:
     shared = (TimeSlicingResource(GPU_RESOURCE, replicas),) if replicas > 1 else ()
-    cfg = Config(simulate="dgx-h100", sharing=Sharing(strategy="time-slicing", resources=shared))
+    cfg = Config(simulate="dgx-h100", sharing=Sharing(resources=shared))
     return build_tree(_node(), cfg)[GPU_RESOURCE]
 
 

@@ -95,6 +95,7 @@ class Scene:
         self.resource: Resource = build_tree(node, load({"simulate": profile}, {}))[GPU_RESOURCE]
         self.ids = [d.id for d in self.resource.devices]
         self.table = ScoreTable(self.ids, self.topology)
+        self.links = [[0 if a == b else self.topology.links(a, b) for b in self.ids] for a in self.ids]
         self.n = len(self.ids)
         everything = (1 << self.n) - 1
         self.ideal = {k: self.best(everything, k) for k in range(1, self.n + 1)}
@@ -109,12 +110,12 @@ class Scene:
         return max(score(sum(c)) for c in itertools.combinations([1 << i for i in bits(free)], size))
 
     def has_nvlink(self, mask: int) -> bool:
-        return any(self.table.links[a][b] for a, b in itertools.combinations(bits(mask), 2))
+        return any(self.links[a][b] for a, b in itertools.combinations(bits(mask), 2))
 
     def _nvlink_connected_exists(self, size: int) -> bool:
         """Whether some `size` GPUs are all joined through NVLink (checked by growing a component
         from each GPU: a connected graph of that size exists iff some component has >= size GPUs)."""
-        links = self.table.links
+        links = self.links
         seen: set[int] = set()
         for start in range(self.n):
             if start in seen:

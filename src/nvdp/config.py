@@ -126,10 +126,9 @@ class TimeSlicingResource:
 
 @dataclass(frozen=True)
 class Sharing:
-    """Time-slicing settings from the config file (MPS is parsed but not served yet)."""
+    """Time-slicing from the config file, names already resolved (`configfile.py`); no resources:
+    no sharing. A `sharing.mps` block is rejected at load time."""
 
-    strategy: Literal["none", "time-slicing", "mps"] = "none"
-    rename_by_default: bool = False
     fail_requests_greater_than_one: bool = False
     resources: tuple[TimeSlicingResource, ...] = ()
 

@@ -181,8 +181,6 @@ def _sharing_from(block: _SharingFile | None) -> Sharing:
             log.warning("%s.devices=%r: every device is shared (as in the official plugin)", where, r.devices)
         resources.append(TimeSlicingResource(name=r.name, replicas=r.replicas, rename=rename))
     return Sharing(
-        strategy="time-slicing",
-        rename_by_default=ts.renameByDefault,
         fail_requests_greater_than_one=bool(ts.failRequestsGreaterThanOne),
         resources=tuple(resources),
     )

@@ -42,9 +42,10 @@ from nvdp.nodefacts import (
     read_text,
     running_processes,
 )
-from nvdp.nvml import LIBRARY, LIBRARY_DIRS, pci_sysfs_name
+from nvdp.nvml import LIBRARY, LIBRARY_DIRS
 from nvdp.resources import plan_tree
 from nvdp.runtimes import RuntimeConfig, read_all
+from nvdp.topology import bus_key
 
 CLOCK_FLOOR = datetime(2025, 1, 1, tzinfo=UTC)  # a clock before this has certainly not been set
 KUBELET_TIMEOUT_S = 2.0
@@ -252,7 +253,7 @@ class Doctor:
         if not self.node.gpus:
             return Verdict(Status.FAIL, "NVML sees no GPU", details,
                           fix="check nvidia-smi on the host; in a container NVIDIA_VISIBLE_DEVICES must be 'all'")
-        seen = {pci_sysfs_name(g.pci_bus_id) for g in self.node.gpus}
+        seen = {bus_key(g.pci_bus_id) for g in self.node.gpus}
         hidden = set() if self.simulated else (pci_gpus(self.layout.sys) | kernel_gpus(self.layout.proc)) - seen
         if hidden:
             return Verdict(Status.WARN, f"{len(hidden)} NVIDIA GPU(s) on the PCI bus are not visible to NVML: "

@@ -71,14 +71,9 @@ def read_mig_minors(candidates: tuple[str, ...]) -> dict[str, int]:
     return {}
 
 
-def pci_sysfs_name(bus_id: str) -> str:
-    """NVML's "00000000:3B:00.0" -> sysfs "0000:3b:00.0"."""
-    return bus_key(bus_id)
-
-
 def read_numa_node(bus_id: str, sysfs_root: str = "/sys") -> int | None:
     """NUMA node from sysfs; None when unreadable or negative. Garbage is an error (as upstream)."""
-    path = Path(sysfs_root, "bus/pci/devices", pci_sysfs_name(bus_id), "numa_node")
+    path = Path(sysfs_root, "bus/pci/devices", bus_key(bus_id), "numa_node")
     try:
         text = path.read_text().strip()
     except OSError:

@@ -82,7 +82,6 @@ class ScoreTable:
         self.weights = [
             [0 if a == b else pair_score(topology, a, b) for b in self.uuids] for a in self.uuids
         ]
-        self.links = [[0 if a == b else topology.links(a, b) for b in self.uuids] for a in self.uuids]
         # An array, not a list: 8 bytes a subset instead of ~36 (1 MB for 16 GPUs, not 5), for a
         # scan ~30% slower that still takes ~1 ms.
         self._scores = array("q", subset_scores(self.weights)) if self.n <= TABLE_MAX_GPUS else None

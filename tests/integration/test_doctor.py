@@ -21,9 +21,9 @@ from nvdp.config import Config, load
 from nvdp.devices import MigInfo, Node
 from nvdp.doctor import CHECKS, Doctor, Layout, Result, Status, blocking, render, to_json
 from nvdp.errors import NvmlUnavailable
-from nvdp.nvml import pci_sysfs_name
 from nvdp.simulated import build_node, load_profile
 from nvdp.testing import FakeKubelet
+from nvdp.topology import bus_key
 
 VERSION = "580.65.06"
 ROOT = Path(__file__).parents[2]
@@ -106,7 +106,7 @@ def build_good_node(root: Path, node: Node) -> None:
         f"NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {VERSION}  Release Build  (dvs-builder@U16)\n"
         "GCC version:  gcc version 12.3.0\n")
     for gpu in node.gpus:
-        bus = pci_sysfs_name(gpu.pci_bus_id)
+        bus = bus_key(gpu.pci_bus_id)
         put(root / f"proc/driver/nvidia/gpus/{bus}/information", f"Model: {gpu.name}\n")
         put(root / f"sys/bus/pci/devices/{bus}/vendor", "0x10de\n")
         put(root / f"sys/bus/pci/devices/{bus}/class", "0x030200\n")

@@ -274,7 +274,7 @@ def test_nodes_above_the_table_size_get_a_greedy_answer() -> None:
 
 def test_replicas_use_the_greedy_policy() -> None:
     resource, topology = served("pcie-l40s")
-    sharing = Sharing(strategy="time-slicing", resources=(TimeSlicingResource(name=GPU_RESOURCE, replicas=4),))
+    sharing = Sharing(resources=(TimeSlicingResource(name=GPU_RESOURCE, replicas=4),))
     groups = apply_sharing({GPU_RESOURCE: list(resource.devices[:2])}, sharing)
     shared = Resource(GPU_RESOURCE, tuple(groups[GPU_RESOURCE]))
     every = [d.id for d in shared.devices]

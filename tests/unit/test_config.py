@@ -198,7 +198,6 @@ sharing:
     resources: [{name: nvidia.com/gpu, replicas: 4}]
 """
     cfg = load({"config_file": "/c.yaml"}, {}, files(**{"/c.yaml": text}))
-    assert cfg.sharing.strategy == "time-slicing"
     assert cfg.sharing.fail_requests_greater_than_one is True
     (res,) = cfg.sharing.resources
     assert (res.name, res.replicas, res.rename) == ("nvidia.com/gpu", 4, "nvidia.com/gpu.shared")

@@ -126,7 +126,7 @@ def shared(fail_greater_than_one: bool) -> tuple[Resource, Config]:
     replicas = tuple(
         Device(id=f"GPU-a::{n}", gpu_uuid="GPU-a", index="0", paths=("/dev/nvidia0",), replica=n) for n in range(4)
     )
-    sharing = Sharing("time-slicing", False, fail_greater_than_one, (TimeSlicingResource("nvidia.com/gpu", 4),))
+    sharing = Sharing(fail_greater_than_one, resources=(TimeSlicingResource("nvidia.com/gpu", 4),))
     return Resource("nvidia.com/gpu", replicas), Config(sharing=sharing, pass_device_specs=True)
 
 

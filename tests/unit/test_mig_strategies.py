@@ -127,7 +127,7 @@ def test_time_slicing_a_mig_resource() -> None:
     from nvdp.config import Sharing, TimeSlicingResource
 
     node = SimulatedBackend("h200-mig").discover()
-    sharing = Sharing("time-slicing", False, False, (TimeSlicingResource("nvidia.com/mig-3g.71gb", 2),))
+    sharing = Sharing(resources=(TimeSlicingResource("nvidia.com/mig-3g.71gb", 2),))
     tree = build_tree(node, replace(load({"mig_strategy": "mixed"}, {}), sharing=sharing))
     uuid = node.gpus[0].mig_devices[0].uuid
     assert [d.id for d in tree["nvidia.com/mig-3g.71gb"].devices] == [f"{uuid}::0", f"{uuid}::1"]

@@ -10,7 +10,7 @@ import pytest
 from nvdp.config import Sharing, TimeSlicingResource, load
 from nvdp.devices import Health, PcieLevel, Resource, diff
 from nvdp.errors import ConfigError, DiscoveryError
-from nvdp.nvml import library_candidates, pci_sysfs_name, read_numa_node
+from nvdp.nvml import library_candidates, read_numa_node
 from nvdp.resources import build_tree, physical_id
 from nvdp.simulated import SimulatedBackend, builtin_profiles, load_profile
 
@@ -81,7 +81,7 @@ def test_build_tree_full_gpus() -> None:
 )
 def test_time_slicing_replicas(rename: str | None, expected_name: str) -> None:
     node = SimulatedBackend("pcie-l40s").discover()
-    sharing = Sharing("time-slicing", False, False, (TimeSlicingResource("nvidia.com/gpu", 3, rename),))
+    sharing = Sharing(resources=(TimeSlicingResource("nvidia.com/gpu", 3, rename),))
     tree = build_tree(node, load({}, {}).__class__(sharing=sharing))
     assert list(tree) == [expected_name]
     devices = tree[expected_name].devices
@@ -128,11 +128,6 @@ def test_diff() -> None:
 )
 def test_library_search_order(root: str, expected: tuple[str, ...]) -> None:
     assert library_candidates(root) == expected
-
-
-def test_pci_sysfs_name() -> None:
-    assert pci_sysfs_name("00000000:3B:00.0") == "0000:3b:00.0"
-    assert pci_sysfs_name("0000:3b:00.0") == "0000:3b:00.0"
 
 
 @pytest.mark.parametrize(
