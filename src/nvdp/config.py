@@ -334,11 +334,11 @@ def validate(cfg: Config) -> None:
         items = value if isinstance(value, tuple) else (value,)
         if not items:  # e.g. DEVICE_LIST_STRATEGY="": no device list would reach the container runtime
             raise ConfigError(_flag_name(opt), f"empty; give at least one of: {', '.join(opt.choices)}")
+        # "invalid strategy" is the official wording for the strategy flags; other choices are values.
+        what = "strategy" if opt.flag.endswith("-strategy") else "value"
         for item in items:
             if item not in opt.choices:
-                raise ConfigError(
-                    _flag_name(opt), f"invalid strategy: {item!r} (allowed: {', '.join(opt.choices)})"
-                )
+                raise ConfigError(_flag_name(opt), f"invalid {what}: {item!r} (allowed: {', '.join(opt.choices)})")
     _validate_health(cfg)
     if not (math.isfinite(cfg.mig_rescan_interval) and cfg.mig_rescan_interval >= 0):
         raise ConfigError(

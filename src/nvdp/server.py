@@ -1,6 +1,8 @@
 """One grpc.aio `DevicePlugin` server per resource, on its own unix socket.
 
-The only module (with kubelet.py) that touches protobuf: core values are converted here.
+Core values (devices, container edits) are converted to and from protobuf here; kubelet.py
+(registration), probes.py (the liveness call) and manager.py (the registration options type)
+use the generated types too, and nothing in the pure core does.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ previous one, so a health change is counted however it was made) and the health 
 event it receives for a served GPU). The metrics collector reads a `snapshot()` at scrape time,
 together with the current device tree, so nothing it shows is stale.
 
-Writers may run on the event loop or in a helper thread (NVML's event wait), so every method
-takes a lock; each call is a few dictionary updates.
+Every writer and `snapshot()` run on the event loop (health events reach the monitor through
+an asyncio queue, not from NVML's waiting thread). The lock costs little (each call is a few
+dictionary updates) and keeps a writer added on another thread safe.
 """
 
 from __future__ import annotations

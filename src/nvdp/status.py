@@ -82,26 +82,27 @@ def parse(text: str) -> Status:
         for sample in family.samples:
             labels, value = sample.labels, sample.value
             resource = labels.get("resource", "")
-            match sample.name:
+            # Counters are exposed as <family>_total; the constants name the family.
+            match sample.name.removesuffix("_total"):
                 case m.BUILD_INFO:
                     status.version = labels.get("version", "")
                 case m.NODE_INFO:
                     status.backend, status.driver_version = labels["backend"], labels["driver_version"]
                 case m.INIT_FAILED:
                     status.init_failed = value == 1
-                case "nvdp_registrations_total":
+                case m.REGISTRATIONS:
                     status.registrations = int(value)
-                case "nvdp_kubelet_restarts_total":
+                case m.KUBELET_RESTARTS:
                     status.kubelet_restarts = int(value)
                 case m.RESOURCE_REGISTERED:
                     _resource(status, resource).registered = value == 1
                 case m.STREAMS:
                     _resource(status, resource).streams = int(value)
-                case "nvdp_allocations_total":
+                case m.ALLOCATIONS:
                     _resource(status, resource).allocations = int(value)
-                case "nvdp_allocation_errors_total":
+                case m.ALLOCATION_ERRORS:
                     _resource(status, resource).allocation_errors += int(value)
-                case "nvdp_xid_events_total":
+                case m.XID_EVENTS:
                     status.xid_events[f"{labels['gpu_uuid']}: XID {labels['xid']}"] = int(value)
                 case m.DEVICE_HEALTHY:
                     device = DeviceStatus(resource, labels["device"], labels["gpu_uuid"], value == 1, labels["reason"])

@@ -127,6 +127,22 @@ def test_invalid_values_name_the_flag(cli: dict[str, Any], field: str) -> None:
     assert field in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("cli", "message"),
+    [
+        pytest.param({"device_list_strategy": ["bogus"]}, "invalid --device-list-strategy: invalid strategy: 'bogus'",
+                     id="strategy flag: the official wording"),
+        pytest.param({"log_level": "loud"}, "invalid --log-level: invalid value: 'loud'", id="other choice"),
+        pytest.param({"shared_devices_allocation_policy": "random"},
+                     "invalid --shared-devices-allocation-policy: invalid value: 'random'", id="policy"),
+    ],
+)
+def test_choice_errors_say_what_was_wrong(cli: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(cli, {})
+    assert str(info.value).startswith(message)
+
+
 FULL_FILE = """
 version: v1
 flags:
