@@ -189,3 +189,27 @@ def test_bad_simulated_profile_exits_2(plugin_dir: Path, tmp_path: Path) -> None
         assert result.returncode == 2, result.stderr
         assert "gpus.0.count" in result.stderr and "Traceback" not in result.stderr
     assert list(plugin_dir.iterdir()) == []
+
+
+OPTIONAL_IMPORTS = ("yaml", "pydantic", "prometheus_client", "h11", "nvdp.web", "nvdp.metrics", "nvdp.configfile")
+IMPORT_PROBE = """
+import sys
+from nvdp.config import load
+import nvdp.app, nvdp.cli, nvdp.nvml
+load(CLI, {}, read_text=lambda path: "version: v1")
+print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    ("cli", "loaded"),
+    [
+        pytest.param({}, "", id="plain start: none"),
+        pytest.param({"config_file": "/c.yaml"}, "yaml,pydantic,nvdp.configfile", id="config file: its parser"),
+    ],
+)
+def test_start_path_imports_only_what_the_options_need(cli: dict[str, str], loaded: str) -> None:
+    """Start-up time: the file parser and the metrics stack load only when asked for."""
+    code = f"OPTIONAL_IMPORTS = {OPTIONAL_IMPORTS!r}\nCLI = {cli!r}\n{IMPORT_PROBE}"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == loaded
