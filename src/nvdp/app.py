@@ -83,8 +83,10 @@ class Plugin:
     returns, whether by `stop()`, a signal or an error.
     Error handling: start-up DiscoveryError propagates when fail_on_init_error is set; otherwise
     it is logged and the plugin idles until SIGHUP or a MIG rescan (retry) or SIGTERM. A bad config
-    on SIGHUP is logged and the running config is kept; a rescan that fails keeps the running
-    devices. An unexpected error in the health checks stops the plugin and propagates from `run()`.
+    on SIGHUP is logged and the running config is kept; a reload or rescan whose discovery fails
+    keeps the running backend, health checks and devices (a new backend is opened and tried
+    before the old one is closed). An unexpected error in the health checks stops the plugin and
+    propagates from `run()`.
 
     Health: the advertised tree is always `overlay(discovered tree, health state)`; the health
     state survives reloads (a config reload does not repair a GPU).
@@ -199,14 +201,29 @@ class Plugin:
 
     async def _load(self, cfg: Config, new_backend: bool) -> None:
         async with self._apply_lock:
-            if new_backend or self.backend is None:
-                if self.backend is not None:
-                    self.backend.close()
-                    self.backend = None
-                self.backend = await asyncio.to_thread(self._backend_factory, cfg)
-                self._backend_generation += 1
-            node, plan = await asyncio.to_thread(discover_plan, self.backend, cfg)
+            if not new_backend and self.backend is not None:
+                node, plan = await asyncio.to_thread(discover_plan, self.backend, cfg)
+            else:
+                # Open and discover with the new backend first: when that fails, the running
+                # backend, its health checks and the served devices stay as they were.
+                backend = await asyncio.to_thread(self._backend_factory, cfg)
+                try:
+                    node, plan = await asyncio.to_thread(discover_plan, backend, cfg)
+                except BaseException:
+                    if self.backend is not None:
+                        backend.close()
+                    else:  # nothing was running: keep it open for a rescan (and fault injection)
+                        self._swap_backend(backend)
+                    raise
+                await self._stop_health()  # it watches the old backend, about to be closed
+                self._swap_backend(backend)
             await self._serve(cfg, node, plan)
+
+    def _swap_backend(self, backend: GpuBackend) -> None:
+        old, self.backend = self.backend, backend
+        self._backend_generation += 1
+        if old is not None:
+            old.close()
 
     async def _serve(self, cfg: Config, node: Node, plan: TreePlan) -> None:
         """The one place a discovered node becomes the served tree (start-up, reload, rescan)."""

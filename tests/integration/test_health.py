@@ -6,7 +6,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from nvdp.app import Plugin
 from nvdp.cli import main
 from nvdp.config import Config
-from nvdp.health import EventKind, HealthEvent
+from nvdp.errors import EventWaitError, NvmlUnavailable
+from nvdp.health import EventKind, HealthEvent, ProbeSample
 from nvdp.healthwatch import PumpTuning
 from nvdp.simulated import SimulatedBackend
 from nvdp.testing import FakeKubelet
@@ -285,3 +286,48 @@ async def test_a_new_backend_starts_without_the_old_wait_errors(
         await plugin.reload()  # the dev root is a backend field: a new backend, a new event source
         assert sim(plugin) is not old
         await kubelet.wait_for(lambda: len(endpoint.healthy) == 4, timeout=5)
+
+
+class ClosableSim(SimulatedBackend):
+    """Behaves like NVML after nvmlShutdown: every probe and event wait fails once closed."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+    def probe(self, gpus: Sequence[str]) -> Mapping[str, ProbeSample]:
+        if self.closed:
+            return {g: ProbeSample(reachable=False, error="Uninitialized") for g in gpus}
+        return super().probe(gpus)
+
+    def _next_event(self, timeout_s: float) -> HealthEvent | None:
+        if self.closed:
+            raise EventWaitError("nvmlEventSetWait: Uninitialized")
+        return super()._next_event(timeout_s)
+
+
+async def test_a_reload_whose_new_backend_fails_keeps_the_running_one(
+    kubelet: FakeKubelet, make_config: MakeConfig
+) -> None:
+    opened: list[ClosableSim] = []
+
+    def factory(cfg: Config) -> SimulatedBackend:
+        if opened:  # the reload's backend: the new driver root has no NVML
+            raise NvmlUnavailable("could not load NVML", ("/bad/usr/lib64/libnvidia-ml.so.1",))
+        opened.append(ClosableSim(cfg.simulate or ""))
+        return opened[0]
+
+    cfg = make_config("pcie-l40s", **FAST)
+    current = {"cfg": cfg}
+    async with running_plugin(cfg, backend_factory=factory, reload_config=lambda: current["cfg"]) as plugin:
+        endpoint = await kubelet.wait_registered(GPU, min_devices=4)
+        current["cfg"] = make_config("pcie-l40s", container_driver_root="/bad", **FAST)
+        await plugin.reload()
+        assert plugin.backend is opened[0] and not opened[0].closed
+        assert plugin.cfg is cfg  # the running config is kept, too
+        await asyncio.sleep(0.5)  # ten probe intervals: a closed backend would have failed them all
+        assert len(endpoint.healthy) == 4
+        gpu = opened[0].inject_xid(0, 94).gpu  # the health checks still watch the running backend
+        await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy")
