@@ -15,7 +15,7 @@ from nvdp import allocation, mig
 from nvdp.backend import GpuBackend, HealthSource
 from nvdp.config import Config
 from nvdp.devices import DeviceTree, Health, Node
-from nvdp.errors import ConfigError, DiscoveryError, NoDevicesFound
+from nvdp.errors import ConfigError, DiscoveryError, NoDevicesFound, PluginError
 from nvdp.health import HealthEvent, overlay, settings_from, transitions
 from nvdp.healthwatch import DEFAULT_TUNING, HealthMonitor, PumpTuning
 from nvdp.instrument import instrument
@@ -74,6 +74,14 @@ def log_problems(problems: tuple[mig.Problem, ...], already_logged: frozenset[mi
         if problem not in already_logged:
             level = logging.ERROR if problem.level == "error" else logging.WARNING
             log.log(level, problem.message, extra={"device": problem.device} if problem.device else None)
+
+
+def single(exc: BaseException) -> BaseException:
+    """The one error inside (nested) one-error groups, so callers can catch it by type; a group
+    holding several errors is returned as it is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class Plugin:
@@ -159,15 +167,18 @@ class Plugin:
             await self._start()
             if self.cfg.simulate_control:
                 await self._open_control(self.cfg.simulate_control)
-            async with asyncio.TaskGroup() as tasks:
-                background = [
-                    tasks.create_task(self.manager.keep_registered()),
-                    tasks.create_task(self.manager.watch_folder()),
-                    tasks.create_task(self._rescan_periodically()),
-                ]
-                await self._serve_until_stopped()
-                for task in background:
-                    task.cancel()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    background = [
+                        tasks.create_task(self.manager.keep_registered()),
+                        tasks.create_task(self.manager.watch_folder()),
+                        tasks.create_task(self._rescan_periodically()),
+                    ]
+                    await self._serve_until_stopped()
+                    for task in background:
+                        task.cancel()
+            except BaseExceptionGroup as group:
+                raise single(group) from None
         finally:
             await self._stop_health()
             if self._control is not None:
@@ -183,7 +194,7 @@ class Plugin:
                     loop.remove_signal_handler(sig)
             log.info("stopped")
         if self._failure is not None:
-            raise self._failure
+            raise single(self._failure)
 
     async def _start(self) -> None:
         try:
@@ -365,4 +376,6 @@ class Plugin:
             log.info("reloaded", extra={"resources": ",".join(self.manager.servers)})
         except DiscoveryError as exc:
             log.error("reload: discovery failed, keeping the running devices", extra={"error": str(exc)})
+        except PluginError as exc:  # e.g. ConfigError: the backend factory rejects a --simulate profile
+            log.error("reload: failed, keeping the running config and devices", extra={"error": str(exc)})
         self._settings_changed.set()

@@ -19,7 +19,7 @@ import click
 
 from nvdp import __version__
 from nvdp.config import OPTIONS, Config, load
-from nvdp.errors import ConfigError, DiscoveryError, ListenError
+from nvdp.errors import ConfigError, DiscoveryError, ListenError, PluginError
 
 log = logging.getLogger("nvdp")
 
@@ -81,6 +81,9 @@ def _serve(cli_values: dict[str, Any]) -> None:
             "runtime makes the driver visible to this container (nvidia runtime as default, or a "
             "RuntimeClass); on a node without GPUs, set --fail-on-init-error=false."
         )
+        sys.exit(EXIT_INIT_ERROR)
+    except PluginError as exc:  # named failures (e.g. the health checks'): a message, not a traceback
+        log.error("stopped on an error: %s", exc)
         sys.exit(EXIT_INIT_ERROR)
 
 

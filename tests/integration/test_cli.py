@@ -122,6 +122,22 @@ async def test_sighup_rereads_the_config_file(plugin_dir: Path) -> None:
     assert code == 0, out
 
 
+async def test_sighup_with_an_unknown_profile_in_the_config_file_keeps_running(plugin_dir: Path) -> None:
+    config = plugin_dir / "config.yaml"
+    config.write_text("version: v1\nflags:\n  nvdp:\n    simulate: pcie-l40s\n")
+    async with FakeKubelet(str(plugin_dir)) as kubelet:
+        with plugin_process("--kubelet-socket", str(plugin_dir / "kubelet.sock"), CONFIG_FILE=str(config)) as proc:
+            endpoint = await kubelet.wait_registered(GPU, timeout=20, min_devices=4)
+            config.write_text("version: v1\nflags:\n  nvdp:\n    simulate: no-such-profile\n")
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(1.0)
+            assert proc.poll() is None and endpoint.connected
+            code, out = stop(proc)
+    assert code == 0, out
+    assert "no-such-profile" in out and "keeping the running" in out
+    assert "Traceback" not in out
+
+
 @pytest.mark.parametrize(
     ("fail", "expect_exit"), [pytest.param("true", 1, id="fail-on-init-error"),
                               pytest.param("false", None, id="idle")]

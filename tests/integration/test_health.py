@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from nvdp.app import Plugin
 from nvdp.cli import main
 from nvdp.config import Config
-from nvdp.errors import EventWaitError, NvmlUnavailable
+from nvdp.errors import DeviceError, EventWaitError, NvmlUnavailable
 from nvdp.health import EventKind, HealthEvent, ProbeSample
 from nvdp.healthwatch import PumpTuning
 from nvdp.simulated import SimulatedBackend
@@ -331,3 +331,15 @@ async def test_a_reload_whose_new_backend_fails_keeps_the_running_one(
         assert len(endpoint.healthy) == 4
         gpu = opened[0].inject_xid(0, 94).gpu  # the health checks still watch the running backend
         await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy")
+
+
+class ProbeFails(SimulatedBackend):
+    def probe(self, gpus: Sequence[str]) -> Mapping[str, ProbeSample]:
+        raise DeviceError(gpus[0], "nvmlDeviceGetHandleByUUID: Unknown Error")
+
+
+async def test_a_health_check_failure_propagates_as_itself(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
+    cfg = make_config("pcie-l40s", **FAST)
+    plugin = Plugin(cfg, backend_factory=lambda c: ProbeFails(c.simulate or ""))
+    with pytest.raises(DeviceError, match="Unknown Error"):  # not an ExceptionGroup: the CLI catches it by type
+        await asyncio.wait_for(plugin.run(), 10)

@@ -212,6 +212,19 @@ async def test_reload_with_bad_config_keeps_serving(
         assert (await kubelet.allocate(GPU, list(endpoint.devices)[:1])).envs
 
 
+async def test_reload_whose_backend_cannot_open_keeps_serving(
+    kubelet: FakeKubelet, make_config: MakeConfig
+) -> None:
+    cfg = make_config("pcie-l40s")
+    bad = make_config("no-such-profile")  # valid text; the backend factory rejects it (ConfigError)
+    async with running_plugin(cfg, reload_config=lambda: bad) as plugin:
+        endpoint = await kubelet.wait_registered(GPU)
+        backend = plugin.backend
+        await plugin.reload()
+        assert plugin.cfg is cfg and plugin.backend is backend
+        assert endpoint.connected and plugin.manager.all_registered
+
+
 async def test_no_devices_fails_start_when_asked(tmp_path: Path, make_config: MakeConfig) -> None:
     from nvdp.errors import NoDevicesFound
 
