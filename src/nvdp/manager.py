@@ -70,6 +70,9 @@ class Manager:
             lambda sock, name, endpoint, opts: register(sock, name, endpoint, opts, timeout=self.retry.timeout_s)
         )
         self._wake = asyncio.Event()
+        # apply, check_sockets and close each await server starts and stops: one at a time, so a
+        # folder event never iterates the servers while a reload adds one, nor restarts a stopped one.
+        self._servers_lock = asyncio.Lock()
         self._kubelet_identity: tuple[int, int] | None = None
         self._last_failure: str | None = None
         self.on_new_server: Callable[[ResourceServer], None] | None = None
@@ -86,6 +89,10 @@ class Manager:
 
     async def apply(self, tree: DeviceTree, context: ServingContext | None = None) -> None:
         """Start servers for new resources, update changed ones, stop vanished ones."""
+        async with self._servers_lock:
+            await self._apply(tree, context)
+
+    async def _apply(self, tree: DeviceTree, context: ServingContext | None) -> None:
         if context is not None:
             self.context = context
         previous = self.tree
@@ -110,10 +117,11 @@ class Manager:
             self.on_apply(previous, tree)
 
     async def close(self) -> None:
-        for server in self.servers.values():
-            await server.stop()
-        self.servers.clear()
-        self.registered.clear()
+        async with self._servers_lock:
+            for server in self.servers.values():
+                await server.stop()
+            self.servers.clear()
+            self.registered.clear()
 
     def _kubelet_socket_identity(self) -> tuple[int, int] | None:
         try:
@@ -125,6 +133,10 @@ class Manager:
     async def check_sockets(self) -> None:
         """After a change in the folder: serve again where our socket vanished; re-register all
         when kubelet.sock was re-created (a kubelet restart)."""
+        async with self._servers_lock:
+            await self._check_sockets()
+
+    async def _check_sockets(self) -> None:
         if not os.path.isdir(self.socket_dir):
             return  # the folder is gone (kubelet reinstall?); serve again once it is back
         restarted = False

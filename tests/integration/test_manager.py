@@ -1,0 +1,42 @@
+"""Manager races: a folder event, a reload and a registration all interleave on one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from nvdp._proto import api_pb2 as pb
+from nvdp.config import Config
+from nvdp.devices import Device, Node, Resource
+from nvdp.manager import Manager
+from nvdp.server import ServingContext
+
+CONTEXT = ServingContext(Config(), Node(gpus=()).topology, ())
+
+
+def resource(name: str, uuid: str) -> Resource:
+    return Resource(name, (Device(uuid, uuid, "0", ("/dev/nvidia0",)),))
+
+
+async def no_register(sock: str, name: str, endpoint: str, opts: pb.DevicePluginOptions) -> None:
+    pass
+
+
+async def test_a_reload_during_the_socket_check_does_not_break_it(plugin_dir: Path) -> None:
+    manager = Manager(str(plugin_dir / "kubelet.sock"), CONTEXT, registrar=no_register)
+    a, b, c = (resource(f"nvidia.com/{n}", f"GPU-{n}") for n in "abc")
+    await manager.apply({a.name: a, b.name: b})
+    for socket in os.listdir(plugin_dir):  # a kubelet restart deletes every socket
+        os.unlink(plugin_dir / socket)
+    try:
+        check = asyncio.create_task(manager.check_sockets())
+        await asyncio.sleep(0)  # the check is now restarting the first server
+        await manager.apply({a.name: a, b.name: b, c.name: c})  # a SIGHUP adds a resource meanwhile
+        await check
+        await manager.apply({a.name: a})  # and one that removes resources
+        assert sorted(manager.servers) == [a.name]
+        assert all(s.socket_alive() for s in manager.servers.values())
+        assert sorted(os.listdir(plugin_dir)) == ["nvidia-a.sock"]
+    finally:
+        await manager.close()
