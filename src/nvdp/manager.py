@@ -180,6 +180,8 @@ class Manager:
                     failures += 1
                     delay = self.retry.delay(failures)
                     break
+                if self.servers.get(server.name) is not server:
+                    continue  # stopped (or replaced) while Register was in flight: not registered
                 self.registered.add(server.name)
                 self.registrations += 1
                 self._kubelet_identity = self._kubelet_socket_identity()

@@ -40,3 +40,28 @@ async def test_a_reload_during_the_socket_check_does_not_break_it(plugin_dir: Pa
         assert sorted(os.listdir(plugin_dir)) == ["nvidia-a.sock"]
     finally:
         await manager.close()
+
+
+async def test_a_resource_removed_while_registering_is_registered_again_when_back(plugin_dir: Path) -> None:
+    (plugin_dir / "kubelet.sock").touch()
+    calls: list[str] = []
+
+    async def slow_register(sock: str, name: str, endpoint: str, opts: pb.DevicePluginOptions) -> None:
+        calls.append(name)
+        await asyncio.sleep(0.2)
+
+    manager = Manager(str(plugin_dir / "kubelet.sock"), CONTEXT, registrar=slow_register)
+    gpu = resource("nvidia.com/gpu", "GPU-1")
+    registering = asyncio.create_task(manager.keep_registered())
+    try:
+        await manager.apply({gpu.name: gpu})
+        await asyncio.sleep(0.05)
+        await manager.apply({})  # the resource vanishes while its Register is in flight
+        await asyncio.sleep(0.3)
+        assert manager.registered == set()
+        await manager.apply({gpu.name: gpu})  # and comes back: a new server, a new Register
+        await manager.wait_registered(timeout=2)
+        assert calls == [gpu.name, gpu.name]
+    finally:
+        registering.cancel()
+        await manager.close()
