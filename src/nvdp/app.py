@@ -107,13 +107,16 @@ class Plugin:
         reload_config: Callable[[], Config] | None = None,
         health_tuning: PumpTuning = DEFAULT_TUNING,
         retry: RetryPolicy | None = None,
+        socket_dir: str | None = None,  # tests: where sockets go when --kubelet-socket is empty
     ) -> None:
         self.cfg = cfg
         self._backend_factory = backend_factory
         self._reload_config = reload_config
         self.backend: GpuBackend | None = None
         self.node: Node | None = None
-        self.manager = Manager(cfg.kubelet_socket, ServingContext(cfg, Node(gpus=()).topology, ()), retry=retry)
+        self.manager = Manager(
+            cfg.kubelet_socket, ServingContext(cfg, Node(gpus=()).topology, ()), retry=retry, socket_dir=socket_dir
+        )
         # Counters for metrics: Allocate and gRPC calls, applied trees, health events.
         self.stats = PluginStats()
         self.manager.on_new_server = self._instrument

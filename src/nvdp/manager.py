@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 Registrar = Callable[[str, str, str, pb.DevicePluginOptions], Awaitable[None]]
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 5.0
+# Where sockets go when --kubelet-socket is empty (no registration): the kubelet's fixed folder.
+DEFAULT_SOCKET_DIR = "/var/lib/kubelet/device-plugins"
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,9 @@ class Manager:
         retry: RetryPolicy | None = None,
     ) -> None:
         self.kubelet_socket = kubelet_socket
-        self.socket_dir = socket_dir or os.path.dirname(kubelet_socket) or "."
+        # Sockets go next to kubelet.sock (so a test kubelet can live in any folder), and in the
+        # kubelet's usual folder when there is no kubelet socket to register with.
+        self.socket_dir = socket_dir or os.path.dirname(kubelet_socket) or DEFAULT_SOCKET_DIR
         self.context = context
         self.servers: dict[str, ResourceServer] = {}
         self.registered: set[str] = set()
@@ -84,8 +88,13 @@ class Manager:
         return {name: s.resource for name, s in self.servers.items()}
 
     @property
+    def registers(self) -> bool:
+        """False with an empty --kubelet-socket: serve only; something else tells the kubelet."""
+        return bool(self.kubelet_socket)
+
+    @property
     def all_registered(self) -> bool:
-        return bool(self.servers) and set(self.servers) <= self.registered
+        return bool(self.servers) and (not self.registers or set(self.servers) <= self.registered)
 
     async def apply(self, tree: DeviceTree, context: ServingContext | None = None) -> None:
         """Start servers for new resources, update changed ones, stop vanished ones."""
@@ -157,6 +166,8 @@ class Manager:
             self._wake.set()
 
     async def watch_folder(self) -> None:
+        if not self.registers:
+            return  # no kubelet to notice restarting, nothing to register again
         from nvdp.kubelet import folder_changes
 
         async for _ in folder_changes(self.socket_dir):
@@ -164,6 +175,10 @@ class Manager:
 
     async def keep_registered(self) -> None:
         """Runs forever: register every served resource that is not registered yet."""
+        if not self.registers:
+            log.info("Skipping registration with the kubelet (--kubelet-socket is empty)",
+                     extra={"socket_dir": self.socket_dir})
+            return
         failures = 0
         while True:
             self._wake.clear()  # before the work: a wake-up set while registering is kept

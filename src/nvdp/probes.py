@@ -6,7 +6,8 @@ idling after an initialisation failure serves nothing and is alive: restarting i
 
 Readiness: every served resource is registered with the kubelet and the kubelet holds its
 ListAndWatch stream, i.e. the node advertises our devices. It turns false when the kubelet goes
-away or restarts, and true again once the plugin has registered again.
+away or restarts, and true again once the plugin has registered again. With an empty
+--kubelet-socket (no registration) serving every resource is enough.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def readiness(plugin: Plugin) -> ProbeResult:
     if not manager.servers:
         why = f"initialisation failed: {plugin.init_error}" if plugin.init_error else "no resource served yet"
         return ProbeResult((Check("resources", False, why),), False)
+    if not manager.registers:  # --kubelet-socket is empty: serving is all there is to do
+        return ProbeResult(tuple(Check(f"serving:{name}", True) for name in manager.servers), True)
     checks = []
     for name in manager.servers:
         why = ""

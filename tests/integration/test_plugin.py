@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from nvdp._proto import api_pb2 as pb
 from nvdp._proto import api_pb2_grpc as pb_grpc
+from nvdp.app import Plugin
 from nvdp.config import Config
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
@@ -223,6 +225,29 @@ async def test_reload_whose_backend_cannot_open_keeps_serving(
         await plugin.reload()
         assert plugin.cfg is cfg and plugin.backend is backend
         assert endpoint.connected and plugin.manager.all_registered
+
+
+async def test_empty_kubelet_socket_serves_without_registering(
+    make_config: MakeConfig, plugin_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from nvdp.manager import DEFAULT_SOCKET_DIR
+    from nvdp.probes import readiness
+
+    cfg = make_config("pcie-l40s", kubelet_socket="")
+    assert Plugin(cfg).manager.socket_dir == DEFAULT_SOCKET_DIR  # not the working directory
+    caplog.set_level(logging.INFO, logger="nvdp")
+    async with running_plugin(cfg, socket_dir=str(plugin_dir)) as plugin:
+        await asyncio.sleep(0.2)
+        assert sorted(p.name for p in plugin_dir.iterdir()) == ["nvidia-gpu.sock"]
+        assert plugin.manager.registered == set() and plugin.manager.registration_failures == 0
+        assert readiness(plugin).ok and plugin.manager.all_registered
+        async with grpc.aio.insecure_channel(f"unix://{plugin_dir}/nvidia-gpu.sock") as channel:
+            stream = pb_grpc.DevicePluginStub(channel).ListAndWatch(pb.Empty())
+            assert len((await stream.read()).devices) == 4
+            stream.cancel()
+    skipped = [r for r in caplog.records if r.getMessage().startswith("Skipping registration")]
+    assert len(skipped) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_no_devices_fails_start_when_asked(tmp_path: Path, make_config: MakeConfig) -> None:
