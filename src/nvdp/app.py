@@ -15,7 +15,7 @@ from nvdp import allocation, mig
 from nvdp.backend import GpuBackend, HealthSource
 from nvdp.config import Config
 from nvdp.devices import DeviceTree, Health, Node
-from nvdp.errors import ConfigError, DiscoveryError, NoDevicesFound, PluginError
+from nvdp.errors import ConfigError, DiscoveryError, NoDevicesFound, PluginError, ServeError
 from nvdp.health import HealthEvent, overlay, settings_from, transitions
 from nvdp.healthwatch import DEFAULT_TUNING, HealthMonitor, PumpTuning
 from nvdp.instrument import instrument
@@ -203,6 +203,9 @@ class Plugin:
         try:
             await self._load(self.cfg, new_backend=True)
             self.init_error = None
+            failures = list(self.manager.serve_failures.values())
+            if failures:  # at start-up a socket folder we cannot use is fatal
+                raise ServeError(failures[0])
         except DiscoveryError as exc:
             if self.cfg.fail_on_init_error:
                 raise

@@ -19,7 +19,7 @@ import click
 
 from nvdp import __version__
 from nvdp.config import OPTIONS, Config, load
-from nvdp.errors import ConfigError, DiscoveryError, ListenError, PluginError
+from nvdp.errors import ConfigError, DiscoveryError, ListenError, PluginError, ServeError
 
 log = logging.getLogger("nvdp")
 
@@ -68,7 +68,7 @@ def _serve(cli_values: dict[str, Any]) -> None:
     plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values))
     try:
         asyncio.run(plugin.run(handle_signals=True))
-    except ListenError as exc:
+    except (ListenError, ServeError) as exc:
         log.error("initialisation failed: %s", exc)
         sys.exit(EXIT_INIT_ERROR)
     except ConfigError as exc:  # e.g. an invalid simulated profile, found before any socket exists

@@ -12,6 +12,7 @@
     │   ├── UnknownDevice      an ID the resource does not advertise
     │   └── UnhealthyDevice    an ID that is currently Unhealthy
     ├── RegistrationError      the kubelet refused or did not answer Register
+    ├── ServeError             a resource's socket could not be bound (folder missing or read-only)
     └── ListenError            the metrics/probe listener could not be opened (address in use...)
 
 Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where they enter
@@ -122,6 +123,10 @@ class UnhealthyDevice(AllocationError):
 
 class RegistrationError(PluginError):
     """The kubelet refused our Register call, or did not answer in time."""
+
+
+class ServeError(PluginError):
+    """A resource server could not bind its unix socket; the message names the path."""
 
 
 class ListenError(PluginError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from nvdp._proto import api_pb2 as pb
 from nvdp.devices import DeviceTree, diff
-from nvdp.errors import RegistrationError
+from nvdp.errors import RegistrationError, ServeError
 from nvdp.kubelet import REGISTER_TIMEOUT_S, register
 from nvdp.server import ResourceServer, ServingContext
 
@@ -79,6 +79,7 @@ class Manager:
         self._servers_lock = asyncio.Lock()
         self._kubelet_identity: tuple[int, int] | None = None
         self._last_failure: str | None = None
+        self._serve_failures: dict[str, str] = {}  # resource -> last ServeError logged
         self.on_new_server: Callable[[ResourceServer], None] | None = None
         # Called after each apply with (previous tree, new tree); metrics count health changes.
         self.on_apply: Callable[[DeviceTree, DeviceTree], None] | None = None
@@ -86,6 +87,11 @@ class Manager:
     @property
     def tree(self) -> DeviceTree:
         return {name: s.resource for name, s in self.servers.items()}
+
+    @property
+    def serve_failures(self) -> dict[str, str]:
+        """Resources whose socket could not be bound (retried on folder changes), with the reason."""
+        return {name: why for name, why in self._serve_failures.items() if not self.servers[name].serving}
 
     @property
     def registers(self) -> bool:
@@ -109,6 +115,7 @@ class Manager:
         for name in change.removed:
             await self.servers.pop(name).stop()
             self.registered.discard(name)
+            self._serve_failures.pop(name, None)
             log.info("resource removed", extra={"resource": name})
         for name, server in self.servers.items():
             server.context = self.context  # settings for the next request; streams need no resend
@@ -118,8 +125,11 @@ class Manager:
             server = ResourceServer(tree[name], self.context, self.socket_dir)
             if self.on_new_server is not None:
                 self.on_new_server(server)
-            await server.start()
-            self.servers[name] = server
+            self.servers[name] = server  # kept when it cannot bind: check_sockets retries it
+            try:
+                await server.start()
+            except ServeError as exc:
+                self._log_serve_failure_once(name, str(exc))
         if change.added:
             self._wake.set()
         if self.on_apply is not None:
@@ -151,9 +161,15 @@ class Manager:
         restarted = False
         for name, server in self.servers.items():
             if not server.socket_alive():
-                log.info("socket removed, serving again", extra={"resource": name})
-                await server.restart()
+                if server.serving:
+                    log.info("socket removed, serving again", extra={"resource": name})
                 self.registered.discard(name)
+                try:
+                    await server.restart()
+                except ServeError as exc:  # retried on the next folder event or poll
+                    self._log_serve_failure_once(name, str(exc))
+                    continue
+                self._serve_failures.pop(name, None)
                 restarted = True
         identity = self._kubelet_socket_identity()
         if identity is not None and self._kubelet_identity is not None and identity != self._kubelet_identity:
@@ -183,7 +199,7 @@ class Manager:
         while True:
             self._wake.clear()  # before the work: a wake-up set while registering is kept
             delay: float | None = None
-            pending = [s for n, s in self.servers.items() if n not in self.registered]
+            pending = [s for n, s in self.servers.items() if n not in self.registered and s.serving]
             for server in pending:
                 try:
                     await self._register(
@@ -206,6 +222,11 @@ class Manager:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
+
+    def _log_serve_failure_once(self, name: str, message: str) -> None:
+        if self._serve_failures.get(name) != message:
+            log.error("cannot serve; retrying on the next folder change", extra={"resource": name, "error": message})
+            self._serve_failures[name] = message
 
     def _log_failure_once(self, message: str) -> None:
         if message != self._last_failure:

@@ -24,7 +24,7 @@ from nvdp.allocation import preferred
 from nvdp.config import Config
 from nvdp.container import ContainerEdits, edits_for
 from nvdp.devices import Device, Resource, Topology
-from nvdp.errors import AllocationError
+from nvdp.errors import AllocationError, ServeError
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -107,13 +107,25 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     def socket_alive(self) -> bool:
         return self._server is not None and os.path.exists(self.socket_path)
 
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)  # a stale socket from an earlier run
+        """Raises ServeError when the socket cannot be bound (folder missing or read-only)."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)  # a stale socket from an earlier run
+        except OSError as exc:
+            raise ServeError(f"cannot serve {self.name} on {self.socket_path}: {exc}") from exc
         self._stopping = False
         server = grpc.aio.server(interceptors=self.interceptors)
         pb_grpc.add_DevicePluginServicer_to_server(self, server)
-        server.add_insecure_port(f"unix://{self.socket_path}")
+        try:
+            server.add_insecure_port(f"unix://{self.socket_path}")
+        except RuntimeError as exc:  # grpc says only "Failed to bind"; the folder is the usual cause
+            why = "the folder is missing" if not os.path.isdir(os.path.dirname(self.socket_path)) else exc
+            raise ServeError(f"cannot serve {self.name} on {self.socket_path}: {why}") from exc
         await server.start()
         self._server = server
         log.info("serving", extra={"resource": self.name, "socket": self.socket_path})
@@ -125,7 +137,7 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
             self._changed.notify_all()
         if server is not None:
             await server.stop(grace=0.5)
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove (start() says why)
             os.unlink(self.socket_path)
 
     async def restart(self) -> None:

@@ -159,6 +159,17 @@ def test_no_devices(plugin_dir: Path, tmp_path: Path, fail: str, expect_exit: in
             assert "idling until SIGHUP or SIGTERM" in out
 
 
+def test_a_missing_socket_folder_exits_1_naming_the_path(tmp_path: Path) -> None:
+    folder = tmp_path / "not-mounted"
+    result = subprocess.run(
+        [script("nvidia-device-plugin"), "--simulate", "h200", "--kubelet-socket", str(folder / "kubelet.sock")],
+        env=clean_env(), capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert f"cannot serve nvidia.com/gpu on {folder}/nvidia-gpu.sock: the folder is missing" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.skipif(nvml_loadable(), reason="NVML is present on this machine")
 def test_nvml_absent_exits_1_naming_the_paths(plugin_dir: Path) -> None:
     result = subprocess.run(

@@ -65,3 +65,19 @@ async def test_a_resource_removed_while_registering_is_registered_again_when_bac
     finally:
         registering.cancel()
         await manager.close()
+
+
+async def test_a_socket_that_cannot_be_bound_is_retried_on_the_next_check(plugin_dir: Path) -> None:
+    manager = Manager(str(plugin_dir / "kubelet.sock"), CONTEXT, registrar=no_register)
+    gpu = resource("nvidia.com/gpu", "GPU-1")
+    (plugin_dir / "nvidia-gpu.sock").mkdir()  # something we cannot remove sits on the socket path
+    try:
+        await manager.apply({gpu.name: gpu})  # a reload or rescan: logged, not raised
+        assert list(manager.serve_failures) == [gpu.name]
+        assert "nvidia-gpu.sock" in manager.serve_failures[gpu.name]
+        await manager.check_sockets()  # still blocked: logged again (once), not raised
+        (plugin_dir / "nvidia-gpu.sock").rmdir()
+        await manager.check_sockets()  # the next folder event serves it
+        assert manager.serve_failures == {} and manager.servers[gpu.name].socket_alive()
+    finally:
+        await manager.close()
