@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[Config], GpuBackend]
 # Config fields that need a new backend when they change (the rest only rebuild the tree).
-BACKEND_FIELDS = ("simulate", "container_driver_root", "driver_root", "dev_root", "device_discovery_strategy")
+# driver_root and dev_root only shape the device specs of Allocate (container.py), not discovery.
+BACKEND_FIELDS = ("simulate", "container_driver_root", "device_discovery_strategy")
 
 
 def open_backend(cfg: Config) -> GpuBackend:
@@ -45,7 +46,7 @@ def open_backend(cfg: Config) -> GpuBackend:
         raise DiscoveryError("--device-discovery-strategy=tegra: Tegra (Jetson) discovery is not supported by nvdp")
     from nvdp.nvml import NvmlBackend
 
-    return NvmlBackend(driver_root=cfg.container_driver_root, dev_root=cfg.dev_root)
+    return NvmlBackend(driver_root=cfg.container_driver_root)
 
 
 def plan_for(node: Node, cfg: Config) -> TreePlan:
@@ -61,11 +62,6 @@ def discover_plan(backend: GpuBackend, cfg: Config) -> tuple[Node, TreePlan]:
     if not plan.tree:
         raise NoDevicesFound(f"no devices found by the {backend.name} backend")
     return node, plan
-
-
-def discover_tree(backend: GpuBackend, cfg: Config) -> tuple[Node, DeviceTree]:
-    node, plan = discover_plan(backend, cfg)
-    return node, plan.tree
 
 
 def log_problems(problems: tuple[mig.Problem, ...], already_logged: frozenset[mig.Problem]) -> None:

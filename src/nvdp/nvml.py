@@ -115,7 +115,6 @@ class NvmlBackend:
         self,
         driver_root: str = "/",
         sysfs_root: str = "/sys",
-        dev_root: str = "/",
         nvml: Any = None,  # the pynvml module; tests pass a fake with the same functions
     ) -> None:
         if nvml is None:
@@ -124,7 +123,6 @@ class NvmlBackend:
             nvml = pynvml
         self._nvml = nvml
         self._sysfs_root = sysfs_root
-        self._dev_root = dev_root
         self._mig_minors_paths = mig_minors_candidates(driver_root)
         self.library = self._load(driver_root)
 

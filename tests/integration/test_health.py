@@ -282,8 +282,9 @@ async def test_a_new_backend_starts_without_the_old_wait_errors(
         old = sim(plugin)
         old.fail_waits(1_000_000)  # this backend's NVML never recovers
         await kubelet.wait_for(lambda: not endpoint.healthy)
-        current["cfg"] = make_config("pcie-l40s", health_wait_error_threshold="1", dev_root="/other", **FAST)
-        await plugin.reload()  # the dev root is a backend field: a new backend, a new event source
+        current["cfg"] = make_config("pcie-l40s", health_wait_error_threshold="1", container_driver_root="/other",
+                                     **FAST)
+        await plugin.reload()  # the driver root is a backend field: a new backend, a new event source
         assert sim(plugin) is not old
         await kubelet.wait_for(lambda: len(endpoint.healthy) == 4, timeout=5)
 

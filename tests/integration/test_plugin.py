@@ -214,6 +214,29 @@ async def test_reload_with_bad_config_keeps_serving(
         assert (await kubelet.allocate(GPU, list(endpoint.devices)[:1])).envs
 
 
+@pytest.mark.parametrize(
+    ("change", "new_backend"),
+    [
+        pytest.param({"dev_root": "/run/nvidia/driver"}, False, id="dev root: only device specs change"),
+        pytest.param({"driver_root": "/run/nvidia/driver"}, False, id="host driver root: only device specs"),
+        pytest.param({"container_driver_root": "/other"}, True, id="container driver root: where NVML loads"),
+        pytest.param({"simulate": "h200"}, True, id="another simulated node"),
+    ],
+)
+async def test_reload_opens_a_new_backend_only_when_discovery_depends_on_the_change(
+    kubelet: FakeKubelet, make_config: MakeConfig, change: dict[str, str], new_backend: bool
+) -> None:
+    cfg = make_config("pcie-l40s")
+    values = {"profile": "pcie-l40s", **{("profile" if k == "simulate" else k): v for k, v in change.items()}}
+    new_cfg = make_config(**values)
+    async with running_plugin(cfg, reload_config=lambda: new_cfg) as plugin:
+        await kubelet.wait_registered(GPU)
+        backend = plugin.backend
+        await plugin.reload()
+        assert plugin.cfg is new_cfg
+        assert (plugin.backend is not backend) == new_backend
+
+
 async def test_reload_whose_backend_cannot_open_keeps_serving(
     kubelet: FakeKubelet, make_config: MakeConfig
 ) -> None:
