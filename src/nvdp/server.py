@@ -209,16 +209,17 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self, request: pb.AllocateRequest, context: Context
     ) -> pb.AllocateResponse:
         responses = []
-        for req in request.container_requests:
-            ids = list(req.devices_ids)
+        requested = [list(req.devices_ids) for req in request.container_requests]
+        for ids in requested:
             try:
                 edits = edits_for(self.resource, ids, self.context.config, self.context.control_devices)
             except AllocationError as exc:
                 self._report_allocation(ids, exc)
                 log.warning("allocation refused", extra={"resource": self.name, "error": str(exc)})
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            self._report_allocation(ids, None)
             responses.append(allocate_message(edits))
+        for ids in requested:  # counted only now: one refused container fails the whole call
+            self._report_allocation(ids, None)
         return pb.AllocateResponse(container_responses=responses)
 
     def _report_allocation(self, ids: Sequence[str], error: Exception | None) -> None:

@@ -88,6 +88,26 @@ async def readyz_turns(plugin: Plugin, status: int) -> str:
     return body
 
 
+async def test_a_failed_multi_container_allocate_counts_no_success(
+    kubelet: FakeKubelet, make_config: MakeConfig
+) -> None:
+    from nvdp._proto import api_pb2 as pb
+
+    async with running_plugin(make_config("dgx-h100", metrics_address=LOCAL)) as plugin:
+        endpoint = await kubelet.wait_registered(GPU)
+        ids = list(endpoint.devices)
+        request = pb.AllocateRequest(container_requests=[
+            pb.ContainerAllocateRequest(devices_ids=ids[:2]),
+            pb.ContainerAllocateRequest(devices_ids=["GPU-not-here"]),
+        ])
+        with pytest.raises(grpc.aio.AioRpcError):
+            await kubelet.plugin(GPU).stub.Allocate(request, timeout=10)
+        after = await scrape(plugin)
+        assert value(after, "nvdp_allocations_total", resource=GPU) == 0  # the pod got nothing
+        assert value(after, "nvdp_allocated_devices_total", resource=GPU) == 0
+        assert value(after, "nvdp_allocation_errors_total", resource=GPU, error="unknown_device") == 1
+
+
 async def test_metrics_follow_allocations(kubelet: FakeKubelet, make_config: MakeConfig) -> None:
     async with running_plugin(make_config("dgx-h100", metrics_address=LOCAL)) as plugin:
         endpoint = await kubelet.wait_registered(GPU)
