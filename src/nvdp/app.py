@@ -64,6 +64,15 @@ def discover_plan(backend: GpuBackend, cfg: Config) -> tuple[Node, TreePlan]:
     return node, plan
 
 
+def discover_once(cfg: Config, backend_factory: BackendFactory = open_backend) -> tuple[Node, TreePlan]:
+    """Open a backend, discover, close it (whether or not discovery worked): `nvdp devices`."""
+    backend = backend_factory(cfg)
+    try:
+        return discover_plan(backend, cfg)
+    finally:
+        backend.close()
+
+
 def log_problems(problems: tuple[mig.Problem, ...], already_logged: frozenset[mig.Problem]) -> None:
     """Log what is new about the MIG layout (a rescan finding the same skipped device stays quiet)."""
     for problem in problems:

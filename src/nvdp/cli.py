@@ -113,14 +113,12 @@ def serve_main(**cli_values: Any) -> None:
 @_option_decorators
 def devices(as_json: bool, **cli_values: Any) -> None:
     """Print what would be advertised for the current flags and backend."""
-    from nvdp.app import discover_plan, open_backend
+    from nvdp.app import discover_once
     from nvdp.report import devices_json, devices_table
 
     cfg = _config_or_exit(cli_values)
     try:
-        backend = open_backend(cfg)
-        node, plan = discover_plan(backend, cfg)
-        backend.close()
+        node, plan = discover_once(cfg)
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
