@@ -59,10 +59,27 @@ def _config_or_exit(cli_values: dict[str, Any]) -> Config:
         sys.exit(EXIT_CONFIG_ERROR)
 
 
+def _early_logging(cli_values: dict[str, Any]) -> None:
+    """Logging from the flags and env vars alone, so that what loading the config logs (e.g. a
+    config-file warning) already has the asked-for format; reconfigured once the config is known."""
+    from nvdp import logs
+
+    def given(field: str) -> str | None:
+        option = next(o for o in OPTIONS if o.field == field)
+        return cli_values.get(field) or next((os.environ[e] for e in option.envs if os.environ.get(e)), None)
+
+    level, fmt = given("log_level") or "info", given("log_format") or "text"
+    try:
+        logs.setup(level, fmt=fmt)
+    except (KeyError, ValueError):  # an invalid value: the config check reports it
+        logs.setup()
+
+
 def _serve(cli_values: dict[str, Any]) -> None:
     from nvdp import logs
     from nvdp.app import Plugin
 
+    _early_logging(cli_values)
     cfg = _config_or_exit(cli_values)
     logs.setup(cfg.log_level, fmt=cfg.log_format)
     plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values))
