@@ -368,7 +368,7 @@ async def test_json_logs_from_the_real_process(plugin_dir: Path) -> None:
     events = [json.loads(line) for line in out.splitlines()]  # every line is one JSON object
     registered = [e for e in events if e["message"] == "registered with the kubelet"]
     assert registered and registered[0]["resource"] == GPU and registered[0]["level"] == "info"
-    assert any("only 'all' is honoured" in e["message"] and e["level"] == "warning" for e in events)
+    assert any("every device is shared" in e["message"] and e["level"] == "warning" for e in events)
     assert events[-1]["message"] == "stopped"
 
 
