@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from nvdp.config import Sharing, TimeSlicingResource
+from nvdp.config import OPTIONS, Sharing, TimeSlicingResource
 from nvdp.errors import ConfigError, config_error_from
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,34 @@ class _ConfigFile(_FileModel):
         return v
 
 
+def _struct_fields() -> dict[str, Any]:
+    """The schema's struct fields as a tree of names, from the option table plus the blocks."""
+    tree: dict[str, Any] = {"version": {}, "flags": {}, "sharing": {"timeSlicing": {}, "mps": {}}, "imex": {}}
+    for opt in OPTIONS:
+        node = tree
+        for part in (opt.file_key or "").split(".") if opt.file_key else ():
+            node = node.setdefault(part, {})
+    return tree
+
+
+_STRUCT_FIELDS = _struct_fields()
+
+
+def canonical_keys(doc: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """Match struct field names as Go's encoding/json does for the official plugin: an exact key
+    wins, otherwise a key equal but for case (`Flags`, `migstrategy`) is taken for the field.
+    Keys inside the sharing blocks are custom-decoded upstream and stay exact."""
+    by_folded = {name.lower(): name for name in fields}
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = key if key in fields or not isinstance(key, str) else by_folded.get(key.lower(), key)
+        if name in out and name != key:
+            continue  # the exact key is present too: it wins
+        sub = fields.get(name)  # empty for leaves and for the exact-keyed sharing blocks
+        out[name] = canonical_keys(value, sub) if sub and isinstance(value, dict) else value
+    return out
+
+
 def read_config_file(path: str, read_text: Callable[[str], str]) -> tuple[dict[str, Any], Sharing]:
     """Parse a config file into {dotted key: raw value} lookups and the sharing block."""
     try:
@@ -146,6 +174,9 @@ def read_config_file(path: str, read_text: Callable[[str], str]) -> tuple[dict[s
         raise ConfigError("--config-file", f"{path} is not valid YAML or JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise ConfigError("--config-file", f"{path}: the top level must be a mapping")
+    doc = canonical_keys(doc, _STRUCT_FIELDS)
+    if "resources" in doc:
+        log.warning("Customizing the 'resources' field is not yet supported in the config. Ignoring...")
     try:
         model = _ConfigFile.model_validate(doc)
     except ValidationError as exc:

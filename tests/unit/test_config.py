@@ -304,3 +304,31 @@ def test_every_option_has_a_config_field() -> None:
     fields = set(Config.__dataclass_fields__)
     assert {o.field for o in OPTIONS} <= fields
     assert len({o.flag for o in OPTIONS}) == len(OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("text", "mig", "ids"),
+    [
+        pytest.param("Flags: {MigStrategy: mixed, Plugin: {DeviceIDStrategy: index}}", "mixed", "index",
+                     id="any case, as encoding/json"),
+        pytest.param("flags: {migstrategy: single, migStrategy: mixed}", "mixed", "uuid", id="exact key wins"),
+        pytest.param("flags: {migStrategy: mixed, migstrategy: single}", "mixed", "uuid", id="exact key wins after"),
+        pytest.param("VERSION: v1\nflags: {plugin: {deviceidstrategy: index}}", "none", "index", id="nested"),
+    ],
+)
+def test_config_file_keys_match_case_insensitively(text: str, mig: str, ids: str) -> None:
+    cfg = load({"config_file": "/c.yaml"}, {}, files(**{"/c.yaml": text}))
+    assert (cfg.mig_strategy, cfg.device_id_strategy) == (mig, ids)
+
+
+def test_sharing_block_keys_stay_exact() -> None:
+    # Upstream decodes these with its own code that matches exact names only.
+    text = "sharing: {TimeSlicing: {Resources: [{name: gpu, replicas: 2}]}}"
+    with pytest.raises(ConfigError, match="no resources specified"):
+        load({"config_file": "/c.yaml"}, {}, files(**{"/c.yaml": text}))
+
+
+def test_resources_block_is_ignored_with_the_official_warning(caplog: pytest.LogCaptureFixture) -> None:
+    text = "resources: {gpus: [{pattern: '*', name: gpu}]}"
+    load({"config_file": "/c.yaml"}, {}, files(**{"/c.yaml": text}))
+    assert "Customizing the 'resources' field is not yet supported" in caplog.text
