@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from bench.harness import Figure, Settings, summarize
 from bench.workload import Scene
-from nvdp import allocation
-from nvdp.scoring import masks_of_size, pair_score
+from nvdp.core import allocation
+from nvdp.core.scoring import masks_of_size, pair_score
 
 PROFILES = ("pcie-l40s", "dgx1-v100", "dgx-h100", "dgx2-v100")
 

@@ -17,9 +17,9 @@ import grpc
 
 from bench.harness import Figure, Settings
 from bench.rig import DGX_GPUS, SIMULATED, START_TIMEOUT_S, kubelet_folder, running_plugin, timed_calls, wait_event
-from nvdp._proto import api_pb2 as pb
-from nvdp._proto import api_pb2_grpc as pb_grpc
-from nvdp.resources import GPU_RESOURCE
+from nvdp.core.resources import GPU_RESOURCE
+from nvdp.kubelet._proto import api_pb2 as pb
+from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
 from nvdp.testing.process import PluginProcess, console_script
 
 STARTUP_GOAL_MS = 250.0

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from nvdp.app import Plugin
-from nvdp.config import load
-from nvdp.devices import DeviceTree, Health, Resource
-from nvdp.resources import GPU_RESOURCE
+from nvdp.app.plugin import Plugin
+from nvdp.config.options import load
+from nvdp.core.devices import DeviceTree, Health, Resource
+from nvdp.core.resources import GPU_RESOURCE
 
 
 def flipped(tree: DeviceTree) -> DeviceTree:

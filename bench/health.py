@@ -23,11 +23,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from bench.harness import Figure, Settings
-from nvdp import logs
-from nvdp.app import Plugin
-from nvdp.config import load
-from nvdp.resources import GPU_RESOURCE
-from nvdp.simulated import SimulatedBackend
+from nvdp.app.plugin import Plugin
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.config.options import load
+from nvdp.core.resources import GPU_RESOURCE
+from nvdp.ops import logs
 from nvdp.testing import FakeKubelet
 from nvdp.testing.fake_kubelet import PluginEndpoint
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from bench.harness import Figure, Settings
 from bench.rig import running_plugin, timed_calls
-from nvdp._proto import api_pb2 as pb
-from nvdp.config import Config
-from nvdp.resources import GPU_RESOURCE, build_tree
-from nvdp.server import ResourceServer, ServingContext
-from nvdp.simulated import SimulatedBackend
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.config.options import Config
+from nvdp.core.resources import GPU_RESOURCE, build_tree
+from nvdp.kubelet._proto import api_pb2 as pb
+from nvdp.kubelet.server import ResourceServer, ServingContext
 from nvdp.testing.process import memory_kib, rss_kib
 
 RSS_GOAL_MB = 48.0  # the official plugin's RSS on one GPU

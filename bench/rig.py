@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from nvdp.resources import GPU_RESOURCE
+from nvdp.core.resources import GPU_RESOURCE
 from nvdp.testing import FakeKubelet
 from nvdp.testing.fake_kubelet import Event
 from nvdp.testing.process import PluginProcess

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from bench.harness import Figure, Settings
 from bench.rig import DGX_GPUS, SIMULATED, START_TIMEOUT_S, kubelet_folder, running_plugin, timed_calls, wait_event
-from nvdp._proto import api_pb2 as pb
-from nvdp.config import Config, Sharing, TimeSlicingResource
-from nvdp.devices import Node, Resource
-from nvdp.resources import GPU_RESOURCE, build_tree
-from nvdp.server import KUBELET_MAX_MESSAGE_BYTES, device_message
-from nvdp.simulated import SimulatedBackend
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.config.options import Config, Sharing, TimeSlicingResource
+from nvdp.core.devices import Node, Resource
+from nvdp.core.resources import GPU_RESOURCE, build_tree
+from nvdp.kubelet._proto import api_pb2 as pb
+from nvdp.kubelet.server import KUBELET_MAX_MESSAGE_BYTES, device_message
 from nvdp.testing.process import PluginProcess
 
 KUBELET_MAX_MESSAGE = KUBELET_MAX_MESSAGE_BYTES  # gRPC's default max receive size, which the kubelet keeps

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.harness import machine, machine_line
 from bench.rig import DGX_GPUS, SIMULATED, START_TIMEOUT_S
-from nvdp.resources import GPU_RESOURCE
+from nvdp.core.resources import GPU_RESOURCE
 from nvdp.testing import FakeKubelet
 from nvdp.testing.process import PluginProcess, open_fds, rss_kib
 

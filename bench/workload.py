@@ -31,12 +31,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bench.harness import Figure, Settings
-from nvdp import allocation
-from nvdp.config import load
-from nvdp.devices import Resource, Topology
-from nvdp.resources import GPU_RESOURCE, build_tree
-from nvdp.scoring import ScoreTable, bits
-from nvdp.simulated import SimulatedBackend
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.config.options import load
+from nvdp.core import allocation
+from nvdp.core.devices import Resource, Topology
+from nvdp.core.resources import GPU_RESOURCE, build_tree
+from nvdp.core.scoring import ScoreTable, bits
 
 NODES = ("dgx1-v100", "dgx-h100", "pcie-l40s", "dgx2-v100")
 OFFICIAL_MAX_GPUS = 8  # partitions of 16 GPUs into pairs alone number 2 million

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from nvdp.app import BackendFactory, Plugin, open_backend
-from nvdp.config import Config, load
+from nvdp.app.plugin import BackendFactory, Plugin, open_backend
+from nvdp.config.options import Config, load
 from nvdp.testing import FakeKubelet
 
 

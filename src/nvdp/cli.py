@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from nvdp import __version__
-from nvdp.config import OPTIONS, Config, load
+from nvdp.config.options import OPTIONS, Config, load
 from nvdp.errors import ConfigError, DiscoveryError, ListenError, PluginError, ServeError
 
 log = logging.getLogger("nvdp")
@@ -62,7 +62,7 @@ def _config_or_exit(cli_values: dict[str, Any]) -> Config:
 def _early_logging(cli_values: dict[str, Any]) -> None:
     """Logging from the flags and env vars alone, so that what loading the config logs (e.g. a
     config-file warning) already has the asked-for format; reconfigured once the config is known."""
-    from nvdp import logs
+    from nvdp.ops import logs
 
     def given(field: str) -> str | None:
         option = next(o for o in OPTIONS if o.field == field)
@@ -76,8 +76,8 @@ def _early_logging(cli_values: dict[str, Any]) -> None:
 
 
 def _serve(cli_values: dict[str, Any]) -> None:
-    from nvdp import logs
-    from nvdp.app import Plugin
+    from nvdp.app.plugin import Plugin
+    from nvdp.ops import logs
 
     _early_logging(cli_values)
     cfg = _config_or_exit(cli_values)
@@ -130,8 +130,8 @@ def serve_main(**cli_values: Any) -> None:
 @_option_decorators
 def devices(as_json: bool, **cli_values: Any) -> None:
     """Print what would be advertised for the current flags and backend."""
-    from nvdp.app import discover_once
-    from nvdp.report import devices_json, devices_table
+    from nvdp.app.plugin import discover_once
+    from nvdp.tools.report import devices_json, devices_table
 
     cfg = _config_or_exit(cli_values)
     try:
@@ -152,8 +152,8 @@ def devices(as_json: bool, **cli_values: Any) -> None:
 @click.option("--profile", default="dgx-h100", show_default=True, help="simulated node profile")
 def demo(profile: str) -> None:
     """Run the plugin on a simulated node against a fake kubelet and narrate what it sees."""
-    from nvdp import logs
-    from nvdp.demo import run_demo
+    from nvdp.ops import logs
+    from nvdp.tools.demo import run_demo
 
     logs.setup("error")  # the narration says what happens; warnings about injected faults would repeat it
     try:
@@ -177,8 +177,8 @@ def doctor(as_json: bool, proc_root: str, sys_root: str, etc_root: str, run_root
     from dataclasses import replace
     from pathlib import Path
 
-    from nvdp import doctor as dr
-    from nvdp.app import open_backend
+    from nvdp.app.plugin import open_backend
+    from nvdp.tools import doctor as dr
 
     cfg = _config_or_exit(cli_values)
     layout = dr.Layout.from_config(cfg, proc=Path(proc_root), sys=Path(sys_root), etc=Path(etc_root),
@@ -201,7 +201,7 @@ def doctor(as_json: bool, proc_root: str, sys_root: str, etc_root: str, run_root
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 def status(address: str, as_json: bool) -> None:
     """Show a running plugin's devices, health and registrations (read from its /metrics)."""
-    from nvdp import status as st
+    from nvdp.tools import status as st
 
     try:
         view = st.parse(st.fetch(st.metrics_url(address)))
@@ -235,7 +235,7 @@ def inject(ctx: click.Context, control: str) -> None:
 
 
 def _send(ctx: click.Context, message: dict[str, Any]) -> None:
-    from nvdp.simcontrol import request
+    from nvdp.backends.simulated.control import request
 
     path = ctx.obj
     try:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from nvdp import __version__
-from nvdp.config import OPTIONS, load
+from nvdp.config.options import OPTIONS, load
 from tests.deploy.deploy_tools import (
     CHART,
     HELMS,

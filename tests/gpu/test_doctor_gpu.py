@@ -8,10 +8,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nvdp.app import open_backend
-from nvdp.config import load
-from nvdp.doctor import Doctor, Layout, Status
+from nvdp.app.plugin import open_backend
+from nvdp.config.options import load
 from nvdp.testing import FakeKubelet
+from nvdp.tools.doctor import Doctor, Layout, Status
 from tests.conftest import running_plugin
 
 pytestmark = pytest.mark.gpu

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from nvdp import mig
-from nvdp.devices import GpuInfo, MigInfo
-from nvdp.nvml import NvmlBackend
+from nvdp.backends.nvml.discovery import NvmlBackend
+from nvdp.core import mig
+from nvdp.core.devices import GpuInfo, MigInfo
 
 pytestmark = pytest.mark.gpu
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.config import Config, load
-from nvdp.nvml import NvmlBackend
+from nvdp.backends.nvml.discovery import NvmlBackend
+from nvdp.config.options import Config, load
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
 

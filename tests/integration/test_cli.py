@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.nvml import nvml_loadable
+from nvdp.backends.nvml.discovery import nvml_loadable
 from nvdp.testing import FakeKubelet
 
 BIN = Path(sys.executable).parent
@@ -218,11 +218,11 @@ def test_bad_simulated_profile_exits_2(plugin_dir: Path, tmp_path: Path) -> None
     assert list(plugin_dir.iterdir()) == []
 
 
-OPTIONAL_IMPORTS = ("yaml", "pydantic", "prometheus_client", "h11", "nvdp.web", "nvdp.metrics", "nvdp.configfile")
+OPTIONAL_IMPORTS = ("yaml", "pydantic", "prometheus_client", "h11", "nvdp.ops.web", "nvdp.ops.metrics", "nvdp.config.file")
 IMPORT_PROBE = """
 import sys
-from nvdp.config import load
-import nvdp.app, nvdp.cli, nvdp.nvml
+from nvdp.config.options import load
+import nvdp.app.plugin, nvdp.cli, nvdp.backends.nvml.discovery
 load(CLI, {}, read_text=lambda path: "version: v1")
 print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
 """
@@ -232,7 +232,7 @@ print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
     ("cli", "loaded"),
     [
         pytest.param({}, "", id="plain start: none"),
-        pytest.param({"config_file": "/c.yaml"}, "yaml,pydantic,nvdp.configfile", id="config file: its parser"),
+        pytest.param({"config_file": "/c.yaml"}, "yaml,pydantic,nvdp.config.file", id="config file: its parser"),
     ],
 )
 def test_start_path_imports_only_what_the_options_need(cli: dict[str, str], loaded: str) -> None:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.config import Config, load
-from nvdp.devices import MigInfo, Node
-from nvdp.doctor import CHECKS, Doctor, Layout, Result, Status, blocking, render, to_json
+from nvdp.backends.simulated.backend import build_node, load_profile
+from nvdp.config.options import Config, load
+from nvdp.core.devices import MigInfo, Node
+from nvdp.core.topology import bus_key
 from nvdp.errors import NvmlUnavailable
-from nvdp.simulated import build_node, load_profile
 from nvdp.testing import FakeKubelet
-from nvdp.topology import bus_key
+from nvdp.tools.doctor import CHECKS, Doctor, Layout, Result, Status, blocking, render, to_json
 
 VERSION = "580.65.06"
 ROOT = Path(__file__).parents[2]

@@ -13,13 +13,13 @@ import grpc
 import pytest
 from click.testing import CliRunner
 
-from nvdp.app import Plugin
+from nvdp.app.health_monitor import PumpTuning
+from nvdp.app.plugin import Plugin
+from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.cli import main
-from nvdp.config import Config
+from nvdp.config.options import Config
+from nvdp.core.health import EventKind, HealthEvent, ProbeSample
 from nvdp.errors import DeviceError, EventWaitError, NvmlUnavailable
-from nvdp.health import EventKind, HealthEvent, ProbeSample
-from nvdp.healthwatch import PumpTuning
-from nvdp.simulated import SimulatedBackend
 from nvdp.testing import FakeKubelet
 from nvdp.testing.fake_kubelet import PluginEndpoint
 from tests.conftest import running_plugin
@@ -257,7 +257,7 @@ async def test_fault_injection_from_outside_through_the_cli(
 
 
 async def test_demo_shows_a_fatal_and_a_transient_xid() -> None:
-    from nvdp.demo import run_demo
+    from nvdp.tools.demo import run_demo
 
     lines: list[str] = []
     await asyncio.wait_for(run_demo("dgx-h100", lines.append), 30)

@@ -6,11 +6,11 @@ import asyncio
 import os
 from pathlib import Path
 
-from nvdp._proto import api_pb2 as pb
-from nvdp.config import Config
-from nvdp.devices import Device, Node, Resource
-from nvdp.manager import Manager
-from nvdp.server import ServingContext
+from nvdp.config.options import Config
+from nvdp.core.devices import Device, Node, Resource
+from nvdp.kubelet._proto import api_pb2 as pb
+from nvdp.kubelet.manager import Manager
+from nvdp.kubelet.server import ServingContext
 
 CONTEXT = ServingContext(Config(), Node(gpus=()).topology, ())
 

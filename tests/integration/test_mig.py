@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nvdp.app import BackendFactory
-from nvdp.config import Config
+from nvdp.app.plugin import BackendFactory
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.config.options import Config
 from nvdp.errors import MigConfigError
-from nvdp.simulated import SimulatedBackend
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
 
@@ -184,7 +184,7 @@ def h200_missing(tmp_path: Path, missing: str) -> str:
     """The h200-mig profile with one entry missing from the simulated mig-minors file."""
     from importlib import resources
 
-    text = resources.files("nvdp.profiles").joinpath("h200-mig.yaml").read_text()
+    text = resources.files("nvdp.backends.simulated.profiles").joinpath("h200-mig.yaml").read_text()
     path = tmp_path / "h200-mig-missing.yaml"
     path.write_text(f"{text}\nmig_minors_missing: [{missing}]\n")
     return str(path)

@@ -17,12 +17,12 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nvdp.app import Plugin
-from nvdp.config import Config
-from nvdp.devices import Resource
+from nvdp.app.plugin import Plugin
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.config.options import Config
+from nvdp.core.devices import Resource
 from nvdp.errors import ListenError
-from nvdp.server import ResourceServer
-from nvdp.simulated import SimulatedBackend
+from nvdp.kubelet.server import ResourceServer
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
 
@@ -91,7 +91,7 @@ async def readyz_turns(plugin: Plugin, status: int) -> str:
 async def test_a_failed_multi_container_allocate_counts_no_success(
     kubelet: FakeKubelet, make_config: MakeConfig
 ) -> None:
-    from nvdp._proto import api_pb2 as pb
+    from nvdp.kubelet._proto import api_pb2 as pb
 
     async with running_plugin(make_config("dgx-h100", metrics_address=LOCAL)) as plugin:
         endpoint = await kubelet.wait_registered(GPU)
@@ -237,7 +237,7 @@ async def test_readiness_waits_for_registration(plugin_dir: Path, make_config: M
 
 
 async def test_liveness_fails_when_a_server_does_not_answer(plugin_dir: Path, make_config: MakeConfig) -> None:
-    from nvdp.probes import liveness
+    from nvdp.ops.readiness import liveness
 
     plugin = Plugin(make_config("pcie-l40s"))
     resource = Resource(GPU, ())

@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nvdp._proto import api_pb2 as pb
-from nvdp._proto import api_pb2_grpc as pb_grpc
-from nvdp.app import Plugin
-from nvdp.config import Config
+from nvdp.app.plugin import Plugin
+from nvdp.config.options import Config
+from nvdp.kubelet._proto import api_pb2 as pb
+from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
 
@@ -253,8 +253,8 @@ async def test_reload_whose_backend_cannot_open_keeps_serving(
 async def test_empty_kubelet_socket_serves_without_registering(
     make_config: MakeConfig, plugin_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from nvdp.manager import DEFAULT_SOCKET_DIR
-    from nvdp.probes import readiness
+    from nvdp.kubelet.manager import DEFAULT_SOCKET_DIR
+    from nvdp.ops.readiness import readiness
 
     cfg = make_config("pcie-l40s", kubelet_socket="")
     assert Plugin(cfg).manager.socket_dir == DEFAULT_SOCKET_DIR  # not the working directory

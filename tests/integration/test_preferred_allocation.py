@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nvdp.config import Config
-from nvdp.resources import GPU_RESOURCE
+from nvdp.config.options import Config
+from nvdp.core.resources import GPU_RESOURCE
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from nvdp._proto import api_pb2 as pb
-from nvdp._proto import api_pb2_grpc as pb_grpc
-from nvdp.app import Plugin
-from nvdp.config import Config
-from nvdp.simulated import SimulatedBackend
+from nvdp.app.plugin import Plugin
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.config.options import Config
+from nvdp.kubelet._proto import api_pb2 as pb
+from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
 from tests.reliability.conftest import WAIT_S, LogWatch, eventually

@@ -19,7 +19,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from nvdp.config import OPTIONS, Config, Option, load
+from nvdp.config.options import OPTIONS, Config, Option, load
 from nvdp.errors import ConfigError
 
 GO_BOOLS = ("1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false", "False")

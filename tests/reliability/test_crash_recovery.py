@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.config import Config
+from nvdp.config.options import Config
 from nvdp.testing import FakeKubelet
 from nvdp.testing.process import PluginProcess
 from tests.conftest import running_plugin

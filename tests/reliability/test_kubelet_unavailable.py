@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.app import Plugin
-from nvdp.config import Config
-from nvdp.manager import RetryPolicy
+from nvdp.app.plugin import Plugin
+from nvdp.config.options import Config
+from nvdp.kubelet.manager import RetryPolicy
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
 from tests.reliability.conftest import WAIT_S, LogWatch, eventually

@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nvdp._proto import api_pb2 as pb
-from nvdp._proto import api_pb2_grpc as pb_grpc
-from nvdp.app import Plugin
-from nvdp.config import load
-from nvdp.resources import physical_id
+from nvdp.app.plugin import Plugin
+from nvdp.config.options import load
+from nvdp.core.resources import physical_id
+from nvdp.kubelet._proto import api_pb2 as pb
+from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
 from nvdp.testing import FakeKubelet
 from tests.reliability.conftest import WAIT_S, LogWatch
 

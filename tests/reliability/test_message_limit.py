@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.config import Config
+from nvdp.config.options import Config
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
 from tests.reliability.conftest import WAIT_S, LogWatch

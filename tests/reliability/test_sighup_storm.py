@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nvdp._proto import api_pb2 as pb
-from nvdp._proto import api_pb2_grpc as pb_grpc
+from nvdp.kubelet._proto import api_pb2 as pb
+from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
 from nvdp.testing import FakeKubelet
 from nvdp.testing.process import PluginProcess
 from tests.reliability.conftest import WAIT_S, eventually

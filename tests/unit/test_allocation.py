@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvdp import allocation
-from nvdp.config import Sharing, TimeSlicingResource, load
-from nvdp.devices import Device, Health, PcieLevel, Resource, Topology
-from nvdp.resources import GPU_RESOURCE, apply_sharing, build_tree
-from nvdp.scoring import ScoreTable, pair_score
-from nvdp.simulated import SimulatedBackend
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.config.options import Sharing, TimeSlicingResource, load
+from nvdp.core import allocation
+from nvdp.core.devices import Device, Health, PcieLevel, Resource, Topology
+from nvdp.core.resources import GPU_RESOURCE, apply_sharing, build_tree
+from nvdp.core.scoring import ScoreTable, pair_score
 
 
 @cache

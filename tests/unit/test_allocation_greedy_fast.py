@@ -8,9 +8,9 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvdp.allocation import preferred
-from nvdp.devices import Device, Resource, Topology
-from nvdp.resources import physical_id
+from nvdp.core.allocation import preferred
+from nvdp.core.devices import Device, Resource, Topology
+from nvdp.core.resources import physical_id
 
 
 def reference(resource: Resource, candidates: list[Device], needed: int, policy: str) -> list[str]:

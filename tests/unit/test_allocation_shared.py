@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from nvdp.allocation import preferred
-from nvdp.devices import Device, Resource, Topology
-from nvdp.resources import physical_id
+from nvdp.core.allocation import preferred
+from nvdp.core.devices import Device, Resource, Topology
+from nvdp.core.resources import physical_id
 
 
 def replicas(gpus: int, per_gpu: int) -> Resource:

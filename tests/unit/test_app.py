@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.app import discover_once
-from nvdp.config import Config, load
+from nvdp.app.plugin import discover_once
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.config.options import Config, load
 from nvdp.errors import NoDevicesFound
-from nvdp.simulated import SimulatedBackend
 
 
 class Recorded(SimulatedBackend):

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from nvdp.config import OPTIONS, Config, load, parse_go_bool
+from nvdp.config.options import OPTIONS, Config, load, parse_go_bool
 from nvdp.errors import ConfigError
 
 

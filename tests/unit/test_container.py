@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from nvdp.config import Config, Sharing, TimeSlicingResource, load
-from nvdp.container import DeviceSpec, Mount, edits_for
-from nvdp.devices import Device, Health, Resource
+from nvdp.config.options import Config, Sharing, TimeSlicingResource, load
+from nvdp.core.container import DeviceSpec, Mount, edits_for
+from nvdp.core.devices import Device, Health, Resource
 from nvdp.errors import AllocationError, UnhealthyDevice, UnknownDevice
 
 CONTROL = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nvdp.config import options_markdown
+from nvdp.config.options import options_markdown
 
 ROOT = Path(__file__).parents[2]
 

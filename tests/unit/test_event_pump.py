@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import pytest
 
+from nvdp.app.health_monitor import EventPump, Posted, PumpTuning, WaitOutcome
+from nvdp.core.health import EventKind, HealthEvent
 from nvdp.errors import EventWaitError
-from nvdp.health import EventKind, HealthEvent
-from nvdp.healthwatch import EventPump, Posted, PumpTuning, WaitOutcome
 
 XID = HealthEvent("GPU-0", EventKind.XID, xid=79)
 

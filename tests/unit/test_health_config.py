@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from nvdp.config import load
+from nvdp.config.options import load
+from nvdp.core.health import DEFAULT_IGNORED_XIDS, settings_from
 from nvdp.errors import ConfigError
-from nvdp.health import DEFAULT_IGNORED_XIDS, settings_from
 
 
 def read(text: str) -> Any:

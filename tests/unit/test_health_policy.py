@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nvdp.devices import Device, DeviceTree, Health, MigInfo, Resource
-from nvdp.health import (
+from nvdp.core.devices import Device, DeviceTree, Health, MigInfo, Resource
+from nvdp.core.health import (
     DEFAULT_IGNORED_XIDS,
     XID_POLICY,
     EventKind,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nvdp import logs
+from nvdp.ops import logs
 
 
 @pytest.fixture

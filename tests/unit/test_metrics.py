@@ -7,11 +7,11 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nvdp import metrics
-from nvdp.devices import Device, Health, Resource
-from nvdp.metrics import PluginState, make_registry
-from nvdp.stats import PluginStats
-from nvdp.status import metrics_url, parse, render
+from nvdp.core.devices import Device, Health, Resource
+from nvdp.ops import metrics
+from nvdp.ops.counters import PluginStats
+from nvdp.ops.metrics import PluginState, make_registry
+from nvdp.tools.status import metrics_url, parse, render
 
 GPU = "nvidia.com/gpu"
 ROOT = Path(__file__).parents[2]

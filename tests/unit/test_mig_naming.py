@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nvdp import mig
-from nvdp.devices import GpuInfo, MigInfo
-from nvdp.migprofiles import MODELS
+from nvdp.core import mig
+from nvdp.core.devices import GpuInfo, MigInfo
+from nvdp.core.migprofiles import MODELS
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "nvidia-h200" / "nvml-snapshot.json"
 
@@ -105,7 +105,7 @@ def test_unknown_parent_memory_falls_back_to_whole_gib() -> None:
 
 @pytest.mark.parametrize("model", list(MODELS.values()), ids=list(MODELS))
 def test_every_tabled_profile_is_named_as_nvml_names_it(model: object) -> None:
-    from nvdp.migprofiles import GpuModel
+    from nvdp.core.migprofiles import GpuModel
 
     assert isinstance(model, GpuModel)
     for p in model.profiles:

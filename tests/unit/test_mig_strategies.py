@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from nvdp import mig
-from nvdp.config import load
-from nvdp.devices import GpuInfo, MigInfo
+from nvdp.backends.simulated.backend import SimulatedBackend, simulated_mig_minors
+from nvdp.config.options import load
+from nvdp.core import mig
+from nvdp.core.devices import GpuInfo, MigInfo
+from nvdp.core.resources import build_tree, plan_tree
 from nvdp.errors import ConfigError, MigConfigError
-from nvdp.resources import build_tree, plan_tree
-from nvdp.simulated import SimulatedBackend, simulated_mig_minors
 
 
 def tree_of(profile: str, **cli: str) -> dict[str, list[str]]:
@@ -124,7 +124,7 @@ def test_none_ignores_mig_devices() -> None:
 
 
 def test_time_slicing_a_mig_resource() -> None:
-    from nvdp.config import Sharing, TimeSlicingResource
+    from nvdp.config.options import Sharing, TimeSlicingResource
 
     node = SimulatedBackend("h200-mig").discover()
     sharing = Sharing(resources=(TimeSlicingResource("nvidia.com/mig-3g.71gb", 2),))
@@ -234,7 +234,7 @@ def test_node_equality_detects_layout_changes() -> None:
 
 
 async def test_mig_layout_command() -> None:
-    from nvdp.simcontrol import ControlContext, handle
+    from nvdp.backends.simulated.control import ControlContext, handle
 
     backend = SimulatedBackend("a100-mig-mixed")
     rescans: list[bool] = []
@@ -272,7 +272,7 @@ async def test_mig_layout_command() -> None:
     ],
 )
 async def test_mig_layout_command_errors(message: dict[str, object], error: str) -> None:
-    from nvdp.simcontrol import ControlContext, handle
+    from nvdp.backends.simulated.control import ControlContext, handle
 
     backend = SimulatedBackend("a100-mig-mixed")
     before = backend.node

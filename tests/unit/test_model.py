@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.config import Sharing, TimeSlicingResource, load
-from nvdp.devices import Health, PcieLevel, Resource, diff
+from nvdp.backends.nvml.discovery import library_candidates, read_numa_node
+from nvdp.backends.simulated.backend import SimulatedBackend, builtin_profiles, load_profile
+from nvdp.config.options import Sharing, TimeSlicingResource, load
+from nvdp.core.devices import Health, PcieLevel, Resource, diff
+from nvdp.core.resources import build_tree, physical_id
 from nvdp.errors import ConfigError, DiscoveryError
-from nvdp.nvml import library_candidates, read_numa_node
-from nvdp.resources import build_tree, physical_id
-from nvdp.simulated import SimulatedBackend, builtin_profiles, load_profile
 
 FIXTURE = Path(__file__).parents[2].parent / "shared" / "fixtures" / "nvidia-h200" / "nvml-snapshot.json"
 

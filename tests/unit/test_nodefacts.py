@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.nodefacts import cdi_specs, kernel_module_version, library_version
+from nvdp.tools.nodefacts import cdi_specs, kernel_module_version, library_version
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from nvdp.nvml import NvmlBackend
+from nvdp.backends.nvml.discovery import NvmlBackend
 from tests.unit.test_nvml_mig import FakeGpu, FakeNvml
 
 

@@ -7,10 +7,10 @@ from collections import deque
 
 import pytest
 
-from nvdp.devices import GpuInfo
+from nvdp.backends.nvml.discovery import NvmlEventWaiter, event_mask, probe_gpu
+from nvdp.core.devices import GpuInfo
+from nvdp.core.health import EventKind, HealthEvent, ProbeSample
 from nvdp.errors import EventWaitError
-from nvdp.health import EventKind, HealthEvent, ProbeSample
-from nvdp.nvml import NvmlEventWaiter, event_mask, probe_gpu
 from tests.unit.fake_nvml import CONSTANTS, EventData, FakeGpu, FakeNvml
 
 U0, U1 = "GPU-0000", "GPU-1111"

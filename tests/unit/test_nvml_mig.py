@@ -14,12 +14,12 @@ from typing import Any
 import pynvml
 import pytest
 
-from nvdp import mig
-from nvdp.config import load
+from nvdp.backends.nvml.discovery import NvmlBackend
+from nvdp.config.options import load
+from nvdp.core import mig
+from nvdp.core.migprofiles import H100_80GB_HBM3
+from nvdp.core.resources import build_tree
 from nvdp.errors import DiscoveryError
-from nvdp.migprofiles import H100_80GB_HBM3
-from nvdp.nvml import NvmlBackend
-from nvdp.resources import build_tree
 
 
 @dataclass

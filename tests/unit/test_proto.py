@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdp._proto import api_pb2 as pb
+from nvdp.kubelet._proto import api_pb2 as pb
 
 ROOT = Path(__file__).parents[2]
 GENERATED = ("api_pb2.py", "api_pb2.pyi", "api_pb2_grpc.py", "api_pb2_grpc.pyi")
@@ -20,8 +20,8 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHON": sys.executable, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     subprocess.run([str(ROOT / "scripts/gen-proto"), str(tmp_path)], check=True, env=env, capture_output=True)
     for name in GENERATED:
-        fresh = (tmp_path / "nvdp/_proto" / name).read_text()
-        committed = (ROOT / "src/nvdp/_proto" / name).read_text()
+        fresh = (tmp_path / "nvdp/kubelet/_proto" / name).read_text()
+        committed = (ROOT / "src/nvdp/kubelet/_proto" / name).read_text()
         assert fresh == committed, f"{name} is stale: run `make proto`"
 
 

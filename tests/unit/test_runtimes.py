@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.runtimes import RuntimeConfig, read_all, read_containerd, read_crio, read_docker
+from nvdp.tools.runtimes import RuntimeConfig, read_all, read_containerd, read_crio, read_docker
 
 NVIDIA = "/usr/bin/nvidia-container-runtime"
 

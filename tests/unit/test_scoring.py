@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvdp.devices import PcieLevel, Topology
-from nvdp.scoring import ScoreTable, bits, masks_of_size, pair_score, set_score, subset_scores
+from nvdp.core.devices import PcieLevel, Topology
+from nvdp.core.scoring import ScoreTable, bits, masks_of_size, pair_score, set_score, subset_scores
 
 
 def pair(links: int = 0, level: PcieLevel | None = None) -> Topology:

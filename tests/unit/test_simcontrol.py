@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from nvdp.health import EventKind, HealthEvent
-from nvdp.simcontrol import COMMANDS, Args, ControlContext, ControlServer, command, handle, request
-from nvdp.simulated import SimulatedBackend
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.backends.simulated.control import COMMANDS, Args, ControlContext, ControlServer, command, handle, request
+from nvdp.core.health import EventKind, HealthEvent
 
 
 @pytest.fixture

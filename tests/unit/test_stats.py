@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nvdp.devices import Device, DeviceTree, Health, Resource
+from nvdp.core.devices import Device, DeviceTree, Health, Resource
 from nvdp.errors import AllocationError, UnhealthyDevice, UnknownDevice
-from nvdp.stats import LATENCY_BUCKETS, Histogram, PluginStats, error_kind
+from nvdp.ops.counters import LATENCY_BUCKETS, Histogram, PluginStats, error_kind
 
 GPU = "nvidia.com/gpu"
 BAD = Health.UNHEALTHY

@@ -6,10 +6,10 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from nvdp.devices import GpuInfo, PcieLevel
+from nvdp.backends.simulated.backend import Profile, SimulatedBackend, build_node
+from nvdp.core.devices import GpuInfo, PcieLevel
+from nvdp.core.topology import Far, NvLinkEnd, build_topology, bus_key
 from nvdp.errors import ConfigError
-from nvdp.simulated import Profile, SimulatedBackend, build_node
-from nvdp.topology import Far, NvLinkEnd, build_topology, bus_key
 
 BUS = ["00000000:18:00.0", "00000000:28:00.0", "00000000:38:00.0"]
 SWITCH_BUS = "00000000:C1:00.0"

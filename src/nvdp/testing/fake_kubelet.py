@@ -28,8 +28,8 @@ from typing import Any
 
 import grpc
 
-from nvdp._proto import api_pb2 as pb
-from nvdp._proto import api_pb2_grpc as pb_grpc
+from nvdp.kubelet._proto import api_pb2 as pb
+from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 CHECKPOINT = "kubelet_internal_checkpoint"

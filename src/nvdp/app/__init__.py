@@ -1,0 +1,1 @@
+"""The plugin's composition and supervision: discovery, health monitoring, serving, reload, stop."""

@@ -1,0 +1,1 @@
+"""Where GPUs come from: the backend protocol, real NVML, and the simulated node."""

@@ -1,0 +1,1 @@
+"""The NVML backend: the only package that imports pynvml."""

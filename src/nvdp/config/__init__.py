@@ -1,0 +1,1 @@
+"""Configuration: the option table, the config-file schema, and loading (CLI > env > file > default)."""

@@ -1,0 +1,1 @@
+"""The kubelet front: device-plugin gRPC servers, registration, the manager, the generated proto."""

@@ -1,0 +1,232 @@
+"""One grpc.aio `DevicePlugin` server per resource, on its own unix socket.
+
+Core values (devices, container edits) are converted to and from protobuf here; kubelet.py
+(registration), probes.py (the liveness call) and manager.py (the registration options type)
+use the generated types too, and nothing in the pure core does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import grpc
+
+from nvdp.config.options import Config
+from nvdp.core.allocation import preferred
+from nvdp.core.container import ContainerEdits, edits_for
+from nvdp.core.devices import Device, Resource, Topology
+from nvdp.errors import AllocationError, ServeError
+from nvdp.kubelet._proto import api_pb2 as pb
+from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
+
+log = logging.getLogger("nvdp.server")  # stable name: operators filter on it
+Context = grpc.aio.ServicerContext[Any, Any]
+# The kubelet reads ListAndWatch with gRPC's default receive limit, and the list cannot be split.
+KUBELET_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """What every resource server needs besides its devices; replaced as a whole on reload."""
+
+    config: Config
+    topology: Topology
+    control_devices: tuple[str, ...]
+
+
+def device_message(device: Device) -> pb.Device:
+    topology = None
+    if device.numa_node is not None:
+        topology = pb.TopologyInfo(nodes=[pb.NUMANode(ID=device.numa_node)])
+    return pb.Device(ID=device.id, health=device.health.value, topology=topology)
+
+
+def allocate_message(edits: ContainerEdits) -> pb.ContainerAllocateResponse:
+    return pb.ContainerAllocateResponse(
+        envs=edits.envs,
+        mounts=[
+            pb.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
+            for m in edits.mounts
+        ],
+        devices=[
+            pb.DeviceSpec(container_path=d.container_path, host_path=d.host_path, permissions=d.permissions)
+            for d in edits.devices
+        ],
+        annotations=edits.annotations,
+        cdi_devices=[pb.CDIDevice(name=n) for n in edits.cdi_devices],
+    )
+
+
+class ResourceServer(pb_grpc.DevicePluginServicer):
+    """Serves one resource: the current snapshot plus a version number behind a Condition.
+
+    Every open ListAndWatch stream sends the full list, then waits for the next version, so any
+    number of streams (the kubelet holds one; tools may hold more) all see the latest state.
+
+    Resource handling: `start()` removes a stale socket file, binds and starts the gRPC server;
+    `stop()` ends every stream, stops the server and removes the socket file.
+    """
+
+    def __init__(self, resource: Resource, context: ServingContext, socket_dir: str) -> None:
+        self.resource = resource
+        self.context = context
+        self.socket_path = os.path.join(socket_dir, resource.socket_name)
+        self.version = 0
+        self._changed = asyncio.Condition()
+        self._message: tuple[int, pb.ListAndWatchResponse] | None = None  # (version, list message)
+        self._too_large = False
+        self._server: grpc.aio.Server | None = None
+        self._stopping = False
+        # Called after each Allocate with (resource name, request ids, error or None); for metrics.
+        self.on_allocate: Callable[[str, Sequence[str], Exception | None], None] | None = None
+        # Wrapped around every call (e.g. timing for metrics); read at each start().
+        self.interceptors: list[grpc.aio.ServerInterceptor] = []
+
+    @property
+    def name(self) -> str:
+        return self.resource.name
+
+    def options(self) -> pb.DevicePluginOptions:
+        """The one source of the options sent in Register and in GetDevicePluginOptions."""
+        return pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
+
+    async def update(self, resource: Resource) -> None:
+        """A new device snapshot: every open ListAndWatch stream sends the full list again."""
+        async with self._changed:
+            self.resource = resource
+            self.version += 1
+            self._changed.notify_all()
+
+    def socket_alive(self) -> bool:
+        return self._server is not None and os.path.exists(self.socket_path)
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    async def start(self) -> None:
+        """Raises ServeError when the socket cannot be bound (folder missing or read-only)."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)  # a stale socket from an earlier run
+        except OSError as exc:
+            raise ServeError(f"cannot serve {self.name} on {self.socket_path}: {exc}") from exc
+        self._stopping = False
+        server = grpc.aio.server(interceptors=self.interceptors)
+        pb_grpc.add_DevicePluginServicer_to_server(self, server)
+        try:
+            server.add_insecure_port(f"unix://{self.socket_path}")
+        except RuntimeError as exc:  # grpc says only "Failed to bind"; the folder is the usual cause
+            why = "the folder is missing" if not os.path.isdir(os.path.dirname(self.socket_path)) else exc
+            raise ServeError(f"cannot serve {self.name} on {self.socket_path}: {why}") from exc
+        await server.start()
+        self._server = server
+        log.info("serving", extra={"resource": self.name, "socket": self.socket_path})
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        async with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        if server is not None:
+            await server.stop(grace=0.5)
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove (start() says why)
+            os.unlink(self.socket_path)
+
+    async def restart(self) -> None:
+        """Serve again on a fresh socket (ours was deleted by a kubelet restart)."""
+        await self.stop()
+        await self.start()
+
+    def list_message(self) -> pb.ListAndWatchResponse:
+        """The device list every stream sends: built once per version (not once per stream) and
+        checked against the kubelet's limit, which rejects the whole list when it is exceeded."""
+        if self._message is None or self._message[0] != self.version:
+            message = pb.ListAndWatchResponse(devices=[device_message(d) for d in self.resource.devices])
+            self._message = (self.version, message)
+            self._check_size(message.ByteSize())
+        return self._message[1]
+
+    def _check_size(self, size: int) -> None:
+        too_large = size > KUBELET_MAX_MESSAGE_BYTES
+        if too_large and not self._too_large:
+            log.error(
+                "device list too large: the kubelet will reject it; lower the time-slicing replicas",
+                extra={"resource": self.name, "devices": len(self.resource.devices), "bytes": size,
+                       "limit": KUBELET_MAX_MESSAGE_BYTES},
+            )
+        elif self._too_large and not too_large:
+            log.info("device list fits the kubelet's limit again", extra={"resource": self.name, "bytes": size})
+        self._too_large = too_large
+
+    def _has_news(self, sent: int) -> bool:
+        return self._stopping or self.version != sent
+
+    # --- DevicePlugin service -----------------------------------------------------------------
+
+    async def GetDevicePluginOptions(
+        self, request: pb.Empty, context: Context
+    ) -> pb.DevicePluginOptions:
+        return self.options()
+
+    async def ListAndWatch(
+        self, request: pb.Empty, context: Context
+    ) -> AsyncIterator[pb.ListAndWatchResponse]:
+        sent = -1
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(partial(self._has_news, sent))
+                if self._stopping:
+                    return
+                sent = self.version
+                message = self.list_message()
+            yield message
+
+    async def GetPreferredAllocation(
+        self, request: pb.PreferredAllocationRequest, context: Context
+    ) -> pb.PreferredAllocationResponse:
+        responses = []
+        for req in request.container_requests:
+            ids = preferred(
+                self.resource,
+                list(req.available_deviceIDs),
+                list(req.must_include_deviceIDs),
+                req.allocation_size,
+                self.context.topology,
+                self.context.config.shared_devices_allocation_policy,
+            )
+            responses.append(pb.ContainerPreferredAllocationResponse(deviceIDs=ids))
+        return pb.PreferredAllocationResponse(container_responses=responses)
+
+    async def Allocate(
+        self, request: pb.AllocateRequest, context: Context
+    ) -> pb.AllocateResponse:
+        responses = []
+        requested = [list(req.devices_ids) for req in request.container_requests]
+        for ids in requested:
+            try:
+                edits = edits_for(self.resource, ids, self.context.config, self.context.control_devices)
+            except AllocationError as exc:
+                self._report_allocation(ids, exc)
+                log.warning("allocation refused", extra={"resource": self.name, "error": str(exc)})
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            responses.append(allocate_message(edits))
+        for ids in requested:  # counted only now: one refused container fails the whole call
+            self._report_allocation(ids, None)
+        return pb.AllocateResponse(container_responses=responses)
+
+    def _report_allocation(self, ids: Sequence[str], error: Exception | None) -> None:
+        if self.on_allocate is not None:
+            self.on_allocate(self.name, ids, error)
+
+    async def PreStartContainer(
+        self, request: pb.PreStartContainerRequest, context: Context
+    ) -> pb.PreStartContainerResponse:
+        return pb.PreStartContainerResponse()

@@ -1,0 +1,1 @@
+"""Operations: counters, Prometheus metrics, liveness/readiness, the HTTP listener, log formats."""

@@ -1,0 +1,192 @@
+"""Prometheus metrics, built at scrape time from the plugin's current state.
+
+A custom collector on an explicit `CollectorRegistry` (no global registry, no module-level
+metric objects): every scrape calls `read()`, which copies the current device tree, the
+registration state and the `PluginStats` counters, and the collector turns that one snapshot
+into metric families. Nothing is cached between scrapes, so nothing can be stale.
+docs/operations.md lists every metric; a test keeps that list and this module in step.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from nvdp import __version__
+from nvdp.core.devices import DeviceTree
+from nvdp.ops.counters import StatsSnapshot
+
+if TYPE_CHECKING:
+    from nvdp.app.plugin import Plugin
+
+# Metric names (counters get "_total" appended by the client library). `nvdp status` reads these.
+BUILD_INFO = "nvdp_build_info"
+NODE_INFO = "nvdp_node_info"
+INIT_FAILED = "nvdp_init_failed"
+DEVICE_HEALTHY = "nvdp_device_healthy"
+RESOURCE_REGISTERED = "nvdp_resource_registered"
+STREAMS = "nvdp_listandwatch_streams"
+REGISTRATIONS = "nvdp_registrations"
+KUBELET_RESTARTS = "nvdp_kubelet_restarts"
+HEALTH_TRANSITIONS = "nvdp_health_transitions"
+HEALTH_EVENTS = "nvdp_health_events"
+XID_EVENTS = "nvdp_xid_events"
+ALLOCATIONS = "nvdp_allocations"
+ALLOCATED_DEVICES = "nvdp_allocated_devices"
+ALLOCATION_ERRORS = "nvdp_allocation_errors"
+GRPC_DURATION = "nvdp_grpc_request_duration_seconds"
+GRPC_REQUESTS = "nvdp_grpc_requests"
+
+
+@dataclass(frozen=True)
+class PluginState:
+    """Everything one scrape shows, copied at once."""
+
+    tree: DeviceTree
+    registered: frozenset[str]
+    registrations: int
+    kubelet_restarts: int
+    stats: StatsSnapshot
+    backend: str = ""  # "" until a backend is open
+    driver_version: str = ""
+    cuda_driver_version: int = 0
+    init_error: str = ""  # why initialisation failed, while idling with fail-on-init-error=false
+
+
+def plugin_state(plugin: Plugin) -> PluginState:
+    node = plugin.node
+    return PluginState(
+        tree=plugin.manager.tree,
+        registered=frozenset(plugin.manager.registered),
+        registrations=plugin.manager.registrations,
+        kubelet_restarts=plugin.manager.kubelet_restarts,
+        stats=plugin.stats.snapshot(),
+        backend=plugin.backend.name if plugin.backend is not None else "",
+        driver_version=node.driver_version if node is not None else "",
+        cuda_driver_version=node.cuda_driver_version if node is not None else 0,
+        init_error=str(plugin.init_error) if plugin.init_error is not None else "",
+    )
+
+
+def _cuda_version(encoded: int) -> str:
+    """NVML's 13000 -> "13.0"."""
+    return f"{encoded // 1000}.{encoded % 1000 // 10}" if encoded else ""
+
+
+class PluginCollector(Collector):
+    def __init__(self, read: Callable[[], PluginState]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # the families depend on the state; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._read()
+        yield from self._info(state)
+        yield from self._devices(state)
+        yield from self._kubelet(state)
+        yield from self._health(state.stats)
+        yield from self._allocations(state.stats)
+        yield from self._grpc(state.stats)
+
+    def _info(self, state: PluginState) -> Iterator[Metric]:
+        build = GaugeMetricFamily(BUILD_INFO, "nvdp version and Python version (value 1)",
+                                  labels=["version", "python_version"])
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
+        node = GaugeMetricFamily(NODE_INFO, "the discovery backend and driver versions (value 1)",
+                                 labels=["backend", "driver_version", "cuda_driver_version"])
+        if state.backend:
+            node.add_metric([state.backend, state.driver_version, _cuda_version(state.cuda_driver_version)], 1)
+        yield node
+        yield GaugeMetricFamily(INIT_FAILED, "1 while initialisation has failed and the plugin idles "
+                                "(fail-on-init-error=false), else 0", value=1 if state.init_error else 0)
+
+    def _devices(self, state: PluginState) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily(DEVICE_HEALTHY, "1 when the device is advertised Healthy, 0 when Unhealthy",
+                                    labels=["resource", "device", "gpu_uuid", "reason"])
+        for name, resource in state.tree.items():
+            for d in resource.devices:
+                healthy.add_metric([name, d.id, d.gpu_uuid, d.reason], 1 if d.healthy else 0)
+        yield healthy
+
+    def _kubelet(self, state: PluginState) -> Iterator[Metric]:
+        registered = GaugeMetricFamily(RESOURCE_REGISTERED, "1 when the resource is registered with the kubelet",
+                                       labels=["resource"])
+        streams = GaugeMetricFamily(STREAMS, "open ListAndWatch streams (the kubelet holds one per resource)",
+                                    labels=["resource"])
+        for name in state.tree:
+            registered.add_metric([name], 1 if name in state.registered else 0)
+            streams.add_metric([name], state.stats.streams.get(name, 0))
+        yield registered
+        yield streams
+        yield CounterMetricFamily(REGISTRATIONS, "successful Register calls to the kubelet",
+                                  value=state.registrations)
+        yield CounterMetricFamily(KUBELET_RESTARTS, "kubelet restarts seen (kubelet.sock re-created)",
+                                  value=state.kubelet_restarts)
+
+    def _health(self, stats: StatsSnapshot) -> Iterator[Metric]:
+        transitions = CounterMetricFamily(
+            HEALTH_TRANSITIONS, "devices changing health, by the new health and the reason",
+            labels=["resource", "health", "reason"])
+        for (resource, health, reason), n in sorted(stats.health_transitions.items()):
+            transitions.add_metric([resource, health, reason], n)
+        yield transitions
+        events = CounterMetricFamily(HEALTH_EVENTS, "health events reported by the driver, by GPU and kind "
+                                     "(xid, ecc, ecc-corrected)", labels=["gpu_uuid", "kind"])
+        for (gpu, kind), n in sorted(stats.health_events.items()):
+            events.add_metric([gpu, kind], n)
+        yield events
+        xids = CounterMetricFamily(XID_EVENTS, "XID events reported by the driver, by GPU and XID",
+                                   labels=["gpu_uuid", "xid"])
+        for (gpu, xid), n in sorted(stats.xid_events.items()):
+            xids.add_metric([gpu, str(xid)], n)
+        yield xids
+
+    def _allocations(self, stats: StatsSnapshot) -> Iterator[Metric]:
+        allocations = CounterMetricFamily(ALLOCATIONS, "container requests answered by Allocate",
+                                          labels=["resource"])
+        devices = CounterMetricFamily(ALLOCATED_DEVICES, "device IDs handed out by Allocate", labels=["resource"])
+        for resource, n in sorted(stats.allocations.items()):
+            allocations.add_metric([resource], n)
+            devices.add_metric([resource], stats.allocated_devices.get(resource, 0))
+        yield allocations
+        yield devices
+        errors = CounterMetricFamily(ALLOCATION_ERRORS, "container requests refused by Allocate, by error",
+                                     labels=["resource", "error"])
+        for (resource, error), n in sorted(stats.allocation_errors.items()):
+            errors.add_metric([resource, error], n)
+        yield errors
+
+    def _grpc(self, stats: StatsSnapshot) -> Iterator[Metric]:
+        duration = HistogramMetricFamily(
+            GRPC_DURATION, "device-plugin gRPC call latency (ListAndWatch: time to the first message)",
+            labels=["resource", "method"])
+        for (resource, method), histogram in sorted(stats.rpc_latency.items()):
+            buckets = [("+Inf" if bound == float("inf") else repr(bound), n) for bound, n in histogram.cumulative()]
+            duration.add_metric([resource, method], buckets, histogram.total)
+        yield duration
+        requests = CounterMetricFamily(GRPC_REQUESTS, "device-plugin gRPC calls by status code",
+                                       labels=["resource", "method", "code"])
+        for (resource, method, code), n in sorted(stats.rpc_codes.items()):
+            requests.add_metric([resource, method, code], n)
+        yield requests
+
+
+def make_registry(read: Callable[[], PluginState]) -> CollectorRegistry:
+    """The plugin's collector plus the process collector (CPU, memory, open files)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PluginCollector(read))
+    ProcessCollector(registry=registry)
+    return registry

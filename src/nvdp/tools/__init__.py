@@ -1,0 +1,1 @@
+"""Operator tools: doctor, status, demo, device report."""
