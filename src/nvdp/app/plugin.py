@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from nvdp.app.cdi import SpecPublisher
 from nvdp.app.health_monitor import DEFAULT_TUNING, HealthMonitor, PumpTuning
 from nvdp.backends.base import GpuBackend, HealthSource
 from nvdp.config.options import Config
@@ -41,7 +42,8 @@ def open_backend(cfg: Config) -> GpuBackend:
     if cfg.simulate:
         from nvdp.backends.simulated.backend import SimulatedBackend
 
-        return SimulatedBackend(cfg.simulate)
+        # --driver-root names where the simulated driver files go (CDI specs point there); default: a temp folder.
+        return SimulatedBackend(cfg.simulate, driver_root=None if cfg.driver_root == "/" else cfg.driver_root)
     if cfg.device_discovery_strategy == "tegra":
         raise DiscoveryError("--device-discovery-strategy=tegra: Tegra (Jetson) discovery is not supported by nvdp")
     from nvdp.backends.nvml.discovery import NvmlBackend
@@ -146,6 +148,7 @@ class Plugin:
         self._settings_changed = asyncio.Event()  # wakes the rescan timer after a reload
         self._logged_problems: frozenset[mig.Problem] = frozenset()
         self._last_rescan_error: str | None = None
+        self.cdi = SpecPublisher()  # the CDI spec files for the cdi-* list strategies
 
     def _instrument(self, server: ResourceServer) -> None:
         instrument(server, self.stats)
@@ -252,7 +255,8 @@ class Plugin:
         log_problems(plan.problems, self._logged_problems)
         self._logged_problems = frozenset(plan.problems)
         self.cfg, self.node, self.discovered = cfg, node, plan.tree
-        await self._publish(ServingContext(cfg, node.topology, node.control_devices))
+        cdi_classes = await asyncio.to_thread(self.cdi.refresh, cfg, node, self.backend)  # before registering
+        await self._publish(ServingContext(cfg, node.topology, node.control_devices, cdi_classes))
         await self._watch_health(cfg, node)
 
     async def rescan(self) -> bool:

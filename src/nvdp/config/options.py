@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from nvdp.config import cdi as cdi_names
 from nvdp.errors import ConfigError
 
 log = logging.getLogger("nvdp.config")  # stable name: operators filter on it
@@ -84,8 +85,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("kubelet_socket", "kubelet-socket", "str", "/var/lib/kubelet/device-plugins/kubelet.sock",
            ("KUBELET_SOCKET",), help="the kubelet's registration socket; empty: do not register"),
     Option("config_file", "config-file", "str", None, ("CONFIG_FILE",), help="config file (schema v1)"),
-    Option("cdi_feature_flags", "cdi-feature-flags", "list", (), ("CDI_FEATURE_FLAGS",)),
-    Option("cdi_disable_hooks", "cdi-disable-hooks", "list", (), ("CDI_DISABLE_HOOKS",)),
+    Option("cdi_feature_flags", "cdi-feature-flags", "list", (), ("CDI_FEATURE_FLAGS",),
+           choices=cdi_names.FEATURE_FLAGS, help="CDI spec generator feature flags (docs/cdi.md)"),
+    Option("cdi_disable_hooks", "cdi-disable-hooks", "list", (), ("CDI_DISABLE_HOOKS",),
+           help="hooks left out of the CDI spec: 'all' or names such as update-ldcache (docs/cdi.md)"),
     # nvdp's own options.
     Option("metrics_address", "metrics-address", "str", "", ("NVDP_METRICS_ADDRESS",), "flags.nvdp.metricsAddress",
            help="HOST:PORT serving /metrics, /healthz and /readyz (e.g. :9401); empty: off"),
@@ -112,6 +115,8 @@ OPTIONS: tuple[Option, ...] = (
            help="consecutive NVML event-wait failures before every device is marked unhealthy"),
     Option("simulate_control", "simulate-control", "str", None, ("NVDP_SIMULATE_CONTROL",),
            "flags.nvdp.simulateControl", help="unix socket for fault injection into the simulated node"),
+    Option("cdi_spec_dir", "cdi-spec-dir", "str", "/var/run/cdi", ("NVDP_CDI_SPEC_DIR",), "flags.nvdp.cdiSpecDir",
+           help="folder the CDI specs are written to with a cdi-* list strategy; empty: nvdp writes none"),
 )
 
 OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in OPTIONS}
@@ -168,6 +173,7 @@ class Config:
     health_probe_interval: float = 10.0
     health_wait_error_threshold: int = 5
     simulate_control: str | None = None
+    cdi_spec_dir: str = "/var/run/cdi"
     sharing: Sharing = field(default_factory=Sharing)
 
     def to_json(self) -> str:
@@ -332,7 +338,7 @@ def validate(cfg: Config) -> None:
             continue
         value = getattr(cfg, opt.field)
         items = value if isinstance(value, tuple) else (value,)
-        if not items:  # e.g. DEVICE_LIST_STRATEGY="": no device list would reach the container runtime
+        if not items and opt.default:  # e.g. DEVICE_LIST_STRATEGY="": no device list would reach the runtime
             raise ConfigError(_flag_name(opt), f"empty; give at least one of: {', '.join(opt.choices)}")
         # "invalid strategy" is the official wording for the strategy flags; other choices are values.
         what = "strategy" if opt.flag.endswith("-strategy") else "value"
@@ -340,6 +346,9 @@ def validate(cfg: Config) -> None:
             if item not in opt.choices:
                 raise ConfigError(_flag_name(opt), f"invalid {what}: {item!r} (allowed: {', '.join(opt.choices)})")
     _validate_health(cfg)
+    for hook in cdi_names.unknown_hooks(cfg.cdi_disable_hooks):
+        log.warning("--cdi-disable-hooks: %r names no hook; it disables nothing (known: %s)", hook,
+                    ", ".join((*cdi_names.HOOKS, cdi_names.ALL_HOOKS)))
     if not (math.isfinite(cfg.mig_rescan_interval) and cfg.mig_rescan_interval >= 0):
         raise ConfigError(
             "--mig-rescan-interval", f"{cfg.mig_rescan_interval} is not a number of seconds >= 0 (0 turns rescans off)"

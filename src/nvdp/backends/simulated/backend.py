@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from nvdp.backends.driver_root import Roots
+from nvdp.backends.simulated.driver_root import SimulatedDriverRoot
 from nvdp.core import mig as migrules
 from nvdp.core.devices import GpuInfo, MigInfo, Node, PcieLevel, Topology
 from nvdp.core.health import EventKind, HealthEvent, ProbeSample
@@ -337,8 +339,10 @@ class SimulatedBackend:
 
     name = "simulated"
 
-    def __init__(self, profile: str) -> None:
+    def __init__(self, profile: str, driver_root: str | None = None) -> None:
         self.profile_name, self.profile = load_profile(profile)
+        self._driver_root_folder = driver_root  # None: a temporary folder, made when first asked for
+        self._driver_root: SimulatedDriverRoot | None = None
         self.node = build_node(self.profile_name, self.profile)
         self._lock = threading.Lock()
         self._events: queue.Queue[HealthEvent | None] = queue.Queue()
@@ -350,6 +354,15 @@ class SimulatedBackend:
 
     def close(self) -> None:
         self._events.put(None)  # wake a waiter, if any
+        if self._driver_root is not None:
+            self._driver_root.close()
+
+    def driver_roots(self, node: Node) -> Roots:
+        """The simulated driver root and dev root for this node (see `simulated.driver_root`)."""
+        with self._lock:
+            if self._driver_root is None:
+                self._driver_root = SimulatedDriverRoot(self._driver_root_folder)
+            return self._driver_root.sync(node)
 
     # --- health source ---------------------------------------------------------------------
 
