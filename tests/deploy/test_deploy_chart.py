@@ -309,6 +309,16 @@ def test_only_the_kubelet_folder_is_mounted_by_default(render: Any) -> None:
         "path": "/var/lib/kubelet/device-plugins", "type": "Directory"}}]
 
 
+def test_a_cdi_strategy_mounts_the_nodes_cdi_folder(render: Any) -> None:
+    for strategy in ("cdi-cri", ["envvar", "cdi-annotations"]):
+        pod = _ds(render, {"deviceListStrategy": strategy})["spec"]["template"]["spec"]
+        assert {"name": "cdi-specs", "hostPath": {"path": "/var/run/cdi", "type": "DirectoryOrCreate"}} in pod["volumes"]
+        mounts = plugin_container(_ds(render, {"deviceListStrategy": strategy}))["volumeMounts"]
+        assert {"name": "cdi-specs", "mountPath": "/var/run/cdi"} in mounts
+    cfg = load({}, env_of(plugin_container(_ds(render, {"deviceListStrategy": "cdi-cri"}))))
+    assert cfg.cdi_spec_dir == "/var/run/cdi"  # where nvdp writes them by default
+
+
 def test_driver_root_is_mounted_read_only_where_nvdp_looks(render: Any) -> None:
     ds = _ds(render, {"nvidiaDriverRoot": "/run/nvidia/driver"})
     pod = ds["spec"]["template"]["spec"]

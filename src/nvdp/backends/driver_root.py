@@ -144,15 +144,23 @@ def _ld_cache_entries(root: str) -> list[ldcache.Entry] | None:
     return [e for e in entries if e.is_64bit]
 
 
+def _listdir(root: str, folder: str) -> tuple[str, list[str]]:
+    """The folder as it really is in the root (links followed inside it) and its entries, sorted."""
+    real = resolve(root, folder)
+    if real is None:
+        return folder, []
+    try:
+        return real, sorted(os.listdir(_join(root, real)))
+    except OSError:
+        return real, []
+
+
 def _folder_links(root: str, folder: str, files: Iterable[str]) -> dict[str, set[str]]:
     """Soname-style links (`libX.so.N`) in a folder that point at one of `files`."""
     links: dict[str, set[str]] = {f: set() for f in files}
-    try:
-        entries = os.listdir(_join(root, folder))
-    except OSError:
-        return links
+    real, entries = _listdir(root, folder)
     for name in entries:
-        path = f"{folder}/{name}"
+        path = f"{real}/{name}"
         if not re.fullmatch(r"lib.+\.so\.\d+", name) or not os.path.islink(_join(root, path)):
             continue
         target = resolve(root, path)
@@ -162,14 +170,12 @@ def _folder_links(root: str, folder: str, files: Iterable[str]) -> dict[str, set
 
 
 def _matching(root: str, folder: str, pattern: re.Pattern[str] | None, version: str) -> list[str]:
-    try:
-        entries = sorted(os.listdir(_join(root, folder)))
-    except OSError:
-        return []
+    """Files (not links) in the folder named lib*.so.<version>, or matching `pattern`; real paths."""
+    real, entries = _listdir(root, folder)
     found = []
     for name in entries:
         wanted = pattern.fullmatch(name) if pattern else _is_driver_library(name, version)
-        path = f"{folder}/{name}"
+        path = f"{real}/{name}"
         if wanted and not os.path.islink(_join(root, path)) and os.path.isfile(_join(root, path)):
             found.append(path)
     return found
@@ -186,10 +192,11 @@ def find_libraries(root: str, version: str, explicit: bool = False) -> tuple[Lib
                 names_ = links.setdefault(real, set())
                 if entry.soname != os.path.basename(real):
                     names_.add(entry.soname)
-        folders = sorted({os.path.dirname(p) for p in links})
-    else:
+    folders = sorted({os.path.dirname(p) for p in links})
+    if not folders:  # no ld cache, or one that names none of this version's files (ldconfig not rerun)
         folders = [f for f in LIBRARY_FOLDERS if _matching(root, f, None, version)]
         folders = folders or [f for f in FALLBACK_FOLDERS if _matching(root, f, None, version)]
+        folders = list(dict.fromkeys(_listdir(root, f)[0] for f in folders))  # /lib64 -> usr/lib64: once
     for folder in folders:
         for where in (folder, f"{folder}/vdpau"):
             files = _matching(root, where, None, version)
@@ -198,28 +205,27 @@ def find_libraries(root: str, version: str, explicit: bool = False) -> tuple[Lib
             for path, found in _folder_links(root, where, files).items():
                 links.setdefault(path, set()).update(found)
     if not links:
-        searched = _join(root, LD_CACHE) if entries is not None else ", ".join(
-            _join(root, f) for f in (*LIBRARY_FOLDERS, *FALLBACK_FOLDERS))
+        searched = ", ".join(_join(root, f) for f in (*([LD_CACHE] if entries is not None else []),
+                                                      *LIBRARY_FOLDERS, *FALLBACK_FOLDERS))
         raise CdiSpecError(f"no NVIDIA driver libraries (lib*.so.{version}) under the driver root {root} "
                            f"(searched {searched}); set --driver-root to where the driver is installed")
     return tuple(Library(p, tuple(sorted(n))) for p, n in sorted(links.items()))
 
 
 def _first_existing(root: str, paths: Sequence[str], want: int = stat.S_IFREG) -> list[str]:
-    """The paths (in order) that exist in the root as `want` (a file, socket or folder), each
-    real file once (`/var/run` and `/run` are often the same folder)."""
-    found, seen = [], set()
+    """The real paths (links followed inside the root) of those of `paths` that exist there as
+    `want` (a file, socket or folder), each once (`/var/run` is often `/run`, `/bin` `/usr/bin`)."""
+    found: list[str] = []
     for path in paths:
         real = resolve(root, path)
-        if real is None or real in seen:
+        if real is None or real in found:
             continue
         try:
             mode = os.stat(_join(root, real)).st_mode
         except OSError:
             continue
         if stat.S_IFMT(mode) == want:
-            seen.add(real)
-            found.append(path)
+            found.append(real)
     return found
 
 
@@ -233,8 +239,8 @@ def find_binaries(root: str) -> tuple[str, ...]:
 
 def find_firmware(root: str, version: str) -> tuple[str, ...]:
     for folder in FIRMWARE_FOLDERS:
-        where = f"{folder}/{version}"
-        files = [f"{where}/{n}" for n in _names(root, where) if re.fullmatch(r"gsp.*\.bin", n)]
+        real, entries = _listdir(root, f"{folder}/{version}")
+        files = [f"{real}/{n}" for n in entries if re.fullmatch(r"gsp.*\.bin", n)]
         if files:
             return tuple(files)
     return ()
