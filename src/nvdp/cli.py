@@ -18,7 +18,8 @@ from typing import Any
 import click
 
 from nvdp import __version__
-from nvdp.config.options import OPTIONS, Config, load
+from nvdp.config.load import load
+from nvdp.config.options import OPTIONS, Config
 from nvdp.errors import ConfigError, DiscoveryError, ListenError, PluginError, ServeError
 
 log = logging.getLogger("nvdp")

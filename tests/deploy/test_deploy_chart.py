@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from nvdp import __version__
-from nvdp.config.options import OPTIONS, load
+from nvdp.config.load import load
+from nvdp.config.options import OPTIONS
 from tests.deploy.deploy_tools import (
     CHART,
     HELMS,

@@ -218,10 +218,12 @@ def test_bad_simulated_profile_exits_2(plugin_dir: Path, tmp_path: Path) -> None
     assert list(plugin_dir.iterdir()) == []
 
 
-OPTIONAL_IMPORTS = ("yaml", "pydantic", "prometheus_client", "h11", "nvdp.ops.web", "nvdp.ops.metrics", "nvdp.config.file")
+OPTIONAL_IMPORTS = (
+    "yaml", "pydantic", "prometheus_client", "h11", "nvdp.ops.web", "nvdp.ops.metrics", "nvdp.config.file",
+)
 IMPORT_PROBE = """
 import sys
-from nvdp.config.options import load
+from nvdp.config.load import load
 import nvdp.app.plugin, nvdp.cli, nvdp.backends.nvml.discovery
 load(CLI, {}, read_text=lambda path: "version: v1")
 print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))

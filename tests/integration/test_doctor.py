@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from nvdp.backends.simulated.backend import build_node, load_profile
-from nvdp.config.options import Config, load
+from nvdp.config.load import load
+from nvdp.config.options import Config
 from nvdp.core.devices import MigInfo, Node
 from nvdp.core.topology import bus_key
 from nvdp.errors import NvmlUnavailable

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nvdp.app.plugin import Plugin
-from nvdp.config.options import load
+from nvdp.config.load import load
 from nvdp.core.resources import physical_id
 from nvdp.kubelet._proto import api_pb2 as pb
 from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc

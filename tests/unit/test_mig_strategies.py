@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nvdp.backends.simulated.backend import SimulatedBackend, simulated_mig_minors
-from nvdp.config.options import load
+from nvdp.config.load import load
 from nvdp.core import mig
 from nvdp.core.devices import GpuInfo, MigInfo
 from nvdp.core.resources import build_tree, plan_tree

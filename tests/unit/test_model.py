@@ -9,7 +9,8 @@ import pytest
 
 from nvdp.backends.nvml.discovery import library_candidates, read_numa_node
 from nvdp.backends.simulated.backend import SimulatedBackend, builtin_profiles, load_profile
-from nvdp.config.options import Sharing, TimeSlicingResource, load
+from nvdp.config.load import load
+from nvdp.config.options import Sharing, TimeSlicingResource
 from nvdp.core.devices import Health, PcieLevel, Resource, diff
 from nvdp.core.resources import build_tree, physical_id
 from nvdp.errors import ConfigError, DiscoveryError

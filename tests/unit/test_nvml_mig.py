@@ -15,7 +15,7 @@ import pynvml
 import pytest
 
 from nvdp.backends.nvml.discovery import NvmlBackend
-from nvdp.config.options import load
+from nvdp.config.load import load
 from nvdp.core import mig
 from nvdp.core.migprofiles import H100_80GB_HBM3
 from nvdp.core.resources import build_tree

@@ -23,12 +23,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
+from nvdp.config.options import Config
+from nvdp.config.parse import health_items
 from nvdp.core.devices import Device, DeviceTree, Health, Resource
-
-if TYPE_CHECKING:
-    from nvdp.config.options import Config
 
 # The official plugin's default ignore set (application errors, not GPU faults).
 DEFAULT_IGNORED_XIDS = frozenset({13, 31, 43, 45, 68, 109})
@@ -104,26 +102,6 @@ class CheckSwitches:
     xids: XidFilter = field(default_factory=XidFilter)
 
 
-def _items(name: str, values: Iterable[str]) -> tuple[set[str], set[int]]:
-    words: set[str] = set()
-    numbers: set[int] = set()
-    for raw in values:
-        item = raw.strip().lower()
-        if not item:
-            continue
-        if item in ("all", "xids"):
-            words.add(item)
-            continue
-        try:
-            number = int(item)
-        except ValueError:
-            raise ValueError(f"{name}: {raw!r} is neither 'all', 'xids' nor an XID number") from None
-        if number < 0:
-            raise ValueError(f"{name}: {raw!r} is not a valid XID (negative)")
-        numbers.add(number)
-    return words, numbers
-
-
 def check_switches(disable: Sequence[str], enable: Sequence[str]) -> CheckSwitches:
     """The official meanings, with one deliberate fix (docs/health.md has the full table):
 
@@ -136,10 +114,10 @@ def check_switches(disable: Sequence[str], enable: Sequence[str]) -> CheckSwitch
     - DISABLE=xids: XIDs are not acted on (except the ENABLE numbers) but the probe and ECC
       checks, which the official plugin does not have, stay on.
 
-    Raises ValueError for an item that is not 'all', 'xids' or a non-negative number.
+    Raises ConfigError for an item that is not 'all', 'xids' or a non-negative number.
     """
-    d_words, d_numbers = _items("DP_DISABLE_HEALTHCHECKS", disable)
-    e_words, e_numbers = _items("DP_ENABLE_HEALTHCHECKS", enable)
+    d_words, d_numbers = health_items("disable_healthchecks", disable)
+    e_words, e_numbers = health_items("enable_healthchecks", enable)
     if e_words:  # "all" (or "xids") re-enables every XID and every check
         return CheckSwitches(xids=XidFilter(ignored=frozenset()))
     if "all" in d_words:

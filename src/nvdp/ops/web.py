@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import h11
 from prometheus_client.exposition import choose_encoder
 
-from nvdp.config.options import parse_listen_address
+from nvdp.config.load import parse_listen_address
 from nvdp.errors import ListenError
 from nvdp.ops.metrics import make_registry, plugin_state
 from nvdp.ops.readiness import liveness, readiness
