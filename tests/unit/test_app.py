@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.app.plugin import discover_once
+from nvdp.app.discovery import discover_once
 from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.config.load import load
 from nvdp.config.options import Config
