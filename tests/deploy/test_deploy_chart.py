@@ -221,6 +221,7 @@ def test_every_rendered_env_var_is_one_nvdp_or_the_runtime_reads(render: Any) ->
     known = {e for o in OPTIONS for e in o.envs} | set(RUNTIME_ENV) | {"NVIDIA_MIG_MONITOR_DEVICES"}
     for param in CASES:
         case = param.values[0]
+        assert isinstance(case, Case)  # pytest types a parameter as object
         env = env_of(plugin_container(only(render("helm4", case), "DaemonSet")))
         extra = {e["name"] for e in case.values.get("extraEnv", [])}
         assert set(env) - extra <= known, param.id

@@ -364,7 +364,9 @@ events_strategy = st.lists(
 
 
 @given(events_strategy)
-def test_after_a_quiet_period_only_fatal_faults_remain(events: list[tuple[str, int, float, tuple]]) -> None:
+def test_after_a_quiet_period_only_fatal_faults_remain(
+    events: list[tuple[str, int, float, tuple[int | None, int | None]]],
+) -> None:
     state = probe(HealthState(), 0.0, a=OK, b=OK, c=OK)
     for gpu, number, at, (gi, ci) in sorted(events, key=lambda e: e[2]):
         state = apply_event(state, xid(gpu, number, gi, ci), ALL_XIDS, now=at)
