@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.backends.simulated.backend import build_node, load_profile
+from nvdp.backends.simulated.backend import load_profile
+from nvdp.backends.simulated.expand import build_node
 from nvdp.config.load import load
 from nvdp.config.options import Config
 from nvdp.core.devices import MigInfo, Node

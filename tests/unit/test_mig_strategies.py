@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.backends.simulated.backend import SimulatedBackend, simulated_mig_minors
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.backends.simulated.expand import simulated_mig_minors
 from nvdp.config.load import load
 from nvdp.core import mig
 from nvdp.core.devices import GpuInfo, MigInfo
