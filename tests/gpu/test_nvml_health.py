@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.backends.nvml.discovery import NvmlBackend, event_mask
+from nvdp.backends.nvml.discovery import NvmlBackend
+from nvdp.backends.nvml.health import event_mask
+from nvdp.backends.nvml.seam import Nvml
 from nvdp.config.load import load
 from nvdp.config.options import Config
 from nvdp.testing import FakeKubelet
@@ -32,7 +34,7 @@ def test_events_register_and_a_quiet_wait_times_out() -> None:
             for gpu in node.gpus:
                 handle = pynvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
                 supported = pynvml.nvmlDeviceGetSupportedEventTypes(handle)
-                assert event_mask(pynvml) & supported, f"{gpu.uuid} supports none of the events we watch"
+                assert event_mask(Nvml(pynvml)) & supported, f"{gpu.uuid} supports none of the events we watch"
             # No XID expected on a healthy GPU: the wait must time out (None), not fail.
             assert waiter.wait(0.3) is None
         finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.backends.nvml.discovery import nvml_loadable
+from nvdp.backends.nvml.library import nvml_loadable
 from nvdp.testing import FakeKubelet, eventually, eventually_sync
 
 BIN = Path(sys.executable).parent
@@ -245,7 +245,7 @@ OPTIONAL_IMPORTS = (
 IMPORT_PROBE = """
 import sys
 from nvdp.config.load import load
-import nvdp.app.plugin, nvdp.cli, nvdp.backends.nvml.discovery
+import nvdp.app.plugin, nvdp.cli, nvdp.backends.nvml.discovery, nvdp.backends.nvml.library
 load(CLI, {}, read_text=lambda path: "version: v1")
 print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
 """

@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 from nvdp.backends.base import GpuBackend
-from nvdp.backends.nvml.discovery import LIBRARY, LIBRARY_DIRS
+from nvdp.backends.nvml.library import LIBRARY, LIBRARY_DIRS
 from nvdp.config.options import Config
 from nvdp.core import mig
 from nvdp.core.container import CDI_STRATEGIES, CDI_VENDOR
