@@ -158,3 +158,12 @@ def test_the_library_under_the_driver_root_is_chosen_and_close_shuts_nvml_down(t
     backend.close()  # a second close: NVML answers UNINITIALIZED, which is ignored
     assert fake.initialised == 0
 
+
+def test_the_example_in_docs_testing_runs(tmp_path: Path) -> None:
+    text = (Path(__file__).parents[2] / "docs" / "testing.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, object] = {}
+    exec(code, namespace)  # the page's own example, as a user would run it
+    example = namespace["test_my_node"]
+    assert callable(example)
+    example(tmp_path)
