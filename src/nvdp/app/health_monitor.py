@@ -23,6 +23,7 @@ from nvdp.core.devices import Node
 from nvdp.core.health import (
     EventKind,
     Fault,
+    FaultSource,
     HealthEvent,
     HealthSettings,
     HealthState,
@@ -152,7 +153,7 @@ class HealthMonitor:
         gpus = [g.uuid for g in node.gpus]
         self.state = forget_gpus(self.state, gpus)
         # A new event source: registration and wait failures belong to the old one.
-        self.state = drop_faults(self.state, lambda f: f.source not in ("register", "wait"))
+        self.state = drop_faults(self.state, lambda f: f.source not in (FaultSource.REGISTER, FaultSource.WAIT))
         if not self.settings.enabled:
             log.info("health checks disabled (DP_DISABLE_HEALTHCHECKS=all)")
             await self._publish()
@@ -187,7 +188,8 @@ class HealthMonitor:
         now = self._clock()
         for gpu, why in waiter.failures.items():
             reason = f"NVML event registration failed: {why}"
-            self.state = add_fault(self.state, Fault(Scope(gpu), "register", Severity.CONDITION, reason, None, now))
+            fault = Fault(Scope(gpu), FaultSource.REGISTER, Severity.CONDITION, reason, None, now)
+            self.state = add_fault(self.state, fault)
 
     # --- events (from the thread) ------------------------------------------------------------
 
