@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from nvdp.app.plugin import BackendFactory, Plugin, open_backend
+from nvdp.app.discovery import BackendFactory, open_backend
+from nvdp.app.plugin import Plugin
 from nvdp.config.load import load
 from nvdp.config.options import Config
 from nvdp.testing import FakeKubelet

@@ -230,7 +230,7 @@ async def test_liveness_fails_when_a_server_does_not_answer(plugin_dir: Path, ma
     plugin = Plugin(make_config("pcie-l40s"))
     resource = Resource(GPU, ())
     plugin.manager.servers[GPU] = ResourceServer(resource, plugin.manager.context, str(plugin_dir))  # never started
-    result = await liveness(plugin, timeout=0.5)
+    result = await liveness(plugin.view, timeout=0.5)
     assert not result.ok
     assert "[-]server:nvidia.com/gpu failed: GetDevicePluginOptions" in result.text()
 

@@ -270,7 +270,7 @@ async def test_empty_kubelet_socket_serves_without_registering(
                          "the log line that registration is skipped")
         assert sorted(p.name for p in plugin_dir.iterdir()) == ["nvidia-gpu.sock"]
         assert plugin.manager.registered == set() and plugin.manager.registration_failures == 0
-        assert readiness(plugin).ok and plugin.manager.all_registered
+        assert readiness(plugin.view.state()).ok and plugin.manager.all_registered
         async with grpc.aio.insecure_channel(f"unix://{plugin_dir}/nvidia-gpu.sock") as channel:
             stream = pb_grpc.DevicePluginStub(channel).ListAndWatch(pb.Empty())
             first = await stream.read()
@@ -297,11 +297,12 @@ async def test_no_devices_idles_when_not_failing(
 ) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("gpus: []\n")
-    async with running_plugin(make_config(str(empty), fail_on_init_error="false")) as plugin:
+    with_gpus = make_config("pcie-l40s", fail_on_init_error="false")
+    async with running_plugin(make_config(str(empty), fail_on_init_error="false"),
+                              reload_config=lambda: with_gpus) as plugin:
         assert plugin.init_error is not None
         assert plugin.manager.servers == {}
         # SIGHUP retries: with GPUs now present (a driver came up), it serves.
-        plugin.cfg = make_config("pcie-l40s", fail_on_init_error="false")
         await plugin.reload()
         await kubelet.wait_registered(GPU, min_devices=4)
 
