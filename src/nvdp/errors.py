@@ -16,7 +16,7 @@
     └── ListenError            the metrics/probe listener could not be opened (address in use...)
 
 Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where they enter
-(`nvml.py`, `kubelet.py`) and re-raised `from` the original.
+(`backends/nvml/seam.py`, `kubelet/registration.py`) and re-raised `from` the original.
 """
 
 from __future__ import annotations

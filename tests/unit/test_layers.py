@@ -191,6 +191,33 @@ def test_only_the_cli_reads_argv_and_environ() -> None:
     assert environ_readers(modules()) == []
 
 
+# Logger names operators filter on (docs/architecture.md "Logger names"): the names of the flat
+# package's modules, kept when the modules moved into folders.
+LOGGER_NAMES = frozenset({
+    "nvdp", "nvdp.app", "nvdp.manager", "nvdp.server", "nvdp.kubelet", "nvdp.nvml", "nvdp.healthwatch",
+    "nvdp.configfile", "nvdp.simcontrol", "nvdp.web",
+})
+
+
+def logger_names(known: Mapping[str, Path]) -> dict[str, str]:
+    """module -> the literal name it passes to logging.getLogger (`__name__` would drift with moves)."""
+    found = {}
+    for name, path in known.items():
+        if generated(name):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "getLogger"
+                    and node.args):
+                arg = node.args[0]
+                found[name] = arg.value if isinstance(arg, ast.Constant) else ast.unparse(arg)
+    return found
+
+
+def test_logger_names_stay_as_documented() -> None:
+    names = logger_names(modules())
+    assert set(names.values()) - {"grpc"} == LOGGER_NAMES, names  # "grpc": ops/logs.py quiets grpc's own logger
+
+
 def test_every_folder_has_a_rank() -> None:
     assert {folder(m) for m in modules()} <= set(RANKS)
 
