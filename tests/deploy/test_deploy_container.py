@@ -41,10 +41,11 @@ def test_dockerfile_facts() -> None:
                     "NVIDIA_DISABLE_REQUIRE=true", "PATH=/opt/nvdp/bin:"):
         assert setting in env
     labels = " ".join(arg for op, arg in instr if op == "LABEL")
-    for key in ("title", "description", "version", "licenses"):
+    for key in ("title", "description", "version", "source", "licenses"):
         assert f"org.opencontainers.image.{key}=" in labels
     assert ("ARG", f"VERSION={__version__}") in instr
-    assert ("RUN", "deployments/container/install.sh /opt/nvdp /src") in instr
+    assert ("RUN", "deployments/container/install.sh /opt/nvdp /src /opt/nvdp-usr-bin") in instr
+    assert ("COPY", "--from=build /opt/nvdp-usr-bin/ /usr/bin/") in instr
 
 
 def dockerfile_copies() -> list[str]:
