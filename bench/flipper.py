@@ -14,7 +14,7 @@ import asyncio
 import sys
 
 from nvdp.app.plugin import Plugin
-from nvdp.config.options import load
+from nvdp.config.load import load
 from nvdp.core.devices import DeviceTree, Health, Resource
 from nvdp.core.resources import GPU_RESOURCE
 

@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from bench.harness import Figure, Settings
 from nvdp.app.plugin import Plugin
 from nvdp.backends.simulated.backend import SimulatedBackend
-from nvdp.config.options import load
+from nvdp.config.load import load
 from nvdp.core.resources import GPU_RESOURCE
 from nvdp.ops import logs
 from nvdp.testing import FakeKubelet

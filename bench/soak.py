@@ -142,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(soak(args))
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "soak.json").write_text(json.dumps({"machine": info, **result}, indent=2) + "\n")
-    for s in result["samples"]:  # type: ignore[attr-defined]
+    samples, growth = result["samples"], result["rss_growth_pct"]
+    assert isinstance(samples, list) and isinstance(growth, float)
+    for s in samples:
         print(f"  t={s['at_s']:>7.1f} s  RSS {s['rss_mib']:6.1f} MiB  fds {s['fds']:>3}  calls {s['calls']:>8}")
-    ok = result["rss_growth_pct"] < GOAL_PCT and result["failure_count"] == 0  # type: ignore[operator]
+    ok = growth < GOAL_PCT and result["failure_count"] == 0
     print(f"{result['calls']} calls ({result['calls_per_s']}/s), {result['failure_count']} failed, "
           f"{result['kubelet_restarts']} kubelet restarts; RSS {result['rss_after_warm_up_mib']:.1f} MiB after "
           f"{result['warm_up_s']:.0f} s warm-up -> {result['rss_end_mib']:.1f} MiB at the end: "

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from bench.harness import Figure, Settings
 from nvdp.backends.simulated.backend import SimulatedBackend
-from nvdp.config.options import load
+from nvdp.config.load import load
 from nvdp.core import allocation
 from nvdp.core.devices import Resource, Topology
 from nvdp.core.resources import GPU_RESOURCE, build_tree

@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from nvdp.app.plugin import BackendFactory, Plugin, open_backend
-from nvdp.config.options import Config, load
+from nvdp.app.discovery import BackendFactory, open_backend
+from nvdp.app.plugin import Plugin
+from nvdp.config.load import load
+from nvdp.config.options import Config
 from nvdp.testing import FakeKubelet
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import click
 
 from nvdp import __version__
-from nvdp.config.options import OPTIONS, Config, load
+from nvdp.config.load import load
+from nvdp.config.options import OPTIONS, Config
 from nvdp.errors import ConfigError, DiscoveryError, ListenError, PluginError, ServeError
 
 log = logging.getLogger("nvdp")
@@ -131,7 +132,7 @@ def serve_main(**cli_values: Any) -> None:
 @_option_decorators
 def devices(as_json: bool, **cli_values: Any) -> None:
     """Print what would be advertised for the current flags and backend."""
-    from nvdp.app.plugin import discover_once
+    from nvdp.app.discovery import discover_once
     from nvdp.tools.report import devices_json, devices_table
 
     cfg = _config_or_exit(cli_values)
@@ -180,7 +181,7 @@ def doctor(as_json: bool, proc_root: str, sys_root: str, etc_root: str, run_root
     from dataclasses import replace
     from pathlib import Path
 
-    from nvdp.app.plugin import open_backend
+    from nvdp.app.discovery import open_backend
     from nvdp.tools import doctor as dr
 
     cfg = _config_or_exit(cli_values)

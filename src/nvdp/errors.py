@@ -17,7 +17,7 @@
     └── CdiSpecError           a CDI spec could not be generated or written (names the path)
 
 Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where they enter
-(`nvml.py`, `kubelet.py`) and re-raised `from` the original.
+(`backends/nvml/seam.py`, `kubelet/registration.py`) and re-raised `from` the original.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from nvdp import __version__
-from nvdp.config.options import OPTIONS, load
+from nvdp.config.load import load
+from nvdp.config.options import OPTIONS
 from tests.deploy.deploy_tools import (
     CHART,
     HELMS,
@@ -221,6 +222,7 @@ def test_every_rendered_env_var_is_one_nvdp_or_the_runtime_reads(render: Any) ->
     known = {e for o in OPTIONS for e in o.envs} | set(RUNTIME_ENV) | {"NVIDIA_MIG_MONITOR_DEVICES"}
     for param in CASES:
         case = param.values[0]
+        assert isinstance(case, Case)  # pytest types a parameter as object
         env = env_of(plugin_container(only(render("helm4", case), "DaemonSet")))
         extra = {e["name"] for e in case.values.get("extraEnv", [])}
         assert set(env) - extra <= known, param.id
@@ -312,7 +314,8 @@ def test_only_the_kubelet_folder_is_mounted_by_default(render: Any) -> None:
 def test_a_cdi_strategy_mounts_the_nodes_cdi_folder(render: Any) -> None:
     for strategy in ("cdi-cri", ["envvar", "cdi-annotations"]):
         pod = _ds(render, {"deviceListStrategy": strategy})["spec"]["template"]["spec"]
-        assert {"name": "cdi-specs", "hostPath": {"path": "/var/run/cdi", "type": "DirectoryOrCreate"}} in pod["volumes"]
+        volume = {"name": "cdi-specs", "hostPath": {"path": "/var/run/cdi", "type": "DirectoryOrCreate"}}
+        assert volume in pod["volumes"]
         mounts = plugin_container(_ds(render, {"deviceListStrategy": strategy}))["volumeMounts"]
         assert {"name": "cdi-specs", "mountPath": "/var/run/cdi"} in mounts
     cfg = load({}, env_of(plugin_container(_ds(render, {"deviceListStrategy": "cdi-cri"}))))

@@ -10,13 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nvdp import __version__
+from nvdp.testing import eventually_sync
 from tests.deploy.deploy_tools import CONTAINER, ROOT
 
 pytestmark = pytest.mark.deploy
@@ -41,10 +41,11 @@ def test_dockerfile_facts() -> None:
                     "NVIDIA_DISABLE_REQUIRE=true", "PATH=/opt/nvdp/bin:"):
         assert setting in env
     labels = " ".join(arg for op, arg in instr if op == "LABEL")
-    for key in ("title", "description", "version", "licenses"):
+    for key in ("title", "description", "version", "source", "licenses"):
         assert f"org.opencontainers.image.{key}=" in labels
     assert ("ARG", f"VERSION={__version__}") in instr
-    assert ("RUN", "deployments/container/install.sh /opt/nvdp /src") in instr
+    assert ("RUN", "deployments/container/install.sh /opt/nvdp /src /opt/nvdp-usr-bin") in instr
+    assert ("COPY", "--from=build /opt/nvdp-usr-bin/ /usr/bin/") in instr
 
 
 def dockerfile_copies() -> list[str]:
@@ -124,11 +125,11 @@ def image_plugin(image_venv: Path, plugin_dir: Path) -> Iterator[tuple[subproces
         proc = subprocess.Popen(["nvidia-device-plugin"], stdout=out, stderr=subprocess.STDOUT, text=True,
                                 env=env, cwd="/")
     try:
-        deadline = time.monotonic() + 30
-        while not (plugin_dir / "nvidia-gpu.sock").exists():
+        def serving() -> bool:
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+            return (plugin_dir / "nvidia-gpu.sock").exists()
+
+        eventually_sync(serving, "the plugin's socket", timeout_s=30, poll_s=0.05, detail=log.read_text)
         yield proc, log
     finally:
         if proc.poll() is None:
@@ -151,10 +152,8 @@ def pids_named(name: str) -> list[int]:
 
 
 def wait_for(log: Path, text: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text():
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{log.read_text()}"
-        time.sleep(0.05)
+    eventually_sync(lambda: text in log.read_text(), f"{text!r} in the log", timeout_s=timeout, poll_s=0.05,
+                    detail=log.read_text)
 
 
 def test_argv0_is_exactly_the_plugin_name_and_sighup_reloads(

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from nvdp.backends.nvml.discovery import nvml_loadable
+from nvdp.backends.nvml.library import nvml_loadable
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -8,8 +8,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nvdp.app.plugin import open_backend
-from nvdp.config.options import load
+from nvdp.app.discovery import open_backend
+from nvdp.config.load import load
 from nvdp.testing import FakeKubelet
 from nvdp.tools.doctor import Doctor, Layout, Status
 from tests.conftest import running_plugin

@@ -6,14 +6,16 @@ counters change nothing on the GPU.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
-from nvdp.backends.nvml.discovery import NvmlBackend, event_mask
-from nvdp.config.options import Config, load
-from nvdp.testing import FakeKubelet
+from nvdp.backends.nvml.discovery import NvmlBackend
+from nvdp.backends.nvml.health import event_mask
+from nvdp.backends.nvml.seam import Nvml
+from nvdp.config.load import load
+from nvdp.config.options import Config
+from nvdp.testing import FakeKubelet, eventually
 from tests.conftest import running_plugin
 
 pytestmark = pytest.mark.gpu
@@ -31,7 +33,7 @@ def test_events_register_and_a_quiet_wait_times_out() -> None:
             for gpu in node.gpus:
                 handle = pynvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
                 supported = pynvml.nvmlDeviceGetSupportedEventTypes(handle)
-                assert event_mask(pynvml) & supported, f"{gpu.uuid} supports none of the events we watch"
+                assert event_mask(Nvml(pynvml)) & supported, f"{gpu.uuid} supports none of the events we watch"
             # No XID expected on a healthy GPU: the wait must time out (None), not fail.
             assert waiter.wait(0.3) is None
         finally:
@@ -67,6 +69,5 @@ async def test_plugin_health_loop_on_real_gpus(plugin_dir: Path) -> None:
 
     async with FakeKubelet(str(plugin_dir)) as kubelet, running_plugin(cfg, backend_factory=make) as plugin:
         endpoint = await kubelet.wait_registered("nvidia.com/gpu", timeout=30)
-        await asyncio.sleep(1.0)  # several probes and event waits
-        assert plugin.health.probes_run >= 3
+        await eventually(lambda: plugin.health.probes_run >= 3, "three health probes of the real GPUs")
         assert all(d.health == "Healthy" for d in endpoint.devices.values()), plugin.health.state.faults

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from nvdp.backends.nvml.discovery import NvmlBackend
-from nvdp.config.options import Config, load
+from nvdp.config.load import load
+from nvdp.config.options import Config
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
 

@@ -57,7 +57,8 @@ async def test_the_spec_is_written_before_registering_and_defines_what_allocate_
         plugin_dir: Path, make_config: MakeConfig, tmp_path: Path) -> None:
     spec_dir = tmp_path / "cdi"
     cfg = make_config("dgx-h100", device_list_strategy="cdi-cri,cdi-annotations", cdi_spec_dir=str(spec_dir))
-    async with SpecCheckingKubelet(str(plugin_dir), spec_dir / GPU_FILE) as kubelet, running_plugin(cfg):
+    kubelet = SpecCheckingKubelet(str(plugin_dir), spec_dir / GPU_FILE)
+    async with kubelet, running_plugin(cfg):
         endpoint = await kubelet.wait_registered(GPU)
         assert kubelet.spec_at_register == [True]
         chosen = list(endpoint.devices)[:2]

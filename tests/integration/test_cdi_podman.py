@@ -29,10 +29,11 @@ from typing import Any
 import pytest
 
 from nvdp.app import cdi as app_cdi
-from nvdp.app.plugin import open_backend
+from nvdp.app.discovery import open_backend
 from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.backends.simulated.driver_root import NOTE, library_folder
-from nvdp.config.options import Config, load
+from nvdp.config.load import load
+from nvdp.config.options import Config
 from nvdp.core.cdi import SpecSet
 from nvdp.core.container import CDI_VENDOR
 from nvdp.testing import FakeKubelet

@@ -7,15 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from nvdp.backends.nvml.discovery import nvml_loadable
-from nvdp.testing import FakeKubelet
+from nvdp.backends.nvml.library import nvml_loadable
+from nvdp.testing import FakeKubelet, eventually, eventually_sync
 
 BIN = Path(sys.executable).parent
 GPU = "nvidia.com/gpu"
@@ -31,27 +32,45 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@dataclass
+class Child:
+    """The console script as a child process; its stdout and stderr go to a file, so a test can
+    read what it logged so far while it runs."""
+
+    proc: subprocess.Popen[str]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def logged(self, text: str) -> bool:
+        return text in self.output()
+
+
 @contextmanager
-def plugin_process(*args: str, **env: str) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [script("nvidia-device-plugin"), *args],
-        env=clean_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def plugin_process(*args: str, **env: str) -> Iterator[Child]:
+    with tempfile.TemporaryDirectory(prefix="nvdp-cli-") as folder:
+        log = Path(folder) / "output.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [script("nvidia-device-plugin"), *args],
+                env=clean_env(**env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        try:
+            yield Child(proc, log)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
-def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=15)
-    return proc.returncode, out
+def stop(child: Child, sig: int = signal.SIGTERM) -> tuple[int, str]:
+    child.proc.send_signal(sig)
+    code = child.proc.wait(timeout=15)
+    return code, child.output()
 
 
 def test_version_and_help() -> None:
@@ -90,10 +109,10 @@ def test_bad_input_exits_2_naming_the_field_before_touching_sockets(
 
 async def test_sigterm_stops_cleanly_and_removes_sockets(plugin_dir: Path) -> None:
     async with FakeKubelet(str(plugin_dir)) as kubelet:
-        with plugin_process("--simulate", "pcie-l40s", "--kubelet-socket", str(plugin_dir / "kubelet.sock")) as proc:
+        with plugin_process("--simulate", "pcie-l40s", "--kubelet-socket", str(plugin_dir / "kubelet.sock")) as child:
             await kubelet.wait_registered(GPU, timeout=20, min_devices=4)
             assert (plugin_dir / "nvidia-gpu.sock").exists()
-            code, out = stop(proc)
+            code, out = stop(child)
     assert code == 0, out
     assert not (plugin_dir / "nvidia-gpu.sock").exists()
     assert "Running with config:" in out
@@ -101,9 +120,9 @@ async def test_sigterm_stops_cleanly_and_removes_sockets(plugin_dir: Path) -> No
 
 async def test_sigint_also_stops_cleanly(plugin_dir: Path) -> None:
     async with FakeKubelet(str(plugin_dir)) as kubelet:
-        with plugin_process("--simulate", "h200", "--kubelet-socket", str(plugin_dir / "kubelet.sock")) as proc:
+        with plugin_process("--simulate", "h200", "--kubelet-socket", str(plugin_dir / "kubelet.sock")) as child:
             await kubelet.wait_registered(GPU, timeout=20)
-            code, _ = stop(proc, signal.SIGINT)
+            code, _ = stop(child, signal.SIGINT)
     assert code == 0
 
 
@@ -112,13 +131,13 @@ async def test_sighup_rereads_the_config_file(plugin_dir: Path) -> None:
     config.write_text("version: v1\n")
     async with FakeKubelet(str(plugin_dir)) as kubelet:
         with plugin_process("--kubelet-socket", str(plugin_dir / "kubelet.sock"),
-                            NVDP_SIMULATE="pcie-l40s", CONFIG_FILE=str(config)) as proc:
+                            NVDP_SIMULATE="pcie-l40s", CONFIG_FILE=str(config)) as child:
             await kubelet.wait_registered(GPU, timeout=20, min_devices=4)
             config.write_text("version: v1\nsharing:\n  timeSlicing:\n"
                               "    resources: [{name: nvidia.com/gpu, replicas: 3}]\n")
-            proc.send_signal(signal.SIGHUP)
+            child.proc.send_signal(signal.SIGHUP)
             await kubelet.wait_for(lambda: len(kubelet.plugins[GPU].devices) == 12, timeout=20)
-            code, out = stop(proc)
+            code, out = stop(child)
     assert code == 0, out
 
 
@@ -126,13 +145,13 @@ async def test_sighup_with_an_unknown_profile_in_the_config_file_keeps_running(p
     config = plugin_dir / "config.yaml"
     config.write_text("version: v1\nflags:\n  nvdp:\n    simulate: pcie-l40s\n")
     async with FakeKubelet(str(plugin_dir)) as kubelet:
-        with plugin_process("--kubelet-socket", str(plugin_dir / "kubelet.sock"), CONFIG_FILE=str(config)) as proc:
+        with plugin_process("--kubelet-socket", str(plugin_dir / "kubelet.sock"), CONFIG_FILE=str(config)) as child:
             endpoint = await kubelet.wait_registered(GPU, timeout=20, min_devices=4)
             config.write_text("version: v1\nflags:\n  nvdp:\n    simulate: no-such-profile\n")
-            proc.send_signal(signal.SIGHUP)
-            time.sleep(1.0)
-            assert proc.poll() is None and endpoint.connected
-            code, out = stop(proc)
+            child.proc.send_signal(signal.SIGHUP)
+            await eventually(lambda: child.logged("keeping the running"), "the log line that the reload failed")
+            assert child.proc.poll() is None and endpoint.connected
+            code, out = stop(child)
     assert code == 0, out
     assert "no-such-profile" in out and "keeping the running" in out
     assert "Traceback" not in out
@@ -146,15 +165,17 @@ def test_no_devices(plugin_dir: Path, tmp_path: Path, fail: str, expect_exit: in
     empty = tmp_path / "empty.yaml"
     empty.write_text("gpus: []\n")
     with plugin_process("--simulate", str(empty), "--kubelet-socket", str(plugin_dir / "kubelet.sock"),
-                        f"--fail-on-init-error={fail}") as proc:
+                        f"--fail-on-init-error={fail}") as child:
         if expect_exit is not None:
-            out, _ = proc.communicate(timeout=20)
-            assert proc.returncode == expect_exit
+            child.proc.wait(timeout=20)
+            out = child.output()
+            assert child.proc.returncode == expect_exit
             assert "no devices found" in out
         else:
-            time.sleep(1.5)
-            assert proc.poll() is None  # idles instead of crash-looping
-            code, out = stop(proc)
+            eventually_sync(lambda: child.logged("idling until SIGHUP"), "the log line that it idles",
+                            detail=child.output)
+            assert child.proc.poll() is None  # idles instead of crash-looping
+            code, out = stop(child)
             assert code == 0
             assert "idling until SIGHUP or SIGTERM" in out
 
@@ -218,11 +239,13 @@ def test_bad_simulated_profile_exits_2(plugin_dir: Path, tmp_path: Path) -> None
     assert list(plugin_dir.iterdir()) == []
 
 
-OPTIONAL_IMPORTS = ("yaml", "pydantic", "prometheus_client", "h11", "nvdp.ops.web", "nvdp.ops.metrics", "nvdp.config.file")
+OPTIONAL_IMPORTS = (
+    "yaml", "pydantic", "prometheus_client", "h11", "nvdp.ops.web", "nvdp.ops.metrics", "nvdp.config.file",
+)
 IMPORT_PROBE = """
 import sys
-from nvdp.config.options import load
-import nvdp.app.plugin, nvdp.cli, nvdp.backends.nvml.discovery
+from nvdp.config.load import load
+import nvdp.app.plugin, nvdp.cli, nvdp.backends.nvml.discovery, nvdp.backends.nvml.library
 load(CLI, {}, read_text=lambda path: "version: v1")
 print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
 """

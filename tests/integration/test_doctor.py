@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.backends.simulated.backend import build_node, load_profile
-from nvdp.config.options import Config, load
+from nvdp.backends.simulated.backend import load_profile
+from nvdp.backends.simulated.expand import build_node
+from nvdp.config.load import load
+from nvdp.config.options import Config
 from nvdp.core.devices import MigInfo, Node
 from nvdp.core.topology import bus_key
 from nvdp.errors import NvmlUnavailable
@@ -151,7 +153,10 @@ def no_driver(root: Path) -> None:
 
 
 def write(rel: str, text: str) -> Mutate:
-    return lambda root: put(root / rel, text) and None
+    def mutate(root: Path) -> None:
+        put(root / rel, text)
+
+    return mutate
 
 
 def remove(rel: str) -> Mutate:

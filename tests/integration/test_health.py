@@ -20,7 +20,7 @@ from nvdp.cli import main
 from nvdp.config.options import Config
 from nvdp.core.health import EventKind, HealthEvent, ProbeSample
 from nvdp.errors import DeviceError, EventWaitError, NvmlUnavailable
-from nvdp.testing import FakeKubelet
+from nvdp.testing import FakeKubelet, eventually, stays_true
 from nvdp.testing.fake_kubelet import PluginEndpoint
 from tests.conftest import running_plugin
 
@@ -36,13 +36,6 @@ def sim(plugin: Plugin) -> SimulatedBackend:
 
 def health(endpoint: PluginEndpoint, device: str) -> str:
     return endpoint.devices[device].health
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """For plugin-side facts (the kubelet's wait_for only wakes on kubelet-side changes)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_transient_xid_goes_unhealthy_then_healthy_again(
@@ -66,11 +59,14 @@ async def test_fatal_xid_stays_down_until_the_gpu_is_reset(kubelet: FakeKubelet,
         gpu = sim(plugin).inject_xid(5, 79).gpu
         await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy")
         probes = plugin.health.probes_run
-        await asyncio.sleep(1.0)  # five quiet periods, about twenty passing probes
+        # Five quiet periods, about twenty passing probes: none of them brings a fatal fault back.
+        await stays_true(lambda: health(endpoint, gpu) == "Unhealthy", 1.0, f"{gpu} Unhealthy after XID 79")
         assert plugin.health.probes_run >= probes + 5
         assert health(endpoint, gpu) == "Unhealthy"
+        probes = plugin.health.probes_run
         sim(plugin).lose(5)
-        await asyncio.sleep(0.2)
+        # The second probe from now started after the loss (the first may have been under way).
+        await eventually(lambda: plugin.health.probes_run >= probes + 2, "a probe that finds GPU 5 lost")
         sim(plugin).restore(5)  # lost, then back: NVML saw a reset
         await kubelet.wait_for(lambda: health(endpoint, gpu) == "Healthy", timeout=5)
 
@@ -160,7 +156,7 @@ async def test_disable_all_watches_nothing(kubelet: FakeKubelet, make_config: Ma
         endpoint = await kubelet.wait_registered(GPU, min_devices=4)
         sim(plugin).inject_xid(0, 79)
         sim(plugin).lose(1)
-        await asyncio.sleep(0.3)
+        await stays_true(lambda: len(endpoint.healthy) == 4, 0.3, "every device Healthy with no checks watching")
         assert len(endpoint.healthy) == 4
         assert plugin.health.events_received == 0 and plugin.health.probes_run == 0
 
@@ -182,7 +178,7 @@ async def test_ecc_counter_rise_is_caught_by_the_probe(kubelet: FakeKubelet, mak
     async with running_plugin(make_config("h200", **FAST)) as plugin:
         endpoint = await kubelet.wait_registered(GPU)
         (gpu,) = endpoint.devices
-        await eventually(lambda: plugin.health.probes_run >= 1)  # the first probe sets the baseline
+        await eventually(lambda: plugin.health.probes_run >= 1, "the first probe (it sets the baseline)")
         sim(plugin).raise_ecc(0, count=2)
         await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy", timeout=5)
         assert plugin.manager.tree[GPU].devices[0].reason == (
@@ -216,7 +212,7 @@ async def test_reload_keeps_a_fatal_fault(kubelet: FakeKubelet, make_config: Mak
         gpu = sim(plugin).inject_xid(0, 79).gpu
         await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy")
         await plugin.reload()
-        await asyncio.sleep(0.1)
+        await stays_true(lambda: health(endpoint, gpu) == "Unhealthy", 0.3, f"{gpu} Unhealthy after the reload")
         assert health(endpoint, gpu) == "Unhealthy"
 
 
@@ -328,7 +324,9 @@ async def test_a_reload_whose_new_backend_fails_keeps_the_running_one(
         await plugin.reload()
         assert plugin.backend is opened[0] and not opened[0].closed
         assert plugin.cfg is cfg  # the running config is kept, too
-        await asyncio.sleep(0.5)  # ten probe intervals: a closed backend would have failed them all
+        probes = plugin.health.probes_run
+        # Ten probes: on a closed backend every one of them would have failed.
+        await eventually(lambda: plugin.health.probes_run >= probes + 10, "ten more probes")
         assert len(endpoint.healthy) == 4
         gpu = opened[0].inject_xid(0, 94).gpu  # the health checks still watch the running backend
         await kubelet.wait_for(lambda: health(endpoint, gpu) == "Unhealthy")

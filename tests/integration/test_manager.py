@@ -31,7 +31,7 @@ async def test_a_reload_during_the_socket_check_does_not_break_it(plugin_dir: Pa
         os.unlink(plugin_dir / socket)
     try:
         check = asyncio.create_task(manager.check_sockets())
-        await asyncio.sleep(0)  # the check is now restarting the first server
+        await asyncio.sleep(0)  # one loop turn, not a wait: the check is now restarting the first server
         await manager.apply({a.name: a, b.name: b, c.name: c})  # a SIGHUP adds a resource meanwhile
         await check
         await manager.apply({a.name: a})  # and one that removes resources
@@ -45,19 +45,25 @@ async def test_a_reload_during_the_socket_check_does_not_break_it(plugin_dir: Pa
 async def test_a_resource_removed_while_registering_is_registered_again_when_back(plugin_dir: Path) -> None:
     (plugin_dir / "kubelet.sock").touch()
     calls: list[str] = []
+    in_flight, answer, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def slow_register(sock: str, name: str, endpoint: str, opts: pb.DevicePluginOptions) -> None:
         calls.append(name)
-        await asyncio.sleep(0.2)
+        in_flight.set()
+        await answer.wait()  # the kubelet answers when the test says so
+        answered.set()
 
     manager = Manager(str(plugin_dir / "kubelet.sock"), CONTEXT, registrar=slow_register)
     gpu = resource("nvidia.com/gpu", "GPU-1")
     registering = asyncio.create_task(manager.keep_registered())
     try:
         await manager.apply({gpu.name: gpu})
-        await asyncio.sleep(0.05)
+        await in_flight.wait()
         await manager.apply({})  # the resource vanishes while its Register is in flight
-        await asyncio.sleep(0.3)
+        answer.set()
+        # The manager handles the answer in the step in which the registrar returns (it calls it
+        # directly, no task between), so by the time this test runs again it has been handled.
+        await answered.wait()
         assert manager.registered == set()
         await manager.apply({gpu.name: gpu})  # and comes back: a new server, a new Register
         await manager.wait_registered(timeout=2)

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nvdp.app.plugin import BackendFactory
+from nvdp.app.discovery import BackendFactory
 from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.config.options import Config
 from nvdp.errors import MigConfigError

@@ -23,7 +23,7 @@ from nvdp.config.options import Config
 from nvdp.core.devices import Resource
 from nvdp.errors import ListenError
 from nvdp.kubelet.server import ResourceServer
-from nvdp.testing import FakeKubelet
+from nvdp.testing import FakeKubelet, eventually
 from tests.conftest import running_plugin
 
 GPU = "nvidia.com/gpu"
@@ -42,9 +42,9 @@ def _get(url: str, method: str = "GET", headers: dict[str, str] | None = None) -
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode()
 
 
-async def get(plugin: Plugin, path: str, **kw: object) -> tuple[int, str]:
+async def get(plugin: Plugin, path: str) -> tuple[int, str]:
     assert plugin.ops is not None
-    status, _, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{plugin.ops.port}{path}", **kw)  # type: ignore[arg-type]
+    status, _, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{plugin.ops.port}{path}")
     return status, body
 
 
@@ -62,18 +62,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
-    """Poll an async or sync condition until it holds (probes change on the plugin's own schedule)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            result = check()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.02)
-
-
 async def readyz_turns(plugin: Plugin, status: int) -> str:
     """Poll /readyz until it answers `status`: the kubelet may open its stream a moment before the
     plugin has read the Register answer, so readiness follows registration by a few milliseconds."""
@@ -84,7 +72,7 @@ async def readyz_turns(plugin: Plugin, status: int) -> str:
         code, body = await get(plugin, "/readyz")
         return code == status
 
-    await eventually(answers)
+    await eventually(answers, f"/readyz answering {status}", poll_s=0.02)
     return body
 
 
@@ -186,7 +174,7 @@ async def test_metrics_follow_injected_faults(kubelet: FakeKubelet, make_config:
 
         # An XID the policy ignores (13, an application error): counted, no health change.
         ignored = backend.inject_xid(3, 13).gpu
-        await eventually(lambda: plugin.stats.snapshot().xid_events.get((ignored, 13)) == 1)
+        await eventually(lambda: plugin.stats.snapshot().xid_events.get((ignored, 13)) == 1, "XID 13 counted")
         samples = await scrape(plugin)
         assert value(samples, "nvdp_device_healthy", resource=GPU, device=ignored, gpu_uuid=ignored, reason="") == 1
         assert sum(labelled(samples, "nvdp_health_transitions_total", health="Unhealthy").values()) == 2
@@ -213,7 +201,7 @@ async def test_probes_flip_when_the_kubelet_goes_away(kubelet: FakeKubelet, make
         assert (await get(plugin, "/healthz"))[0] == 200
 
         await kubelet.stop()  # the kubelet dies: its ListAndWatch stream ends
-        await eventually(lambda: plugin.stats.open_streams(GPU) == 0)
+        await eventually(lambda: plugin.stats.open_streams(GPU) == 0, "no open ListAndWatch stream")
         status, body = await get(plugin, "/readyz")  # at once: the stream is the kubelet listening
         assert status == 503 and "[-]registered:nvidia.com/gpu failed: registered, but the kubelet holds no" in body
         assert (await get(plugin, "/healthz"))[0] == 200  # the plugin itself is fine: no restart wanted
@@ -242,7 +230,7 @@ async def test_liveness_fails_when_a_server_does_not_answer(plugin_dir: Path, ma
     plugin = Plugin(make_config("pcie-l40s"))
     resource = Resource(GPU, ())
     plugin.manager.servers[GPU] = ResourceServer(resource, plugin.manager.context, str(plugin_dir))  # never started
-    result = await liveness(plugin, timeout=0.5)
+    result = await liveness(plugin.view, timeout=0.5)
     assert not result.ok
     assert "[-]server:nvidia.com/gpu failed: GetDevicePluginOptions" in result.text()
 

@@ -14,7 +14,7 @@ from nvdp.app.plugin import Plugin
 from nvdp.config.options import Config
 from nvdp.kubelet._proto import api_pb2 as pb
 from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
-from nvdp.testing import FakeKubelet
+from nvdp.testing import FakeKubelet, eventually, stays_true
 from tests.conftest import running_plugin
 
 GPU = "nvidia.com/gpu"
@@ -148,7 +148,8 @@ async def test_kubelet_restart_reregisters(kubelet: FakeKubelet, make_config: Ma
 
 async def test_kubelet_absent_then_present(plugin_dir: Path, make_config: MakeConfig) -> None:
     async with running_plugin(make_config("pcie-l40s")) as plugin:
-        await asyncio.sleep(0.3)  # the plugin retries with back-off while there is no kubelet
+        # The plugin retries with back-off while there is no kubelet.
+        await eventually(lambda: plugin.manager.registration_failures >= 2, "two failed registrations")
         assert not plugin.manager.all_registered
         async with FakeKubelet(str(plugin_dir)) as kubelet:
             await kubelet.wait_registered(GPU, min_devices=4)
@@ -181,7 +182,11 @@ async def test_reload_applies_new_config_and_keeps_unchanged_streams(
         updates = endpoint.updates
 
         await plugin.reload()  # nothing changed: the same stream, no new message
-        await asyncio.sleep(0.05)
+
+        def same_stream() -> bool:
+            return kubelet.plugins[GPU] is endpoint and endpoint.connected and endpoint.updates == updates
+
+        await stays_true(same_stream, 0.2, "the same stream and no new message after a reload that changed nothing")
         assert kubelet.plugins[GPU] is endpoint and endpoint.connected and endpoint.updates == updates
 
         config_file.write_text(
@@ -260,13 +265,17 @@ async def test_empty_kubelet_socket_serves_without_registering(
     assert Plugin(cfg).manager.socket_dir == DEFAULT_SOCKET_DIR  # not the working directory
     caplog.set_level(logging.INFO, logger="nvdp")
     async with running_plugin(cfg, socket_dir=str(plugin_dir)) as plugin:
-        await asyncio.sleep(0.2)
+        # Once it says so, the registration task has ended: nothing will register later.
+        await eventually(lambda: any(r.getMessage().startswith("Skipping registration") for r in caplog.records),
+                         "the log line that registration is skipped")
         assert sorted(p.name for p in plugin_dir.iterdir()) == ["nvidia-gpu.sock"]
         assert plugin.manager.registered == set() and plugin.manager.registration_failures == 0
-        assert readiness(plugin).ok and plugin.manager.all_registered
+        assert readiness(plugin.view.state()).ok and plugin.manager.all_registered
         async with grpc.aio.insecure_channel(f"unix://{plugin_dir}/nvidia-gpu.sock") as channel:
             stream = pb_grpc.DevicePluginStub(channel).ListAndWatch(pb.Empty())
-            assert len((await stream.read()).devices) == 4
+            first = await stream.read()
+            assert isinstance(first, pb.ListAndWatchResponse)  # not the end of the stream
+            assert len(first.devices) == 4
             stream.cancel()
     skipped = [r for r in caplog.records if r.getMessage().startswith("Skipping registration")]
     assert len(skipped) == 1
@@ -288,11 +297,12 @@ async def test_no_devices_idles_when_not_failing(
 ) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("gpus: []\n")
-    async with running_plugin(make_config(str(empty), fail_on_init_error="false")) as plugin:
+    with_gpus = make_config("pcie-l40s", fail_on_init_error="false")
+    async with running_plugin(make_config(str(empty), fail_on_init_error="false"),
+                              reload_config=lambda: with_gpus) as plugin:
         assert plugin.init_error is not None
         assert plugin.manager.servers == {}
         # SIGHUP retries: with GPUs now present (a driver came up), it serves.
-        plugin.cfg = make_config("pcie-l40s", fail_on_init_error="false")
         await plugin.reload()
         await kubelet.wait_registered(GPU, min_devices=4)
 
@@ -304,6 +314,8 @@ async def test_folder_deleted_and_recreated(kubelet: FakeKubelet, make_config: M
         await kubelet.wait_registered(GPU)
         await kubelet.stop()
         shutil.rmtree(plugin_dir)
+        # Part of the scenario, not a wait: the folder stays gone while the plugin handles the
+        # deletion events (it waits for the folder to come back; there is nothing to observe).
         await asyncio.sleep(0.3)
         plugin_dir.mkdir()
         await kubelet.start()

@@ -2,27 +2,18 @@
 
 The suite drives the real plugin (in-process, or the console script as a child process) through
 the fake kubelet. Waits are generous and assertions are on counts and states, never on elapsed
-time, so a slow CI machine makes it slower, not red.
+time, so a slow CI machine makes it slower, not red (nvdp.testing.waiting: `eventually`, and
+`WAIT_S` as the bound for anything that should happen soon).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-
-WAIT_S = 30.0  # upper bound for anything that should happen "soon"; only reached when broken
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    """Poll until `predicate()` holds (for state that no Condition announces)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def open_fds() -> int:

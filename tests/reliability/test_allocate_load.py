@@ -10,6 +10,7 @@ import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 import pytest
@@ -19,9 +20,9 @@ from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.config.options import Config
 from nvdp.kubelet._proto import api_pb2 as pb
 from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
-from nvdp.testing import FakeKubelet
+from nvdp.testing import WAIT_S, FakeKubelet, eventually
 from tests.conftest import running_plugin
-from tests.reliability.conftest import WAIT_S, LogWatch, eventually
+from tests.reliability.conftest import LogWatch
 
 GPU = "nvidia.com/gpu"
 CLIENTS = 16
@@ -69,6 +70,10 @@ async def watch(socket: str, seen: list[list[tuple[str, str]]]) -> None:
             seen.append([(d.ID, d.health) for d in response.devices])
 
 
+def ends_with(seen: list[list[tuple[str, str]]], final: list[tuple[str, str]]) -> bool:
+    return bool(seen) and sorted(seen[-1]) == final
+
+
 async def inject_faults(plugin: Plugin, ids: list[str], stop: asyncio.Event, outcomes: Outcomes) -> int:
     assert isinstance(plugin.backend, SimulatedBackend)
     rng = random.Random(7)
@@ -78,7 +83,7 @@ async def inject_faults(plugin: Plugin, ids: list[str], stop: asyncio.Event, out
         outcomes.ever_unhealthy.add(gpu)  # before the event reaches the monitor
         plugin.backend.inject_xid(gpu, TRANSIENT_XID)
         injected += 1
-        await asyncio.sleep(rng.uniform(0.002, 0.02))
+        await asyncio.sleep(rng.uniform(0.002, 0.02))  # the fault rate is part of the load, not a wait
     return injected
 
 
@@ -101,8 +106,8 @@ async def test_concurrent_allocations_while_streaming_and_flipping_health(
 
         # Every stream and the kubelet end on the final state: all eight devices healthy again.
         final = [(i, "Healthy") for i in ids]
-        for s in seen:
-            await eventually(lambda s=s: bool(s) and sorted(s[-1]) == final)  # type: ignore[misc]
+        for n, s in enumerate(seen):
+            await eventually(partial(ends_with, s, final), f"watcher {n}'s last message: all healthy")
         await kubelet.wait_for(lambda: all(d.health == "Healthy" for d in endpoint.devices.values()), WAIT_S)
         assert endpoint.connected  # the kubelet's stream survived it all
         for w in watchers:

@@ -19,7 +19,8 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from nvdp.config.options import OPTIONS, Config, Option, load
+from nvdp.config.load import load
+from nvdp.config.options import OPTIONS, Config, Option
 from nvdp.errors import ConfigError
 
 GO_BOOLS = ("1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false", "False")

@@ -6,18 +6,24 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from nvdp.config.options import Config
-from nvdp.testing import FakeKubelet
+from nvdp.testing import WAIT_S, FakeKubelet
+from nvdp.testing.fake_kubelet import PluginEndpoint
 from nvdp.testing.process import PluginProcess
 from tests.conftest import running_plugin
-from tests.reliability.conftest import WAIT_S, LogWatch
+from tests.reliability.conftest import LogWatch
 
 GPU = "nvidia.com/gpu"
 KILLS = 3
+
+
+def disconnected(endpoint: PluginEndpoint) -> bool:
+    return not endpoint.connected
 
 
 @pytest.mark.slow
@@ -31,7 +37,7 @@ async def test_sigkill_and_restart_over_the_stale_socket(kubelet: FakeKubelet, p
             assert (await kubelet.allocate(GPU, [device])).envs["NVIDIA_VISIBLE_DEVICES"] == device
             if round_ < KILLS:
                 await plugin.kill()
-                await kubelet.wait_for(lambda e=endpoint: not e.connected, WAIT_S)  # type: ignore[misc]
+                await kubelet.wait_for(partial(disconnected, endpoint), WAIT_S)
                 assert (plugin_dir / "nvidia-gpu.sock").exists()  # stale: nobody cleaned up
         assert await plugin.stop() == 0
     finally:
@@ -52,7 +58,8 @@ async def test_folder_deleted_and_recreated(
         for _ in range(2):
             await kubelet.stop()
             shutil.rmtree(plugin_dir)
-            await asyncio.sleep(absent_s)  # the plugin polls for the folder while it is gone
+            # What is tested: the folder gone for `absent_s` (2.5 s outlasts the plugin's 1 s folder poll).
+            await asyncio.sleep(absent_s)
             await kubelet.start()  # recreates the folder, then kubelet.sock
             endpoint = await kubelet.wait_registered(GPU, timeout=WAIT_S, min_devices=8)
             assert (await kubelet.allocate(GPU, sorted(endpoint.devices)[:2])).envs

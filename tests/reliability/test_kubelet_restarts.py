@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from nvdp.config.options import Config
-from nvdp.testing import FakeKubelet
+from nvdp.testing import WAIT_S, FakeKubelet
 from tests.conftest import running_plugin
-from tests.reliability.conftest import WAIT_S, LogWatch, open_fds
+from tests.reliability.conftest import LogWatch, open_fds
 
 GPU = "nvidia.com/gpu"
 RESTARTS = 200

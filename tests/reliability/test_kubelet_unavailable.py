@@ -18,9 +18,9 @@ import pytest
 from nvdp.app.plugin import Plugin
 from nvdp.config.options import Config
 from nvdp.kubelet.manager import RetryPolicy
-from nvdp.testing import FakeKubelet
+from nvdp.testing import WAIT_S, FakeKubelet, eventually
 from tests.conftest import running_plugin
-from tests.reliability.conftest import WAIT_S, LogWatch, eventually
+from tests.reliability.conftest import LogWatch
 
 GPU = "nvidia.com/gpu"
 FAST = RetryPolicy(first_s=0.01, max_s=0.08, timeout_s=0.3)
@@ -54,7 +54,7 @@ def failure_reasons(logs: LogWatch) -> list[str]:
 
 
 async def wait_failures(plugin: Plugin, count: int) -> None:
-    await eventually(lambda: plugin.manager.registration_failures >= count)
+    await eventually(lambda: plugin.manager.registration_failures >= count, f"{count} failed registrations")
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ async def test_retries_then_registers_when_the_kubelet_recovers(
                 kubelet.refuse_with, kubelet.register_delay = None, 0.0
             await kubelet.start()
             await kubelet.wait_registered(GPU, timeout=WAIT_S, min_devices=8)
-            await eventually(lambda: plugin.manager.all_registered)
+            await eventually(lambda: plugin.manager.all_registered, "every resource registered")
             lines = state_lines(logs)
     finally:
         await kubelet.stop()
@@ -120,7 +120,7 @@ async def test_one_line_per_state_change(
         await kubelet.wait_for(lambda: sum(e.kind == "rejected" for e in kubelet.events) >= 5, WAIT_S)
         kubelet.refuse_with = None
         await kubelet.wait_registered(GPU, timeout=WAIT_S)
-        await eventually(lambda: plugin.manager.all_registered)
+        await eventually(lambda: plugin.manager.all_registered, "every resource registered")
         lines = state_lines(logs)
     await kubelet.stop()
     assert lines == [FAILED, FAILED, REGISTERED]
@@ -135,7 +135,7 @@ async def test_absent_for_seconds_with_the_default_policy(
     policy = RetryPolicy()
     async with running_plugin(make_config("dgx-h100")) as plugin:
         started = time.monotonic()
-        await asyncio.sleep(ABSENT_S)
+        await asyncio.sleep(ABSENT_S)  # what is tested: the kubelet away this long, the back-off at its cap
         failures, elapsed = plugin.manager.registration_failures, time.monotonic() - started
         assert 3 <= failures <= most_attempts(policy, elapsed) + 1  # retried, and backed off
         async with FakeKubelet(str(plugin_dir)) as kubelet:

@@ -22,12 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nvdp.app.plugin import Plugin
-from nvdp.config.options import load
+from nvdp.config.load import load
 from nvdp.core.resources import physical_id
 from nvdp.kubelet._proto import api_pb2 as pb
 from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
-from nvdp.testing import FakeKubelet
-from tests.reliability.conftest import WAIT_S, LogWatch
+from nvdp.testing import WAIT_S, FakeKubelet
+from tests.reliability.conftest import LogWatch
 
 GPU = "nvidia.com/gpu"
 INT32_MAX = 2**31 - 1
@@ -174,7 +174,7 @@ def test_malformed_request(whole: Served, logs: LogWatch, method: str, request_f
     try:
         response = getattr(whole.stub, method)(request, timeout=WAIT_S)
     except grpc.RpcError as exc:
-        code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+        code, details = exc.code(), exc.details() or ""
         assert f"{code.name} " in expect and expect.split(" ", 1)[1] in details, f"{code.name}: {details[:300]}"
     else:
         assert not expect.startswith("INVALID_ARGUMENT"), f"expected an error, got {str(response)[:300]}"
@@ -207,11 +207,11 @@ def test_10000_valid_replica_ids_in_one_request(shared: Served, logs: LogWatch) 
 
 def test_corrupt_bytes_are_refused_and_serving_goes_on(whole: Served, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    raw = whole.channel.unary_unary("/v1beta1.DevicePlugin/Allocate")
+    raw: grpc.UnaryUnaryMultiCallable[bytes, bytes] = whole.channel.unary_unary("/v1beta1.DevicePlugin/Allocate")
     for garbage in (b"\xff\xff\xff\xff", pb.RegisterRequest(version="v1beta1").SerializeToString() + b"\x00\x08"):
         with pytest.raises(grpc.RpcError) as info:
             raw(garbage, timeout=WAIT_S)
-        assert info.value.code() != grpc.StatusCode.OK  # type: ignore[attr-defined]
+        assert info.value.code() != grpc.StatusCode.OK
     answer = whole.stub.Allocate(allocate([whole.ids[2]]), timeout=WAIT_S)
     assert answer.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == whole.ids[2]
     assert [r for r in caplog.records if r.name.startswith("nvdp") and r.exc_info] == []
@@ -238,8 +238,8 @@ def test_generated_allocate(whole: Served, items: list[int | str]) -> None:
     try:
         response = whole.stub.Allocate(allocate(wanted), timeout=WAIT_S)
     except grpc.RpcError as exc:
-        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-        assert "unknown device" in exc.details()  # type: ignore[attr-defined]
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown device" in (exc.details() or "")
         assert any(i not in whole.ids for i in wanted)
         return
     assert all(i in whole.ids for i in wanted)

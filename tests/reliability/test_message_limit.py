@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from nvdp.config.options import Config
-from nvdp.testing import FakeKubelet
+from nvdp.testing import WAIT_S, FakeKubelet
 from tests.conftest import running_plugin
-from tests.reliability.conftest import WAIT_S, LogWatch
+from tests.reliability.conftest import LogWatch
 
 GPU = "nvidia.com/gpu"
 TOO_LARGE = "device list too large"

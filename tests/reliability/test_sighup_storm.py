@@ -20,9 +20,8 @@ import pytest
 
 from nvdp.kubelet._proto import api_pb2 as pb
 from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
-from nvdp.testing import FakeKubelet
+from nvdp.testing import WAIT_S, FakeKubelet, eventually
 from nvdp.testing.process import PluginProcess
-from tests.reliability.conftest import WAIT_S, eventually
 
 GPU = "nvidia.com/gpu"
 SIGNALS = 50
@@ -72,17 +71,17 @@ async def test_sighup_storm_last_config_wins_and_streams_survive(
                      for name, count in node.unchanged.items()}
         seen: list[int] = []
         watcher = asyncio.create_task(watch(str(plugin_dir / "nvidia-gpu.sock"), seen))
-        await eventually(lambda: bool(seen))
+        await eventually(lambda: bool(seen), "the watcher's first message")
 
         for i in range(SIGNALS):
             last = i == SIGNALS - 1
             write_config(config, replicas=FINAL_REPLICAS if last else 2 + i % 3, device_specs=last or i % 2 == 0)
             plugin.signal(signal.SIGHUP)
-            await asyncio.sleep(INTERVAL_S)
+            await asyncio.sleep(INTERVAL_S)  # the storm's pace is what is tested (50 signals in 5 s)
 
         final = node.gpus * FINAL_REPLICAS
         await kubelet.wait_for(lambda: len(endpoint.devices) == final, WAIT_S)
-        await eventually(lambda: bool(seen) and seen[-1] == final)
+        await eventually(lambda: bool(seen) and seen[-1] == final, f"the watcher's last message: {final} devices")
         answer = await kubelet.allocate(GPU, sorted(endpoint.devices)[:1])
         assert "/dev/nvidiactl" in [d.container_path for d in answer.devices]  # passDeviceSpecs: true
         assert endpoint.connected and not watcher.done()  # both streams lived through the storm

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nvdp.backends.simulated.backend import SimulatedBackend
-from nvdp.config.options import Sharing, TimeSlicingResource, load
+from nvdp.config.load import load
+from nvdp.config.options import Sharing, TimeSlicingResource
 from nvdp.core import allocation
 from nvdp.core.devices import Device, Health, PcieLevel, Resource, Topology
 from nvdp.core.resources import GPU_RESOURCE, apply_sharing, build_tree

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.app.plugin import discover_once
+from nvdp.app.discovery import discover_once
 from nvdp.backends.simulated.backend import SimulatedBackend
-from nvdp.config.options import Config, load
+from nvdp.config.load import load
+from nvdp.config.options import Config
 from nvdp.errors import NoDevicesFound
 
 

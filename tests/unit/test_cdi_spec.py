@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from nvdp.backends.simulated.backend import build_node, load_profile
-from nvdp.config.options import load
+from nvdp.backends.simulated.expand import build_node
+from nvdp.backends.simulated.profile import load_profile
+from nvdp.config.load import load
 from nvdp.core.cdi import (
     DriverFacts,
     DrmNodes,
@@ -343,13 +344,15 @@ def test_unknown_feature_flags_are_config_errors(cli: dict[str, str], env: dict[
     assert message in str(info.value)
 
 
-def test_feature_flags_with_upstream_names_load_and_unknown_hooks_only_warn(caplog: pytest.LogCaptureFixture) -> None:
+def test_feature_flags_with_upstream_names_load_and_unknown_hooks_are_a_note() -> None:
     cfg = load({"cdi_feature_flags": "no-additional-gids-for-device-nodes,disable-nvsandbox-utils",
                 "cdi_disable_hooks": "update-ldcache,chmod,nonsense"}, {})
     assert cfg.cdi_feature_flags == ("no-additional-gids-for-device-nodes", "disable-nvsandbox-utils")
     assert cfg.cdi_disable_hooks == ("update-ldcache", "chmod", "nonsense")
-    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+    specs = build_specs(node("h200"), FACTS, SpecSettings.from_config(cfg))
+    assert specs.notes == (
         "--cdi-disable-hooks: 'nonsense' names no hook; it disables nothing (known: create-symlinks, "
-        "enable-cuda-compat, update-ldcache, disable-device-node-modification, update-application-profile, all)"]
+        "enable-cuda-compat, update-ldcache, disable-device-node-modification, update-application-profile, all)",)
+    assert "update-ldcache" not in to_json(specs.specs[0].doc)
     assert load({}, {"NVDP_CDI_SPEC_DIR": ""}).cdi_spec_dir == ""
     assert load({}, {}).cdi_spec_dir == "/var/run/cdi"

@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
-from nvdp.config.options import OPTIONS, Config, load, parse_go_bool
+from nvdp.config.load import load
+from nvdp.config.options import OPTIONS, Config
+from nvdp.config.parse import parse_go_bool
 from nvdp.errors import ConfigError
 
 

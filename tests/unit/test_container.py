@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from nvdp.config.options import Config, Sharing, TimeSlicingResource, load
+from nvdp.config.load import load
+from nvdp.config.options import Config, Sharing, TimeSlicingResource
 from nvdp.core.container import DeviceSpec, Mount, edits_for
 from nvdp.core.devices import Device, Health, Resource
 from nvdp.errors import AllocationError, UnhealthyDevice, UnknownDevice

@@ -15,11 +15,12 @@ import pytest
 
 from nvdp.backends import ldcache
 from nvdp.backends.driver_root import Roots, find_libraries, resolve, roots_for, scan
-from nvdp.backends.simulated.backend import build_node, load_profile
 from nvdp.backends.simulated.driver_root import MARKER, SimulatedDriverRoot, find_ldconfig, library_folder
 from nvdp.backends.simulated.elf import shared_object
+from nvdp.backends.simulated.expand import build_node
+from nvdp.backends.simulated.profile import load_profile
 from nvdp.backends.spec_files import sync_folder, write_atomically
-from nvdp.config.options import load
+from nvdp.config.load import load
 from nvdp.core.cdi import Library
 from nvdp.errors import CdiSpecError
 

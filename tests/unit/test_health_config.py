@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from nvdp.config.options import load
+from nvdp.config.load import load
 from nvdp.core.health import DEFAULT_IGNORED_XIDS, settings_from
 from nvdp.errors import ConfigError
 

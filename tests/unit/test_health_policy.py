@@ -30,6 +30,7 @@ from nvdp.core.health import (
     recovery_times,
     transitions,
 )
+from nvdp.errors import ConfigError
 
 A, B, C = "GPU-aaaa", "GPU-bbbb", "GPU-cccc"
 QUIET = 60.0
@@ -103,13 +104,13 @@ def test_check_switches(
 @pytest.mark.parametrize(
     ("disable", "enable", "message"),
     [
-        pytest.param(["48", "abc"], [], "DP_DISABLE_HEALTHCHECKS: 'abc'", id="word in disable"),
-        pytest.param([], ["-1"], "DP_ENABLE_HEALTHCHECKS: '-1'", id="negative in enable"),
-        pytest.param([], ["4.5"], "DP_ENABLE_HEALTHCHECKS: '4.5'", id="not an integer"),
+        pytest.param(["48", "abc"], [], r"DP_DISABLE_HEALTHCHECKS\): 'abc'", id="word in disable"),
+        pytest.param([], ["-1"], r"DP_ENABLE_HEALTHCHECKS\): '-1'", id="negative in enable"),
+        pytest.param([], ["4.5"], r"DP_ENABLE_HEALTHCHECKS\): '4.5'", id="not an integer"),
     ],
 )
 def test_check_switches_rejects_garbage(disable: list[str], enable: list[str], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         check_switches(disable, enable)
 
 
@@ -363,7 +364,9 @@ events_strategy = st.lists(
 
 
 @given(events_strategy)
-def test_after_a_quiet_period_only_fatal_faults_remain(events: list[tuple[str, int, float, tuple]]) -> None:
+def test_after_a_quiet_period_only_fatal_faults_remain(
+    events: list[tuple[str, int, float, tuple[int | None, int | None]]],
+) -> None:
     state = probe(HealthState(), 0.0, a=OK, b=OK, c=OK)
     for gpu, number, at, (gi, ci) in sorted(events, key=lambda e: e[2]):
         state = apply_event(state, xid(gpu, number, gi, ci), ALL_XIDS, now=at)

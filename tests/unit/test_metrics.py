@@ -10,7 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from nvdp.core.devices import Device, Health, Resource
 from nvdp.ops import metrics
 from nvdp.ops.counters import PluginStats
-from nvdp.ops.metrics import PluginState, make_registry
+from nvdp.ops.metrics import make_registry
+from nvdp.ops.view import PluginState
 from nvdp.tools.status import metrics_url, parse, render
 
 GPU = "nvidia.com/gpu"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.backends.simulated.backend import SimulatedBackend, simulated_mig_minors
-from nvdp.config.options import load
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.backends.simulated.expand import simulated_mig_minors
+from nvdp.config.load import load
 from nvdp.core import mig
 from nvdp.core.devices import GpuInfo, MigInfo
 from nvdp.core.resources import build_tree, plan_tree
@@ -163,11 +164,11 @@ def test_profile_names_resolve_against_the_model_table() -> None:
         pytest.param([{"profile": "1g.5gb", "colour": "red"}], "colour", id="unknown field"),
     ],
 )
-def test_bad_layouts_name_the_field(devices: list[object], message: str) -> None:
+def test_bad_layouts_name_the_field(devices: list[str | dict[str, object]], message: str) -> None:
     backend = SimulatedBackend("a100-mig-mixed")
     before = backend.node
     with pytest.raises(ConfigError, match=message):
-        backend.set_mig_layout(0, devices)  # type: ignore[arg-type]
+        backend.set_mig_layout(0, devices)
     assert backend.node is before
 
 

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.backends.nvml.discovery import library_candidates, read_numa_node
+from nvdp.backends.nvml.library import library_candidates
+from nvdp.backends.nvml.sysfs import read_numa_node
 from nvdp.backends.simulated.backend import SimulatedBackend, builtin_profiles, load_profile
-from nvdp.config.options import Sharing, TimeSlicingResource, load
+from nvdp.config.load import load
+from nvdp.config.options import Sharing, TimeSlicingResource
 from nvdp.core.devices import Health, PcieLevel, Resource, diff
 from nvdp.core.resources import build_tree, physical_id
 from nvdp.errors import ConfigError, DiscoveryError
+from nvdp.kubelet.server import socket_name
 
 FIXTURE = Path(__file__).parents[2].parent / "shared" / "fixtures" / "nvidia-h200" / "nvml-snapshot.json"
 
@@ -68,7 +71,7 @@ def test_build_tree_full_gpus() -> None:
     node = SimulatedBackend("dgx-h100").discover()
     tree = build_tree(node, load({}, {}))
     (resource,) = tree.values()
-    assert resource.name == "nvidia.com/gpu" and resource.socket_name == "nvidia-gpu.sock"
+    assert resource.name == "nvidia.com/gpu" and socket_name(resource.name) == "nvidia-gpu.sock"
     assert [d.id for d in resource.devices] == [g.uuid for g in node.gpus]
     assert resource.devices[5].paths == ("/dev/nvidia5",) and resource.devices[5].numa_node == 1
     assert all(d.health is Health.HEALTHY for d in resource.devices)
@@ -88,7 +91,7 @@ def test_time_slicing_replicas(rename: str | None, expected_name: str) -> None:
     assert len(devices) == 12
     assert devices[4].id == f"{node.gpus[1].uuid}::1" and devices[4].replica == 1
     assert physical_id(devices[4].id) == node.gpus[1].uuid
-    assert tree[expected_name].socket_name == f"nvidia-{expected_name.split('/')[1]}.sock"
+    assert socket_name(tree[expected_name].name) == f"nvidia-{expected_name.split('/')[1]}.sock"
 
 
 def test_mig_enabled_gpu_is_a_full_gpu_with_strategy_none(tmp_path: Path) -> None:

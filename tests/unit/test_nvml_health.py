@@ -1,19 +1,21 @@
-"""The NVML event waiter and probe, against a hand-written fake of the pynvml calls they use."""
+"""The NVML event waiter and probe, against nvdp's fake pynvml (nvdp.testing.fake_nvml)."""
 
 from __future__ import annotations
 
 import logging
-from collections import deque
+import threading
 
 import pytest
 
-from nvdp.backends.nvml.discovery import NvmlEventWaiter, event_mask, probe_gpu
+from nvdp.backends.nvml.health import NvmlEventWaiter, event_mask, probe_gpu
+from nvdp.backends.nvml.seam import Nvml
 from nvdp.core.devices import GpuInfo
 from nvdp.core.health import EventKind, HealthEvent, ProbeSample
 from nvdp.errors import EventWaitError
-from tests.unit.fake_nvml import CONSTANTS, EventData, FakeGpu, FakeNvml
+from nvdp.testing.fake_nvml import ERROR_TEXT, FakeEvent, FakeGpu, FakeNvml
 
 U0, U1 = "GPU-0000", "GPU-1111"
+XID, DOUBLE_BIT, SINGLE_BIT, PSTATE = 8, 2, 1, 4  # nvmlEventType* bits
 NOT_SUPPORTED, TIMEOUT, LOST, UNKNOWN = 3, 10, 15, 999
 
 
@@ -25,149 +27,194 @@ def gpu_info(index: int, uuid: str) -> GpuInfo:
 GPUS = [gpu_info(0, U0), gpu_info(1, U1)]
 
 
-def fake(**kw: object) -> FakeNvml:
-    return FakeNvml(gpus=[FakeGpu(U0, 1000), FakeGpu(U1, 2000)], **kw)  # type: ignore[arg-type]
+def fake() -> FakeNvml:
+    nv = FakeNvml([FakeGpu(U0, 0, "00000000:00:00.0"), FakeGpu(U1, 1, "00000000:01:00.0")])
+    nv.nvmlInit()
+    return nv
 
 
-def test_fake_constants_match_pynvml() -> None:
+def waiter(nv: FakeNvml) -> NvmlEventWaiter:
+    return NvmlEventWaiter(Nvml(nv), GPUS)
+
+
+def test_fake_constants_and_error_texts_match_pynvml() -> None:
     import pynvml
 
-    for name, value in CONSTANTS.items():
-        assert getattr(pynvml, name) == value, name
+    names = [n for n in vars(FakeNvml) if n.startswith(("NVML_", "nvmlEventType"))]
+    assert len(names) > 40  # every constant the fake has, not a handful
+    for name in names:
+        assert getattr(pynvml, name) == getattr(FakeNvml, name), name
+    for code in ERROR_TEXT:
+        assert str(FakeNvml.NVMLError(code)) == str(pynvml.NVMLError(code)), code
 
 
 def test_registers_wanted_and_supported_events_like_the_h200() -> None:
     nv = fake()
-    waiter = NvmlEventWaiter(nv, GPUS)
+    w = waiter(nv)
     # The H200 fixture: supported 65439, registered mask 11 (XID | double-bit | single-bit ECC).
-    assert event_mask(nv) == 11
-    assert nv.registered == [(1000, 11), (2000, 11)]
-    assert waiter.failures == {}
+    assert event_mask(Nvml(nv)) == 11
+    assert nv.registered == [(U0, 11), (U1, 11)]
+    assert w.failures == {}
 
 
 def test_register_masks_with_what_the_gpu_supports() -> None:
     nv = fake()
-    nv.gpus[1].supported_events = 8  # XIDs only
-    NvmlEventWaiter(nv, GPUS)
-    assert nv.registered == [(1000, 11), (2000, 8)]
+    nv.gpu(U1).supported_events = XID  # XIDs only
+    waiter(nv)
+    assert nv.registered == [(U0, 11), (U1, 8)]
 
 
 def test_not_supported_is_only_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    nv = fake(errors={("nvmlDeviceRegisterEvents", U1): NOT_SUPPORTED})
+    nv = fake()
+    nv.fail("nvmlDeviceRegisterEvents", "NOT_SUPPORTED", gpu=U1)
     with caplog.at_level(logging.WARNING):
-        waiter = NvmlEventWaiter(nv, GPUS)
-    assert waiter.failures == {}
-    assert nv.registered == [(1000, 11)]
+        w = waiter(nv)
+    assert w.failures == {}
+    assert nv.registered == [(U0, 11)]
     assert "too old" in caplog.text
 
 
 @pytest.mark.parametrize(
-    ("call", "step"),
+    "call",
     [
-        pytest.param("nvmlDeviceGetHandleByUUID", "nvmlDeviceGetHandleByUUID", id="no handle"),
-        pytest.param("nvmlDeviceGetSupportedEventTypes", "nvmlDeviceGetSupportedEventTypes", id="supported types"),
-        pytest.param("nvmlDeviceRegisterEvents", "nvmlDeviceRegisterEvents", id="register"),
+        pytest.param("nvmlDeviceGetHandleByUUID", id="no handle"),
+        pytest.param("nvmlDeviceGetSupportedEventTypes", id="supported types"),
+        pytest.param("nvmlDeviceRegisterEvents", id="register"),
     ],
 )
-def test_other_registration_errors_are_failures_for_that_gpu(call: str, step: str) -> None:
-    waiter = NvmlEventWaiter(fake(errors={(call, U1): UNKNOWN}), GPUS)
-    assert waiter.failures == {U1: f"{step}: Unknown Error"}
+def test_other_registration_errors_are_failures_for_that_gpu(call: str) -> None:
+    nv = fake()
+    nv.fail(call, "UNKNOWN", gpu=U1)
+    assert waiter(nv).failures == {U1: f"{call}: Unknown Error"}
 
 
 def test_event_set_creation_failure_makes_every_wait_fail() -> None:
-    waiter = NvmlEventWaiter(fake(errors={("nvmlEventSetCreate", ""): UNKNOWN}), GPUS)
-    with pytest.raises(EventWaitError, match="nvmlEventSetCreate: Unknown Error"):
-        waiter.wait(0.1)
+    nv = fake()
+    nv.fail("nvmlEventSetCreate", "UNKNOWN")
+    w = waiter(nv)
+    for _ in range(2):
+        with pytest.raises(EventWaitError, match="nvmlEventSetCreate: Unknown Error"):
+            w.wait(0.1)
+    assert nv.called("nvmlEventSetWait_v2") == []
 
 
 @pytest.mark.parametrize(
-    ("data", "expected"),
+    ("event", "expected"),
     [
-        pytest.param(EventData(1000, 8, 79), HealthEvent(U0, EventKind.XID, xid=79), id="XID on a full GPU"),
-        pytest.param(EventData(2000, 8, 94, 3, 0), HealthEvent(U1, EventKind.XID, xid=94, gi=3, ci=0),
+        pytest.param(FakeEvent(U0, XID, 79), HealthEvent(U0, EventKind.XID, xid=79), id="XID on a full GPU"),
+        pytest.param(FakeEvent(U1, XID, 94, 3, 0), HealthEvent(U1, EventKind.XID, xid=94, gi=3, ci=0),
                      id="XID naming a MIG instance"),
-        pytest.param(EventData(2000, 8, 94, 3, 0xFFFFFFFF), HealthEvent(U1, EventKind.XID, xid=94, gi=3),
+        pytest.param(FakeEvent(U1, XID, 94, 3, 0xFFFFFFFF), HealthEvent(U1, EventKind.XID, xid=94, gi=3),
                      id="XID naming a GPU instance only"),
-        pytest.param(EventData(1000, 2), HealthEvent(U0, EventKind.ECC_UNCORRECTED), id="double-bit ECC"),
-        pytest.param(EventData(1000, 1), HealthEvent(U0, EventKind.ECC_CORRECTED), id="single-bit ECC"),
-        pytest.param(EventData(1000, 4), None, id="a type we do not watch"),
-        pytest.param(EventData(5555, 8, 79), HealthEvent("", EventKind.XID, xid=79), id="device NVML cannot name"),
+        pytest.param(FakeEvent(1, XID, 13), HealthEvent(U1, EventKind.XID, xid=13), id="GPU given by index"),
+        pytest.param(FakeEvent(U0, DOUBLE_BIT), HealthEvent(U0, EventKind.ECC_UNCORRECTED), id="double-bit ECC"),
+        pytest.param(FakeEvent(U0, SINGLE_BIT), HealthEvent(U0, EventKind.ECC_CORRECTED), id="single-bit ECC"),
+        pytest.param(FakeEvent(U0, PSTATE), None, id="a type we do not watch"),
+        pytest.param(FakeEvent("GPU-5555", XID, 79), HealthEvent("", EventKind.XID, xid=79),
+                     id="device NVML cannot name"),
     ],
 )
-def test_events_are_translated(data: EventData, expected: HealthEvent | None) -> None:
-    nv = fake(waits=deque([data]))
-    assert NvmlEventWaiter(nv, GPUS).wait(0.5) == expected
+def test_events_are_translated(event: FakeEvent, expected: HealthEvent | None) -> None:
+    nv = fake()
+    nv.post(event)
+    assert waiter(nv).wait(0.5) == expected
     assert nv.wait_timeouts == [500]
 
 
 def test_event_from_an_unmapped_handle_is_named_through_nvml() -> None:
-    nv = fake(errors={("nvmlDeviceRegisterEvents", U1): NOT_SUPPORTED}, waits=deque([EventData(2000, 8, 48)]))
-    assert NvmlEventWaiter(nv, GPUS).wait(1) == HealthEvent(U1, EventKind.XID, xid=48)
+    nv = fake()
+    nv.fail("nvmlDeviceRegisterEvents", "NOT_SUPPORTED", gpu=U1)
+    nv.post(FakeEvent(U1, XID, 48))
+    assert waiter(nv).wait(1) == HealthEvent(U1, EventKind.XID, xid=48)
+    assert [c.gpu for c in nv.called("nvmlDeviceGetUUID")] == [U1]
 
 
 def test_timeout_is_normal_and_other_errors_raise() -> None:
-    nv = fake(waits=deque([TIMEOUT, UNKNOWN, LOST]))
-    waiter = NvmlEventWaiter(nv, GPUS)
-    assert waiter.wait(0.001) is None
+    nv = fake()
+    nv.post(TIMEOUT, UNKNOWN, LOST)
+    w = waiter(nv)
+    assert w.wait(0.001) is None
     with pytest.raises(EventWaitError, match="nvmlEventSetWait: Unknown Error"):
-        waiter.wait(1)
+        w.wait(1)
     with pytest.raises(EventWaitError, match="GPU is lost"):
-        waiter.wait(1)
+        w.wait(1)
     assert nv.wait_timeouts == [1, 1000, 1000]  # never a 0 ms (busy) wait
+
+
+def test_a_quiet_wait_times_out_after_its_timeout() -> None:
+    nv = fake()
+    assert waiter(nv).wait(0.002) is None  # nothing posted: NVML's TIMEOUT once 2 ms have passed
+    assert nv.wait_timeouts == [2]
+
+
+def test_an_event_posted_from_another_thread_ends_a_blocked_wait() -> None:
+    nv = fake()
+    w = waiter(nv)
+    seen: list[HealthEvent | None] = []
+    thread = threading.Thread(target=lambda: seen.append(w.wait(30)))
+    thread.start()
+    nv.post(FakeEvent(U0, XID, 31))
+    thread.join(timeout=30)
+    assert seen == [HealthEvent(U0, EventKind.XID, xid=31)]  # a missed wake-up would give None
 
 
 def test_close_frees_the_event_set_once() -> None:
     nv = fake()
-    waiter = NvmlEventWaiter(nv, GPUS)
-    waiter.interrupt()
-    waiter.close()
-    waiter.close()
-    assert nv.freed == 1
+    w = waiter(nv)
+    w.interrupt()
+    w.close()
+    w.close()
+    assert [s.freed for s in nv.event_sets] == [True]
+    assert len(nv.called("nvmlEventSetFree")) == 1
 
 
 # --- probe -------------------------------------------------------------------------------------
 
+HEALTHY = ProbeSample(volatile_uncorrected=0, remap_pending=False, remap_failed=False, retired_pending=False)
+
 
 @pytest.mark.parametrize(
-    ("setup", "expected"),
+    ("gpu", "failures", "expected"),
     [
-        pytest.param({}, ProbeSample(volatile_uncorrected=0, remap_pending=False, remap_failed=False,
-                                     retired_pending=False), id="healthy"),
-        pytest.param({"volatile_uncorrected": 3, "remapped_rows": (1, 2, 1, 0), "retired_pending": 1},
+        pytest.param({}, {}, HEALTHY, id="healthy"),
+        pytest.param({"volatile_uncorrected": 3, "remapped_rows": (1, 2, 1, 0), "retired_pending": 1}, {},
                      ProbeSample(volatile_uncorrected=3, remap_pending=True, remap_failed=False, retired_pending=True),
                      id="counters and flags"),
-        pytest.param({"remapped_rows": (0, 0, 0, 1)},
+        pytest.param({"remapped_rows": (0, 0, 0, 1)}, {},
                      ProbeSample(volatile_uncorrected=0, remap_pending=False, remap_failed=True,
                                  retired_pending=False), id="remap failure"),
-        pytest.param({"errors": {("nvmlDeviceGetRetiredPagesPendingStatus", U0): NOT_SUPPORTED}},
+        pytest.param({"retired_pending": None}, {},
                      ProbeSample(volatile_uncorrected=0, remap_pending=False, remap_failed=False),
                      id="H200: retired pages not supported"),
-        pytest.param({"errors": {("nvmlDeviceGetTotalEccErrors", U0): NOT_SUPPORTED,
-                                 ("nvmlDeviceGetRemappedRows", U0): NOT_SUPPORTED,
-                                 ("nvmlDeviceGetRetiredPagesPendingStatus", U0): NOT_SUPPORTED}},
+        pytest.param({}, {"nvmlDeviceGetTotalEccErrors": "NOT_SUPPORTED", "nvmlDeviceGetRemappedRows": "NOT_SUPPORTED",
+                          "nvmlDeviceGetRetiredPagesPendingStatus": "NOT_SUPPORTED"},
                      ProbeSample(), id="no ECC at all"),
-        pytest.param({"errors": {("nvmlDeviceGetHandleByUUID", U0): LOST}},
+        pytest.param({}, {"nvmlDeviceGetHandleByUUID": "GPU_IS_LOST"},
                      ProbeSample(reachable=False, lost=True, error="GPU is lost"), id="lost at the handle"),
-        pytest.param({"errors": {("nvmlDeviceGetMemoryInfo", U0): LOST}},
+        pytest.param({}, {"nvmlDeviceGetMemoryInfo": "GPU_IS_LOST"},
                      ProbeSample(reachable=False, lost=True, error="GPU is lost"), id="lost at the first query"),
-        pytest.param({"errors": {("nvmlDeviceGetTotalEccErrors", U0): LOST}},
+        pytest.param({}, {"nvmlDeviceGetTotalEccErrors": "GPU_IS_LOST"},
                      ProbeSample(reachable=False, lost=True, error="GPU is lost"), id="lost at the ECC query"),
-        pytest.param({"errors": {("nvmlDeviceGetMemoryInfo", U0): UNKNOWN}},
+        pytest.param({"lost": True}, {},
+                     ProbeSample(reachable=False, lost=True, error="GPU is lost"), id="fallen off the bus"),
+        pytest.param({}, {"nvmlDeviceGetMemoryInfo": "UNKNOWN"},
                      ProbeSample(reachable=False, lost=False, error="Unknown Error"), id="NVML wedged"),
-        pytest.param({"errors": {("nvmlDeviceGetMemoryInfo", U0): NOT_SUPPORTED}},
-                     ProbeSample(volatile_uncorrected=0, remap_pending=False, remap_failed=False,
-                                 retired_pending=False), id="memory query not supported still answers"),
-        pytest.param({"errors": {("nvmlDeviceGetRemappedRows", U0): UNKNOWN}},
+        pytest.param({}, {"nvmlDeviceGetMemoryInfo": "NOT_SUPPORTED"}, HEALTHY,
+                     id="memory query not supported still answers"),
+        pytest.param({}, {"nvmlDeviceGetRemappedRows": "UNKNOWN"},
                      ProbeSample(volatile_uncorrected=0, retired_pending=False), id="one optional query fails"),
     ],
 )
-def test_probe(setup: dict[str, object], expected: ProbeSample) -> None:
-    nv = fake(errors=setup.pop("errors", {}))
-    for key, value in setup.items():
-        setattr(nv.gpus[0], key, value)
-    assert probe_gpu(nv, U0) == expected
+def test_probe(gpu: dict[str, object], failures: dict[str, str], expected: ProbeSample) -> None:
+    nv = fake()
+    for key, value in gpu.items():
+        setattr(nv.gpu(U0), key, value)
+    for call, code in failures.items():
+        nv.fail(call, code, gpu=U0)
+    assert probe_gpu(Nvml(nv), U0) == expected
+    assert probe_gpu(Nvml(nv), U1) == HEALTHY  # the failures were for GPU 0 only
 
 
 def test_probe_of_an_unknown_uuid_is_lost() -> None:
-    sample = probe_gpu(fake(), "GPU-gone")
-    assert (sample.reachable, sample.lost) == (False, True)
+    sample = probe_gpu(Nvml(fake()), "GPU-gone")
+    assert (sample.reachable, sample.lost, sample.error) == (False, True, "Not Found")

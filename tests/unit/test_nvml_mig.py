@@ -1,162 +1,41 @@
-"""MIG discovery in the NVML backend, against a fake pynvml (no driver needed).
+"""MIG discovery in the NVML backend, against nvdp's fake pynvml (no driver needed).
 
-The fake answers the read-only NVML calls nvdp makes, with NVML's real error class and constants;
-any other call (a MIG or GPU setting) does not exist on it and would fail the test.
+The fake answers only the read-only NVML calls; any other call (a MIG or GPU setting) does not
+exist on it and would fail the test.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
-import pynvml
 import pytest
 
 from nvdp.backends.nvml.discovery import NvmlBackend
-from nvdp.config.options import load
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.config.load import load
 from nvdp.core import mig
 from nvdp.core.migprofiles import H100_80GB_HBM3
 from nvdp.core.resources import build_tree
 from nvdp.errors import DiscoveryError
+from nvdp.testing.fake_nvml import FakeCall, FakeGpu, FakeMigDevice, FakeNvml, h200_node
+
+PROFILE_INFO = "nvmlDeviceGetGpuInstanceProfileInfo"
 
 
-@dataclass
-class FakeMig:
-    uuid: str
-    gi_id: int
-    ci_id: int
-    profile_id: int  # the GPU instance's profile ID (19 = 1g.10gb, 20 = 1g.10gb+me, ...)
-    gi_slices: int
-    ci_slices: int
-    memory_mb: int
-
-
-@dataclass
-class FakeGpu:
-    uuid: str
-    minor: int
-    mig_enabled: bool
-    slots: dict[int, FakeMig] = field(default_factory=dict)
-    max_slots: int = 7
-
-
-def _fail(code: int) -> pynvml.NVMLError:
-    return pynvml.NVMLError(code)
-
-
-class FakeNvml(SimpleNamespace):
-    """The subset of pynvml nvdp uses, over a list of FakeGpu."""
-
-    NVMLError = pynvml.NVMLError
-
-    def __init__(self, gpus: list[FakeGpu], profile_info_v2: bool = True) -> None:
-        super().__init__()
-        for name in dir(pynvml):
-            if name.startswith("NVML_"):
-                setattr(self, name, getattr(pynvml, name))
-        self.nvmlLib = object()  # "already loaded": no CDLL
-        self.gpus = gpus
-        self.profile_info_v2 = profile_info_v2
-        self.calls: list[str] = []
-
-    # system
-    def nvmlInit(self) -> None: ...
-    def nvmlShutdown(self) -> None: ...
-    def nvmlSystemGetDriverVersion(self) -> str:
-        return "580.159.04"
-
-    def nvmlSystemGetCudaDriverVersion(self) -> int:
-        return 13000
-
-    # GPUs
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> FakeGpu:
-        return self.gpus[i]
-
-    def nvmlDeviceGetUUID(self, h: FakeGpu | FakeMig) -> str:
-        return h.uuid
-
-    def nvmlDeviceGetPciInfo(self, h: FakeGpu) -> Any:
-        return SimpleNamespace(busId=f"00000000:{0x18 + h.minor:02X}:00.0".encode())
-
-    def nvmlDeviceGetName(self, h: FakeGpu) -> str:
-        return H100_80GB_HBM3.name
-
-    def nvmlDeviceGetMinorNumber(self, h: FakeGpu) -> int:
-        return h.minor
-
-    def nvmlDeviceGetCudaComputeCapability(self, h: FakeGpu) -> tuple[int, int]:
-        return (9, 0)
-
-    def nvmlDeviceGetMemoryInfo(self, h: FakeGpu) -> Any:
-        return SimpleNamespace(total=H100_80GB_HBM3.memory_bytes)
-
-    def nvmlDeviceGetMigMode(self, h: FakeGpu) -> tuple[int, int]:
-        mode = pynvml.NVML_DEVICE_MIG_ENABLE if h.mig_enabled else pynvml.NVML_DEVICE_MIG_DISABLE
-        return (mode, mode)
-
-    def nvmlDeviceGetNvLinkState(self, h: FakeGpu, link: int) -> int:
-        raise _fail(pynvml.NVML_ERROR_NOT_SUPPORTED)
-
-    def nvmlDeviceGetTopologyCommonAncestor(self, a: FakeGpu, b: FakeGpu) -> int:
-        return 40
-
-    # MIG (read-only queries)
-    def nvmlDeviceGetMaxMigDeviceCount(self, h: FakeGpu) -> int:
-        return h.max_slots
-
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, h: FakeGpu, slot: int) -> FakeMig:
-        if slot >= h.max_slots:
-            raise _fail(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        if slot not in h.slots:
-            raise _fail(pynvml.NVML_ERROR_NOT_FOUND)
-        return h.slots[slot]
-
-    def nvmlDeviceGetGpuInstanceId(self, m: FakeMig) -> int:
-        return m.gi_id
-
-    def nvmlDeviceGetComputeInstanceId(self, m: FakeMig) -> int:
-        return m.ci_id
-
-    def nvmlDeviceGetAttributes(self, m: FakeMig) -> Any:
-        return SimpleNamespace(
-            multiprocessorCount=16 * m.ci_slices, sharedCopyEngineCount=m.gi_slices, sharedDecoderCount=1,
-            sharedEncoderCount=0, sharedJpegCount=1, sharedOfaCount=int(m.profile_id == 20),
-            gpuInstanceSliceCount=m.gi_slices, computeInstanceSliceCount=m.ci_slices, memorySizeMB=m.memory_mb,
-        )
-
-    def nvmlDeviceGetGpuInstanceById(self, h: FakeGpu, gi_id: int) -> FakeMig:
-        self.calls.append(f"gi {gi_id}")
-        found = next((m for m in h.slots.values() if m.gi_id == gi_id), None)
-        if found is None:
-            raise _fail(pynvml.NVML_ERROR_NOT_FOUND)
-        return found
-
-    def nvmlGpuInstanceGetInfo(self, gi: FakeMig) -> Any:
-        return SimpleNamespace(id=gi.gi_id, profileId=gi.profile_id)
-
-    def nvmlDeviceGetGpuInstanceProfileInfo(self, h: FakeGpu, index: int, version: int = 2) -> Any:
-        self.calls.append(f"profile {index} v{version}")
-        if version == 2 and not self.profile_info_v2:
-            raise _fail(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
-        profile = next((p for p in H100_80GB_HBM3.profiles if p.index == index), None)
-        if profile is None:
-            raise _fail(pynvml.NVML_ERROR_NOT_SUPPORTED)
-        return SimpleNamespace(id=profile.id, sliceCount=profile.slices, memorySizeMB=profile.memory_mb)
+def h100(uuid: str, minor: int, mig_devices: dict[int, FakeMigDevice] | None = None) -> FakeGpu:
+    return FakeGpu(uuid, minor, f"00000000:{0x18 + minor:02X}:00.0", name=H100_80GB_HBM3.name,
+                   memory_bytes=H100_80GB_HBM3.memory_bytes, gi_profiles=H100_80GB_HBM3.profiles,
+                   mig_enabled=mig_devices is not None, mig_devices=mig_devices or {})
 
 
 def h100_node() -> list[FakeGpu]:
     layout = {
-        0: FakeMig("MIG-a", gi_id=2, ci_id=0, profile_id=9, gi_slices=3, ci_slices=3, memory_mb=40448),
+        0: FakeMigDevice("MIG-a", gi_id=2, ci_id=0, profile_id=9, gi_slices=3, ci_slices=3, memory_mb=40448),
         # slot 1 empty: j is NVML's slot, not a counter
-        2: FakeMig("MIG-b", gi_id=9, ci_id=0, profile_id=20, gi_slices=1, ci_slices=1, memory_mb=9984),
-        5: FakeMig("MIG-c", gi_id=1, ci_id=1, profile_id=9, gi_slices=3, ci_slices=1, memory_mb=40448),
+        2: FakeMigDevice("MIG-b", gi_id=9, ci_id=0, profile_id=20, gi_slices=1, ci_slices=1, memory_mb=9984),
+        5: FakeMigDevice("MIG-c", gi_id=1, ci_id=1, profile_id=9, gi_slices=3, ci_slices=1, memory_mb=40448),
     }
-    return [FakeGpu("GPU-0", 0, mig_enabled=False), FakeGpu("GPU-1", 1, mig_enabled=True, slots=layout)]
+    return [h100("GPU-0", 0), h100("GPU-1", 1, layout)]
 
 
 def driver_root(tmp_path: Path, minors: str | None) -> str:
@@ -171,10 +50,13 @@ MINORS = "config 1\nmonitor 2\ngpu1/gi2/access 156\ngpu1/gi2/ci0/access 157\ngpu
          "gpu1/gi9/ci0/access 220\ngpu1/gi1/access 147\ngpu1/gi1/ci1/access 149\n"
 
 
+def backend(tmp_path: Path, fake: FakeNvml, minors: str | None = MINORS) -> NvmlBackend:
+    return NvmlBackend(driver_root=driver_root(tmp_path, minors), sysfs_root=str(tmp_path), nvml=fake)
+
+
 def test_mig_devices_with_slots_profiles_and_capabilities(tmp_path: Path) -> None:
     fake = FakeNvml(h100_node())
-    backend = NvmlBackend(driver_root=driver_root(tmp_path, MINORS), sysfs_root=str(tmp_path), nvml=fake)
-    node = backend.discover()
+    node = backend(tmp_path, fake).discover()
     plain, migged = node.gpus
     assert plain.mig_devices == () and migged.mig_enabled
     assert [(m.slot, m.uuid, m.gi_id, m.ci_id) for m in migged.mig_devices] == [
@@ -194,44 +76,75 @@ def test_mig_devices_with_slots_profiles_and_capabilities(tmp_path: Path) -> Non
         ],
     }
     # Profile infos are read once per GPU, every index tried.
-    assert sum(c.startswith("profile") for c in fake.calls) == pynvml.NVML_GPU_INSTANCE_PROFILE_COUNT
+    assert len(fake.called(PROFILE_INFO)) == FakeNvml.NVML_GPU_INSTANCE_PROFILE_COUNT
 
 
 def test_old_driver_without_profile_info_v2(tmp_path: Path) -> None:
     fake = FakeNvml(h100_node(), profile_info_v2=False)
-    node = NvmlBackend(driver_root=driver_root(tmp_path, MINORS), sysfs_root=str(tmp_path), nvml=fake).discover()
+    node = backend(tmp_path, fake).discover()
     assert [m.attributes for m in node.gpus[1].mig_devices] == [(), ("me",), ()]
-    assert "profile 7 v1" in fake.calls
+    assert FakeCall(PROFILE_INFO, "GPU-1", (7, 1)) in fake.calls
 
 
 def test_unknown_gpu_instance_profile_is_a_discovery_error(tmp_path: Path) -> None:
     gpus = h100_node()
-    gpus[1].slots[0].profile_id = 77
-    backend = NvmlBackend(driver_root=driver_root(tmp_path, MINORS), sysfs_root=str(tmp_path), nvml=FakeNvml(gpus))
+    gpus[1].mig_devices[0].profile_id = 77
     with pytest.raises(DiscoveryError, match="GPU 1: MIG device 0 uses GPU instance profile 77"):
-        backend.discover()
+        backend(tmp_path, FakeNvml(gpus)).discover()
 
 
 def test_unreadable_gpu_instance_names_the_call_and_the_fix(tmp_path: Path) -> None:
     fake = FakeNvml(h100_node())
+    fake.fail("nvmlDeviceGetGpuInstanceById", "NO_PERMISSION")
+    with pytest.raises(DiscoveryError, match="NVIDIA_MIG_MONITOR_DEVICES=all") as caught:
+        backend(tmp_path, fake).discover()
+    assert str(caught.value).endswith("nvmlDeviceGetGpuInstanceById: Insufficient Permissions")
 
-    def no_permission(h: FakeGpu, gi_id: int) -> None:
-        raise _fail(pynvml.NVML_ERROR_NO_PERMISSION)
 
-    fake.nvmlDeviceGetGpuInstanceById = no_permission
-    backend = NvmlBackend(driver_root=driver_root(tmp_path, MINORS), sysfs_root=str(tmp_path), nvml=fake)
-    with pytest.raises(DiscoveryError, match="NVIDIA_MIG_MONITOR_DEVICES=all"):
-        backend.discover()
+@pytest.mark.parametrize(
+    ("call", "code", "message"),
+    [
+        pytest.param("nvmlDeviceGetMaxMigDeviceCount", "UNKNOWN",
+                     "GPU 1: nvmlDeviceGetMaxMigDeviceCount: Unknown Error", id="slot count"),
+        pytest.param("nvmlDeviceGetMigDeviceHandleByIndex", "NO_PERMISSION",
+                     "GPU 1: MIG slot 0: nvmlDeviceGetMigDeviceHandleByIndex: Insufficient Permissions",
+                     id="a slot, not merely empty"),
+        pytest.param("nvmlDeviceGetAttributes", "UNKNOWN",
+                     "GPU 1: reading MIG device 0: nvmlDeviceGetAttributes: Unknown Error", id="MIG device facts"),
+        pytest.param(PROFILE_INFO, "UNKNOWN",
+                     f"GPU 1: GPU-instance profile index 0: {PROFILE_INFO}: Unknown Error", id="profile info"),
+    ],
+)
+def test_failing_mig_queries_name_the_gpu_and_the_call(tmp_path: Path, call: str, code: str, message: str) -> None:
+    fake = FakeNvml(h100_node())
+    fake.fail(call, code, gpu="GPU-1")
+    with pytest.raises(DiscoveryError) as caught:
+        backend(tmp_path, fake).discover()
+    assert str(caught.value) == message
 
 
 def test_mig_minors_unparsable_lines_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    root = driver_root(tmp_path, MINORS + "garbage here\n")
-    node = NvmlBackend(driver_root=root, sysfs_root=str(tmp_path), nvml=FakeNvml(h100_node())).discover()
+    node = backend(tmp_path, FakeNvml(h100_node()), MINORS + "garbage here\n").discover()
     assert node.mig_minors["gpu1/gi2/access"] == 156
     assert any(getattr(r, "line", "") == "garbage here" for r in caplog.records)
 
 
 def test_no_mig_gpu_reads_no_mig_minors(tmp_path: Path) -> None:
-    gpus = [FakeGpu("GPU-0", 0, mig_enabled=False)]
-    backend = NvmlBackend(driver_root=driver_root(tmp_path, MINORS), sysfs_root=str(tmp_path), nvml=FakeNvml(gpus))
-    assert backend.discover().mig_minors == {}
+    assert backend(tmp_path, FakeNvml([h100("GPU-0", 0)])).discover().mig_minors == {}
+
+
+def test_h200_mig_layout_matches_the_simulated_profile(tmp_path: Path) -> None:
+    """The ready-made H200 node with the h200-mig profile's layout: NVML discovery names the same
+    profiles as the simulator, and the capability nodes come from the node's mig-minors."""
+    layout = ["3g.71gb", "2g.35gb", "1g.18gb+me", "1g.18gb"]
+    fake = h200_node(gpus=1, mig_layout={0: layout})
+    fake.write_node_files(tmp_path)
+    node = NvmlBackend(driver_root=str(tmp_path), sysfs_root=str(tmp_path), nvml=fake).discover()
+    simulated = SimulatedBackend("h200-mig").discover()
+    assert [str(p) for _, _, p in mig.profiles_on(node)] == layout
+    assert [str(p) for _, _, p in mig.profiles_on(node)] == [str(p) for _, _, p in mig.profiles_on(simulated)]
+    tree = build_tree(node, load({"mig_strategy": "mixed"}, {}))
+    assert sorted(tree) == ["nvidia.com/mig-1g.18gb", "nvidia.com/mig-1g.18gb.me", "nvidia.com/mig-2g.35gb",
+                            "nvidia.com/mig-3g.71gb"]
+    # GPU instance 1 of GPU minor 0: the driver's first GI access minor after config and monitor.
+    assert node.mig_minors["gpu0/gi1/access"] == 3 + 9 and node.mig_minors["gpu0/gi1/ci0/access"] == 3 + 9 + 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nvdp.config.options import load, parse_listen_address
+from nvdp.config.load import load, parse_listen_address
 from nvdp.errors import ConfigError
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import Message
 
 from nvdp.kubelet._proto import api_pb2 as pb
 
@@ -44,8 +45,8 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
         pytest.param(pb.NUMANode, {"ID": 1}, id="NUMANode"),
     ],
 )
-def test_wire_field_numbers(message: type, fields: dict[str, int]) -> None:
-    descriptor = message.DESCRIPTOR  # type: ignore[attr-defined]
+def test_wire_field_numbers(message: type[Message], fields: dict[str, int]) -> None:
+    descriptor = message.DESCRIPTOR
     assert {f.name: f.number for f in descriptor.fields} == fields
 
 

@@ -20,7 +20,7 @@ def device(n: int, health: Health = Health.HEALTHY, reason: str = "") -> Device:
     )
 
 
-def tree(*devices: Device, name: str = GPU) -> DeviceTree:
+def tree(*devices: Device, name: str = GPU) -> dict[str, Resource]:  # a dict, so cases can merge trees with |
     return {name: Resource(name, devices)}
 
 

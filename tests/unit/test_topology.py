@@ -6,7 +6,9 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from nvdp.backends.simulated.backend import Profile, SimulatedBackend, build_node
+from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.backends.simulated.expand import build_node
+from nvdp.backends.simulated.profile import Profile
 from nvdp.core.devices import GpuInfo, PcieLevel
 from nvdp.core.topology import Far, NvLinkEnd, build_topology, bus_key
 from nvdp.errors import ConfigError

@@ -18,10 +18,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from nvdp.backends.base import EventWaiter, HealthSource
+from nvdp.core.backoff import Backoff
 from nvdp.core.devices import Node
 from nvdp.core.health import (
     EventKind,
     Fault,
+    FaultSource,
     HealthEvent,
     HealthSettings,
     HealthState,
@@ -51,7 +53,7 @@ class PumpTuning:
     join_timeout_s: float = 5.0
 
     def delay(self, failures: int) -> float:
-        return float(min(self.backoff_first_s * 2 ** (failures - 1), self.backoff_max_s))
+        return Backoff(self.backoff_first_s, self.backoff_max_s).delay(failures)
 
 
 DEFAULT_TUNING = PumpTuning()
@@ -132,7 +134,9 @@ class HealthMonitor:
         publish: Callable[[], Awaitable[None]],
         tuning: PumpTuning = DEFAULT_TUNING,
         clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[HealthEvent], None] | None = None,
     ) -> None:
+        """`on_event` sees every event for a served GPU, acted on or not (metrics count them)."""
         self.settings = settings
         self.state = HealthState()
         self._publish = publish
@@ -141,7 +145,7 @@ class HealthMonitor:
         self._wake = asyncio.Event()
         self._last_probe = float("-inf")
         self.events_received = 0
-        self.on_event: Callable[[HealthEvent], None] | None = None  # sees every event for a served GPU (metrics)
+        self._on_event = on_event
         self.probes_run = 0
 
     async def watch(self, source: HealthSource, node: Node) -> None:
@@ -149,7 +153,7 @@ class HealthMonitor:
         gpus = [g.uuid for g in node.gpus]
         self.state = forget_gpus(self.state, gpus)
         # A new event source: registration and wait failures belong to the old one.
-        self.state = drop_faults(self.state, lambda f: f.source not in ("register", "wait"))
+        self.state = drop_faults(self.state, lambda f: f.source not in (FaultSource.REGISTER, FaultSource.WAIT))
         if not self.settings.enabled:
             log.info("health checks disabled (DP_DISABLE_HEALTHCHECKS=all)")
             await self._publish()
@@ -184,7 +188,8 @@ class HealthMonitor:
         now = self._clock()
         for gpu, why in waiter.failures.items():
             reason = f"NVML event registration failed: {why}"
-            self.state = add_fault(self.state, Fault(Scope(gpu), "register", Severity.CONDITION, reason, None, now))
+            fault = Fault(Scope(gpu), FaultSource.REGISTER, Severity.CONDITION, reason, None, now)
+            self.state = add_fault(self.state, fault)
 
     # --- events (from the thread) ------------------------------------------------------------
 
@@ -210,8 +215,8 @@ class HealthMonitor:
             log.warning("health event for a GPU this plugin does not serve; ignored",
                         extra=_log_fields(item.gpu or "?", item.kind.value, item.xid))
             return
-        if self.on_event is not None:
-            self.on_event(item)
+        if self._on_event is not None:
+            self._on_event(item)
         new = apply_event(self.state, item, self.settings.switches.xids, now)
         if new is self.state:
             level = logging.DEBUG if item.kind is EventKind.ECC_CORRECTED else logging.INFO
@@ -288,3 +293,40 @@ def _poster(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Posted]) -> Ca
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
     return post
+
+
+class HealthTask:
+    """Runs `HealthMonitor.watch` for one (backend, GPUs, settings) at a time, as a child of the
+    plugin's TaskGroup: `ensure` restarts it only when that key changes, `stop` ends it.
+
+    Error handling: an unexpected error in the checks is logged and propagates through the
+    TaskGroup, which stops the plugin (health that silently stopped would be worse).
+    """
+
+    def __init__(self, monitor: HealthMonitor) -> None:
+        self.monitor = monitor
+        self._task: asyncio.Task[None] | None = None
+        self._key: object = None
+
+    async def ensure(
+        self, tasks: asyncio.TaskGroup, source: HealthSource, node: Node, settings: HealthSettings, key: object
+    ) -> None:
+        if key == self._key and self._task is not None and not self._task.done():
+            return
+        await self.stop()
+        self.monitor.settings = settings
+        self._key = key
+        self._task = tasks.create_task(self._watch(source, node), name="health")
+
+    async def _watch(self, source: HealthSource, node: Node) -> None:
+        try:
+            await self.monitor.watch(source, node)
+        except Exception as exc:
+            log.error("health checking failed; stopping", extra={"error": repr(exc)})
+            raise
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])  # unlike `await task`, never re-raises into the caller

@@ -375,7 +375,12 @@ def build_specs(node: Node, facts: DriverFacts, settings: SpecSettings) -> SpecS
     """The gpu spec, then the feature specs that are not empty."""
     gpu, notes = gpu_spec(node, facts, settings)
     features, more = feature_specs(facts, settings)
-    return SpecSet((gpu, *features), tuple(notes + more))
+    # The official plugin passes unknown hook names through silently; a config that works there
+    # must load here, so this is a note (a warning), not a config error.
+    known = ", ".join((*names.HOOKS, names.ALL_HOOKS))
+    unknown = [f"--cdi-disable-hooks: {h!r} names no hook; it disables nothing (known: {known})"
+               for h in names.unknown_hooks(sorted(settings.disabled_hooks))]
+    return SpecSet((gpu, *features), tuple(unknown + notes + more))
 
 
 # --------------------------------------------------------------------------------------------

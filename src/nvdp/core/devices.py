@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
+# The driver's control device nodes a container may need beside its GPUs' /dev/nvidiaN, in the
+# order they are passed; discovery keeps the ones present on the node (`Node.control_devices`).
+CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+
 
 class Health(enum.StrEnum):
     HEALTHY = "Healthy"
@@ -144,10 +148,6 @@ class Resource:
     @property
     def short_name(self) -> str:
         return self.name.split("/", 1)[-1]
-
-    @property
-    def socket_name(self) -> str:
-        return f"nvidia-{self.short_name}.sock"
 
 
 DeviceTree = Mapping[str, Resource]

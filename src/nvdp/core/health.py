@@ -23,12 +23,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
+from nvdp.config.options import Config
+from nvdp.config.parse import health_items
 from nvdp.core.devices import Device, DeviceTree, Health, Resource
-
-if TYPE_CHECKING:
-    from nvdp.config.options import Config
 
 # The official plugin's default ignore set (application errors, not GPU faults).
 DEFAULT_IGNORED_XIDS = frozenset({13, 31, 43, 45, 68, 109})
@@ -104,26 +102,6 @@ class CheckSwitches:
     xids: XidFilter = field(default_factory=XidFilter)
 
 
-def _items(name: str, values: Iterable[str]) -> tuple[set[str], set[int]]:
-    words: set[str] = set()
-    numbers: set[int] = set()
-    for raw in values:
-        item = raw.strip().lower()
-        if not item:
-            continue
-        if item in ("all", "xids"):
-            words.add(item)
-            continue
-        try:
-            number = int(item)
-        except ValueError:
-            raise ValueError(f"{name}: {raw!r} is neither 'all', 'xids' nor an XID number") from None
-        if number < 0:
-            raise ValueError(f"{name}: {raw!r} is not a valid XID (negative)")
-        numbers.add(number)
-    return words, numbers
-
-
 def check_switches(disable: Sequence[str], enable: Sequence[str]) -> CheckSwitches:
     """The official meanings, with one deliberate fix (docs/health.md has the full table):
 
@@ -136,10 +114,10 @@ def check_switches(disable: Sequence[str], enable: Sequence[str]) -> CheckSwitch
     - DISABLE=xids: XIDs are not acted on (except the ENABLE numbers) but the probe and ECC
       checks, which the official plugin does not have, stay on.
 
-    Raises ValueError for an item that is not 'all', 'xids' or a non-negative number.
+    Raises ConfigError for an item that is not 'all', 'xids' or a non-negative number.
     """
-    d_words, d_numbers = _items("DP_DISABLE_HEALTHCHECKS", disable)
-    e_words, e_numbers = _items("DP_ENABLE_HEALTHCHECKS", enable)
+    d_words, d_numbers = health_items("disable_healthchecks", disable)
+    e_words, e_numbers = health_items("enable_healthchecks", enable)
     if e_words:  # "all" (or "xids") re-enables every XID and every check
         return CheckSwitches(xids=XidFilter(ignored=frozenset()))
     if "all" in d_words:
@@ -236,17 +214,28 @@ class Scope:
         return device.mig.gi_id == self.gi and (self.ci is None or device.mig.ci_id == self.ci)
 
 
+class FaultSource(enum.StrEnum):
+    """What raised a fault: it decides which check may clear it."""
+
+    XID = "xid"  # an XID event
+    ECC = "ecc"  # an uncorrectable ECC event, or the probe's ECC counter rising
+    LOST = "lost"  # the probe cannot reach the GPU
+    REMAP_FAILED = "remap-failed"  # the probe sees a failed row remapping
+    WAIT = "wait"  # the event wait keeps failing (every GPU)
+    REGISTER = "register"  # the GPU's events could not be registered
+
+
 @dataclass(frozen=True)
 class Fault:
     scope: Scope
-    source: str  # "xid", "ecc", "lost", "remap-failed", "wait", "register"
+    source: FaultSource
     severity: Severity
     reason: str
     xid: int | None = None
     last: float = 0.0  # when the last event for it arrived
 
     @property
-    def key(self) -> tuple[Scope, str, int | None]:
+    def key(self) -> tuple[Scope, FaultSource, int | None]:
         return (self.scope, self.source, self.xid)
 
 
@@ -256,7 +245,7 @@ _RANK = {Severity.FATAL: 0, Severity.CONDITION: 1, Severity.TRANSIENT: 2}
 
 @dataclass(frozen=True)
 class HealthState:
-    faults: Mapping[tuple[Scope, str, int | None], Fault] = field(default_factory=dict)
+    faults: Mapping[tuple[Scope, FaultSource, int | None], Fault] = field(default_factory=dict)
     samples: Mapping[str, ProbeSample] = field(default_factory=dict)  # last probe per GPU
 
     def covering(self, device: Device) -> list[Fault]:
@@ -284,9 +273,9 @@ def fault_for_event(event: HealthEvent, xids: XidFilter, now: float) -> Fault | 
             return None
         cls = classify_xid(event.xid)
         reason = f"XID {event.xid}: {cls.meaning} ({cls.severity})"
-        return Fault(scope, "xid", cls.severity, reason, event.xid, now)
+        return Fault(scope, FaultSource.XID, cls.severity, reason, event.xid, now)
     if event.kind is EventKind.ECC_UNCORRECTED:
-        return Fault(scope, "ecc", Severity.TRANSIENT, "uncorrectable ECC error event (transient)", None, now)
+        return Fault(scope, FaultSource.ECC, Severity.TRANSIENT, "uncorrectable ECC error event (transient)", None, now)
     return None
 
 
@@ -301,12 +290,12 @@ def apply_wait_result(
 ) -> HealthState:
     """Event-wait outcome: `failures` consecutive failures so far (0: the wait works again)."""
     if failures == 0:
-        return drop_faults(state, lambda f: f.source != "wait")
+        return drop_faults(state, lambda f: f.source is not FaultSource.WAIT)
     if failures < threshold:
         return state
     # The reason does not carry the running count, so a storm is one transition, not one per failure.
     reason = f"NVML event wait failed {threshold}+ times in a row: {error}"
-    fault = Fault(Scope(None), "wait", Severity.CONDITION, reason, None, now)
+    fault = Fault(Scope(None), FaultSource.WAIT, Severity.CONDITION, reason, None, now)
     current = state.faults.get(fault.key)
     return state if current is not None and current.reason == reason else add_fault(state, fault)
 
@@ -356,20 +345,22 @@ def apply_probe(
         scope = Scope(gpu)
         if _reset_seen(before, sample):
             faults = {k: f for k, f in faults.items() if not (f.scope.gpu == gpu and f.severity is Severity.FATAL)}
-        lost = Fault(scope, "lost", Severity.CONDITION, "", None, now)
+        lost = Fault(scope, FaultSource.LOST, Severity.CONDITION, "", None, now)
         if sample.reachable:
             faults.pop(lost.key, None)
         else:
             what = "GPU is lost" if sample.lost else "NVML cannot reach the GPU"
             faults[lost.key] = replace(lost, reason=f"{what}: {sample.error}")
-        failed = Fault(scope, "remap-failed", Severity.CONDITION, "row remapping failed (the GPU needs service)")
+        failed = Fault(
+            scope, FaultSource.REMAP_FAILED, Severity.CONDITION, "row remapping failed (the GPU needs service)"
+        )
         if sample.reachable and sample.remap_failed:
             faults.setdefault(failed.key, replace(failed, last=now))
         elif sample.reachable:
             faults.pop(failed.key, None)
         rise = _rose(before, sample)
         if rise is not None:
-            ecc = Fault(scope, "ecc", Severity.TRANSIENT, f"{rise} (transient)", None, now)
+            ecc = Fault(scope, FaultSource.ECC, Severity.TRANSIENT, f"{rise} (transient)", None, now)
             faults[ecc.key] = ecc
         if sample.passing:
             faults = {

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from nvdp.kubelet.server import ResourceServer
+from nvdp.core.devices import Resource
+from nvdp.kubelet.liveness import PROBE_METADATA
+from nvdp.kubelet.server import ResourceServer, ServingContext
 from nvdp.ops.counters import PluginStats
-from nvdp.ops.readiness import PROBE_METADATA
 
 Clock = Callable[[], float]
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -26,10 +27,19 @@ if TYPE_CHECKING:  # RpcMethodHandler is generic only in the type stubs
     Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
 
 
-def instrument(server: ResourceServer, stats: PluginStats) -> None:
-    """Attach the hooks to a server before it starts (Manager.on_new_server)."""
-    server.on_allocate = stats.record_allocation
-    server.interceptors.append(MetricsInterceptor(server.name, stats))
+def instrumented_servers(stats: PluginStats) -> Callable[[Resource, ServingContext, str], ResourceServer]:
+    """The Manager's server factory: every new resource server counts into `stats`."""
+
+    def build(resource: Resource, context: ServingContext, socket_dir: str) -> ResourceServer:
+        return ResourceServer(
+            resource,
+            context,
+            socket_dir,
+            interceptors=(MetricsInterceptor(resource.name, stats),),
+            on_allocate=stats.record_allocation,
+        )
+
+    return build
 
 
 def _status(context: Context, error: BaseException | None) -> str:

@@ -15,11 +15,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from nvdp.core.devices import DeviceTree, diff
+from nvdp.core.backoff import Backoff
+from nvdp.core.devices import DeviceTree, Resource, diff
 from nvdp.errors import RegistrationError, ServeError
 from nvdp.kubelet._proto import api_pb2 as pb
 from nvdp.kubelet.registration import REGISTER_TIMEOUT_S, register
 from nvdp.kubelet.server import ResourceServer, ServingContext
+from nvdp.ops.logs import LogOnce
 
 log = logging.getLogger("nvdp.manager")  # stable name: operators filter on it
 
@@ -41,7 +43,11 @@ class RetryPolicy:
 
     def delay(self, failures: int) -> float:
         """The wait after `failures` consecutive failures (1 = the first)."""
-        return min(self.first_s * 2.0 ** min(failures - 1, 64), self.max_s)
+        return Backoff(self.first_s, self.max_s).delay(failures)
+
+
+ServerFactory = Callable[[Resource, ServingContext, str], ResourceServer]
+TreeObserver = Callable[[DeviceTree, DeviceTree], None]
 
 
 class Manager:
@@ -58,7 +64,12 @@ class Manager:
         registrar: Registrar | None = None,
         socket_dir: str | None = None,
         retry: RetryPolicy | None = None,
+        server_factory: ServerFactory = ResourceServer,
+        on_apply: TreeObserver | None = None,
     ) -> None:
+        """`server_factory` builds each new resource's server (the plugin passes one with its
+        metrics hooks); `on_apply` sees (previous tree, new tree) after every apply (metrics count
+        health changes there)."""
         self.kubelet_socket = kubelet_socket
         # Sockets go next to kubelet.sock (so a test kubelet can live in any folder), and in the
         # kubelet's usual folder when there is no kubelet socket to register with.
@@ -78,11 +89,10 @@ class Manager:
         # folder event never iterates the servers while a reload adds one, nor restarts a stopped one.
         self._servers_lock = asyncio.Lock()
         self._kubelet_identity: tuple[int, int] | None = None
-        self._last_failure: str | None = None
-        self._serve_failures: dict[str, str] = {}  # resource -> last ServeError logged
-        self.on_new_server: Callable[[ResourceServer], None] | None = None
-        # Called after each apply with (previous tree, new tree); metrics count health changes.
-        self.on_apply: Callable[[DeviceTree, DeviceTree], None] | None = None
+        self._registration_failure = LogOnce()
+        self._serve_failures = LogOnce()  # per resource: the last ServeError logged
+        self._new_server = server_factory
+        self._on_apply = on_apply
 
     @property
     def tree(self) -> DeviceTree:
@@ -91,7 +101,9 @@ class Manager:
     @property
     def serve_failures(self) -> dict[str, str]:
         """Resources whose socket could not be bound (retried on folder changes), with the reason."""
-        return {name: why for name, why in self._serve_failures.items() if not self.servers[name].serving}
+        return {
+            str(name): why for name, why in self._serve_failures.items() if not self.servers[str(name)].serving
+        }
 
     @property
     def registers(self) -> bool:
@@ -115,16 +127,14 @@ class Manager:
         for name in change.removed:
             await self.servers.pop(name).stop()
             self.registered.discard(name)
-            self._serve_failures.pop(name, None)
+            self._serve_failures.forget(name)
             log.info("resource removed", extra={"resource": name})
         for name, server in self.servers.items():
             server.context = self.context  # settings for the next request; streams need no resend
             if name in change.updated:
                 await server.update(tree[name])
         for name in change.added:
-            server = ResourceServer(tree[name], self.context, self.socket_dir)
-            if self.on_new_server is not None:
-                self.on_new_server(server)
+            server = self._new_server(tree[name], self.context, self.socket_dir)
             self.servers[name] = server  # kept when it cannot bind: check_sockets retries it
             try:
                 await server.start()
@@ -132,8 +142,8 @@ class Manager:
                 self._log_serve_failure_once(name, str(exc))
         if change.added:
             self._wake.set()
-        if self.on_apply is not None:
-            self.on_apply(previous, tree)
+        if self._on_apply is not None:
+            self._on_apply(previous, tree)
 
     async def close(self) -> None:
         async with self._servers_lock:
@@ -169,7 +179,7 @@ class Manager:
                 except ServeError as exc:  # retried on the next folder event or poll
                     self._log_serve_failure_once(name, str(exc))
                     continue
-                self._serve_failures.pop(name, None)
+                self._serve_failures.forget(name)
                 restarted = True
         identity = self._kubelet_socket_identity()
         if identity is not None and self._kubelet_identity is not None and identity != self._kubelet_identity:
@@ -206,7 +216,8 @@ class Manager:
                         self.kubelet_socket, server.name, os.path.basename(server.socket_path), server.options()
                     )
                 except RegistrationError as exc:
-                    self._log_failure_once(str(exc))
+                    if self._registration_failure.first(str(exc)):
+                        log.warning("registration failed, retrying with back-off", extra={"error": str(exc)})
                     self.registration_failures += 1
                     failures += 1
                     delay = self.retry.delay(failures)
@@ -216,7 +227,7 @@ class Manager:
                 self.registered.add(server.name)
                 self.registrations += 1
                 self._kubelet_identity = self._kubelet_socket_identity()
-                self._last_failure = None
+                self._registration_failure.forget()
                 failures = 0
                 log.info("registered with the kubelet", extra={"resource": server.name})
             with contextlib.suppress(TimeoutError):
@@ -224,14 +235,8 @@ class Manager:
                     await self._wake.wait()
 
     def _log_serve_failure_once(self, name: str, message: str) -> None:
-        if self._serve_failures.get(name) != message:
+        if self._serve_failures.first(message, key=name):
             log.error("cannot serve; retrying on the next folder change", extra={"resource": name, "error": message})
-            self._serve_failures[name] = message
-
-    def _log_failure_once(self, message: str) -> None:
-        if message != self._last_failure:
-            log.warning("registration failed, retrying with back-off", extra={"error": message})
-            self._last_failure = message
 
     async def wait_registered(self, timeout: float = 10.0) -> float:
         """Wait until every resource is registered; returns the seconds waited (for the demo)."""

@@ -46,6 +46,16 @@ async def register(
         ) from exc
 
 
+async def kubelet_answers(kubelet_socket: str, timeout: float) -> bool:
+    """Whether a gRPC server accepts connections on the kubelet socket within `timeout` (doctor)."""
+    try:
+        async with grpc.aio.insecure_channel(f"unix://{kubelet_socket}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
 async def folder_changes(folder: str, poll_interval: float = 1.0) -> AsyncIterator[None]:
     """Yield whenever a file is created or deleted in `folder` (the kubelet's restart signal).
 

@@ -1,8 +1,8 @@
 """One grpc.aio `DevicePlugin` server per resource, on its own unix socket.
 
-Core values (devices, container edits) are converted to and from protobuf here; kubelet.py
-(registration), probes.py (the liveness call) and manager.py (the registration options type)
-use the generated types too, and nothing in the pure core does.
+Core values (devices, container edits) are converted to and from protobuf here; registration.py,
+liveness.py and manager.py (the registration options type) use the generated types too, and
+nothing outside kubelet/ (and the shipped fakes in testing/) does.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import grpc
 from nvdp.config.options import Config
 from nvdp.core.allocation import preferred
 from nvdp.core.container import ContainerEdits, edits_for
-from nvdp.core.devices import Device, Resource, Topology
+from nvdp.core.devices import Device, Health, Resource, Topology
 from nvdp.errors import AllocationError, ServeError
 from nvdp.kubelet._proto import api_pb2 as pb
 from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
@@ -30,6 +30,7 @@ log = logging.getLogger("nvdp.server")  # stable name: operators filter on it
 Context = grpc.aio.ServicerContext[Any, Any]
 # The kubelet reads ListAndWatch with gRPC's default receive limit, and the list cannot be split.
 KUBELET_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+AllocateHook = Callable[[str, Sequence[str], Exception | None], None]
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,20 @@ class ServingContext:
     cdi_classes: frozenset[str] | None = None  # CDI specs nvdp wrote (None: none; see container.edits_for)
 
 
+def socket_name(resource: str) -> str:
+    """The official plugin's socket per resource: nvidia.com/mig-1g.10gb -> nvidia-mig-1g.10gb.sock."""
+    return f"nvidia-{resource.split('/', 1)[-1]}.sock"
+
+
+# The kubelet's health strings (v1beta1 constants), kept at the edge.
+WIRE_HEALTH = {Health.HEALTHY: "Healthy", Health.UNHEALTHY: "Unhealthy"}
+
+
 def device_message(device: Device) -> pb.Device:
     topology = None
     if device.numa_node is not None:
         topology = pb.TopologyInfo(nodes=[pb.NUMANode(ID=device.numa_node)])
-    return pb.Device(ID=device.id, health=device.health.value, topology=topology)
+    return pb.Device(ID=device.id, health=WIRE_HEALTH[device.health], topology=topology)
 
 
 def allocate_message(edits: ContainerEdits) -> pb.ContainerAllocateResponse:
@@ -75,20 +85,27 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     `stop()` ends every stream, stops the server and removes the socket file.
     """
 
-    def __init__(self, resource: Resource, context: ServingContext, socket_dir: str) -> None:
+    def __init__(
+        self,
+        resource: Resource,
+        context: ServingContext,
+        socket_dir: str,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        on_allocate: AllocateHook | None = None,
+    ) -> None:
+        """`interceptors` wrap every call (timing for metrics); `on_allocate` sees each Allocate's
+        (resource name, request ids, error or None) once the call is decided."""
         self.resource = resource
         self.context = context
-        self.socket_path = os.path.join(socket_dir, resource.socket_name)
+        self.socket_path = os.path.join(socket_dir, socket_name(resource.name))
         self.version = 0
         self._changed = asyncio.Condition()
         self._message: tuple[int, pb.ListAndWatchResponse] | None = None  # (version, list message)
         self._too_large = False
         self._server: grpc.aio.Server | None = None
         self._stopping = False
-        # Called after each Allocate with (resource name, request ids, error or None); for metrics.
-        self.on_allocate: Callable[[str, Sequence[str], Exception | None], None] | None = None
-        # Wrapped around every call (e.g. timing for metrics); read at each start().
-        self.interceptors: list[grpc.aio.ServerInterceptor] = []
+        self._on_allocate = on_allocate
+        self._interceptors = tuple(interceptors)
 
     @property
     def name(self) -> str:
@@ -120,7 +137,7 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         except OSError as exc:
             raise ServeError(f"cannot serve {self.name} on {self.socket_path}: {exc}") from exc
         self._stopping = False
-        server = grpc.aio.server(interceptors=self.interceptors)
+        server = grpc.aio.server(interceptors=self._interceptors)
         pb_grpc.add_DevicePluginServicer_to_server(self, server)
         try:
             server.add_insecure_port(f"unix://{self.socket_path}")
@@ -225,8 +242,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         return pb.AllocateResponse(container_responses=responses)
 
     def _report_allocation(self, ids: Sequence[str], error: Exception | None) -> None:
-        if self.on_allocate is not None:
-            self.on_allocate(self.name, ids, error)
+        if self._on_allocate is not None:
+            self._on_allocate(self.name, ids, error)
 
     async def PreStartContainer(
         self, request: pb.PreStartContainerRequest, context: Context

@@ -65,3 +65,27 @@ def setup(level: str = "info", stream: object = None, fmt: str = "text") -> None
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+class LogOnce:
+    """Remembers the last message per key, so that a failure repeated on every retry is logged once
+    and a different one (or the same after `forget`) is logged again."""
+
+    def __init__(self) -> None:
+        self._last: dict[object, str] = {}
+
+    def first(self, message: str, key: object = None) -> bool:
+        """True when `message` is new for `key` (log it now); False when it was the last one logged."""
+        if self._last.get(key) == message:
+            return False
+        self._last[key] = message
+        return True
+
+    def forget(self, key: object = None) -> None:
+        self._last.pop(key, None)
+
+    def last(self, key: object = None) -> str | None:
+        return self._last.get(key)
+
+    def items(self) -> list[tuple[object, str]]:
+        return list(self._last.items())

@@ -1,8 +1,8 @@
 """Prometheus metrics, built at scrape time from the plugin's current state.
 
 A custom collector on an explicit `CollectorRegistry` (no global registry, no module-level
-metric objects): every scrape calls `read()`, which copies the current device tree, the
-registration state and the `PluginStats` counters, and the collector turns that one snapshot
+metric objects): every scrape calls `read()`, which returns one `ops.view.PluginState` (the current device
+tree, the registration state and the `PluginStats` counters, copied at once), and the collector turns that one snapshot
 into metric families. Nothing is cached between scrapes, so nothing can be stale.
 docs/operations.md lists every metric; a test keeps that list and this module in step.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -24,11 +22,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from nvdp import __version__
-from nvdp.core.devices import DeviceTree
 from nvdp.ops.counters import StatsSnapshot
-
-if TYPE_CHECKING:
-    from nvdp.app.plugin import Plugin
+from nvdp.ops.view import PluginState
 
 # Metric names (counters get "_total" appended by the client library). `nvdp status` reads these.
 BUILD_INFO = "nvdp_build_info"
@@ -47,36 +42,6 @@ ALLOCATED_DEVICES = "nvdp_allocated_devices"
 ALLOCATION_ERRORS = "nvdp_allocation_errors"
 GRPC_DURATION = "nvdp_grpc_request_duration_seconds"
 GRPC_REQUESTS = "nvdp_grpc_requests"
-
-
-@dataclass(frozen=True)
-class PluginState:
-    """Everything one scrape shows, copied at once."""
-
-    tree: DeviceTree
-    registered: frozenset[str]
-    registrations: int
-    kubelet_restarts: int
-    stats: StatsSnapshot
-    backend: str = ""  # "" until a backend is open
-    driver_version: str = ""
-    cuda_driver_version: int = 0
-    init_error: str = ""  # why initialisation failed, while idling with fail-on-init-error=false
-
-
-def plugin_state(plugin: Plugin) -> PluginState:
-    node = plugin.node
-    return PluginState(
-        tree=plugin.manager.tree,
-        registered=frozenset(plugin.manager.registered),
-        registrations=plugin.manager.registrations,
-        kubelet_restarts=plugin.manager.kubelet_restarts,
-        stats=plugin.stats.snapshot(),
-        backend=plugin.backend.name if plugin.backend is not None else "",
-        driver_version=node.driver_version if node is not None else "",
-        cuda_driver_version=node.cuda_driver_version if node is not None else 0,
-        init_error=str(plugin.init_error) if plugin.init_error is not None else "",
-    )
 
 
 def _cuda_version(encoded: int) -> str:

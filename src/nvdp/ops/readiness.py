@@ -12,29 +12,11 @@ away or restarts, and true again once the plugin has registered again. With an e
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-import grpc
-
-from nvdp.kubelet._proto import api_pb2 as pb
-from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from nvdp.app.plugin import Plugin
-    from nvdp.kubelet.server import ResourceServer
+from nvdp.ops.view import Check, OpsView, PluginState
 
 ANSWER_TIMEOUT_S = 1.0  # under the chart's 2 s probe timeout, so a hung server gets a 503, not a timeout
-# Sent with the liveness call so that the gRPC metrics count only the kubelet's calls.
-PROBE_METADATA = (("nvdp-probe", "liveness"),)
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,37 +31,23 @@ class ProbeResult:
         return "\n".join(lines) + "\n"
 
 
-async def _answers(server: ResourceServer, timeout: float) -> Check:
-    name = f"server:{server.name}"
-    try:
-        async with grpc.aio.insecure_channel(f"unix://{server.socket_path}") as channel:
-            await pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
-                pb.Empty(), timeout=timeout, metadata=PROBE_METADATA
-            )
-    except grpc.aio.AioRpcError as exc:
-        return Check(name, False, f"GetDevicePluginOptions on {server.socket_path}: {exc.code().name}")
-    return Check(name, True)
-
-
-async def liveness(plugin: Plugin, timeout: float = ANSWER_TIMEOUT_S) -> ProbeResult:
-    checks = [Check("event-loop", True)]
-    checks += await asyncio.gather(*(_answers(s, timeout) for s in list(plugin.manager.servers.values())))
+async def liveness(view: OpsView, timeout: float = ANSWER_TIMEOUT_S) -> ProbeResult:
+    checks = [Check("event-loop", True), *await view.answers(timeout)]
     return ProbeResult(tuple(checks), all(c.ok for c in checks))
 
 
-def readiness(plugin: Plugin) -> ProbeResult:
-    manager = plugin.manager
-    if not manager.servers:
-        why = f"initialisation failed: {plugin.init_error}" if plugin.init_error else "no resource served yet"
+def readiness(state: PluginState) -> ProbeResult:
+    if not state.tree:
+        why = f"initialisation failed: {state.init_error}" if state.init_error else "no resource served yet"
         return ProbeResult((Check("resources", False, why),), False)
-    if not manager.registers:  # --kubelet-socket is empty: serving is all there is to do
-        return ProbeResult(tuple(Check(f"serving:{name}", True) for name in manager.servers), True)
+    if not state.registers:  # --kubelet-socket is empty: serving is all there is to do
+        return ProbeResult(tuple(Check(f"serving:{name}", True) for name in state.tree), True)
     checks = []
-    for name in manager.servers:
+    for name in state.tree:
         why = ""
-        if name not in manager.registered:
+        if name not in state.registered:
             why = "not registered with the kubelet"
-        elif plugin.stats.open_streams(name) < 1:
+        elif state.stats.streams.get(name, 0) < 1:
             why = "registered, but the kubelet holds no ListAndWatch stream"
         checks.append(Check(f"registered:{name}", not why, why))
     return ProbeResult(tuple(checks), all(c.ok for c in checks))

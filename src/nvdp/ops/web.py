@@ -17,18 +17,15 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import h11
 from prometheus_client.exposition import choose_encoder
 
-from nvdp.config.options import parse_listen_address
+from nvdp.config.load import parse_listen_address
 from nvdp.errors import ListenError
-from nvdp.ops.metrics import make_registry, plugin_state
+from nvdp.ops.metrics import make_registry
 from nvdp.ops.readiness import liveness, readiness
-
-if TYPE_CHECKING:
-    from nvdp.app.plugin import Plugin
+from nvdp.ops.view import OpsView
 
 log = logging.getLogger("nvdp.web")  # stable name: operators filter on it
 
@@ -45,8 +42,10 @@ class Reply:
 
 
 class OpsServer:
-    def __init__(self, plugin: Plugin, address: str) -> None:
-        self.plugin = plugin
+    """An async context manager: entering binds (ListenError when it cannot), leaving closes."""
+
+    def __init__(self, view: OpsView, address: str) -> None:
+        self.view = view
         self.address = address
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
@@ -64,6 +63,13 @@ class OpsServer:
         except OSError as exc:
             raise ListenError(f"--metrics-address {self.address}: cannot listen: {exc.strerror or exc}") from exc
         log.info("serving metrics and probes", extra={"address": self.address, "port": self.port})
+
+    async def __aenter__(self) -> OpsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     async def close(self) -> None:
         server, self._server = self._server, None
@@ -83,10 +89,10 @@ class OpsServer:
             encoder, content_type = choose_encoder(accept)
             # Copied on the loop (consistent, and the state is only touched there), rendered in a
             # thread: text encoding is most of a scrape's cost (~7 ms for 384 devices).
-            state = plugin_state(self.plugin)
+            state = self.view.state()
             body = await asyncio.to_thread(encoder, make_registry(lambda: state))
             return Reply(200, body, content_type)
-        result = await liveness(self.plugin) if path == "/healthz" else readiness(self.plugin)
+        result = await liveness(self.view) if path == "/healthz" else readiness(self.view.state())
         return Reply(200 if result.ok else 503, result.text().encode())
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

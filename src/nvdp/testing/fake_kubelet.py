@@ -248,6 +248,14 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
             raise KubeletError(f"{resource}: bad preferred allocation {ids}: {'; '.join(problems)}")
         return ids
 
+    async def refusal(self, resource: str, device_ids: Sequence[str]) -> str | None:
+        """Allocate for one container and say why it was refused ("CODE: details"), None when it was not."""
+        try:
+            await self.allocate(resource, device_ids)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        return None
+
     async def allocate(self, resource: str, device_ids: Sequence[str]) -> pb.ContainerAllocateResponse:
         """Allocate for one container; gRPC errors propagate (grpc.aio.AioRpcError)."""
         plugin = self.plugin(resource)

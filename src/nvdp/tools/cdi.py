@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nvdp.app.cdi import generate
-from nvdp.app.plugin import BackendFactory, discover_plan, open_backend
+from nvdp.app.discovery import BackendFactory, discover, open_backend
 from nvdp.backends.driver_root import Roots, scan
 from nvdp.config.options import Config
 from nvdp.core.cdi import GPU_CLASS, SpecSet, SpecSettings, build_specs, handed_out, to_json, uses_cdi
@@ -43,7 +43,7 @@ def generate_specs(cfg: Config, backend_factory: BackendFactory = open_backend, 
     or CdiSpecError."""
     backend = backend_factory(cfg)
     try:
-        node, plan = discover_plan(backend, cfg)
+        node, plan = discover(backend, cfg)
         specs = generate(cfg, node, backend, vendor)
     finally:
         backend.close()

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from nvdp.app.plugin import Plugin
-from nvdp.config.options import load
+from nvdp.config.load import load
 from nvdp.core.cdi import uses_cdi
 from nvdp.core.devices import Node
 from nvdp.core.resources import GPU_RESOURCE

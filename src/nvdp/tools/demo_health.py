@@ -7,8 +7,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import grpc
-
 from nvdp.app.plugin import Plugin
 from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.core.resources import GPU_RESOURCE
@@ -52,11 +50,8 @@ async def health_story(plugin: Plugin, kubelet: FakeKubelet, say: Say) -> None:
         chosen = await kubelet.preferred_allocation(GPU_RESOURCE, gpus, [], size)
         say(f"kubelet: {len(endpoint.healthy)} of {len(gpus)} GPUs allocatable; GetPreferredAllocation(size={size}) "
             f"-> GPUs {', '.join(str(gpus.index(c)) for c in chosen)} (the lost GPU blocks nothing)")
-        try:
-            await kubelet.allocate(GPU_RESOURCE, [gpus[fatal]])
-            say(f"kubelet: Allocate(GPU {fatal}) unexpectedly succeeded")
-        except grpc.aio.AioRpcError as exc:
-            say(f"kubelet: Allocate(GPU {fatal}) -> {exc.code().name}: {exc.details()}")
+        refused = await kubelet.refusal(GPU_RESOURCE, [gpus[fatal]])
+        say(f"kubelet: Allocate(GPU {fatal}) -> {refused or 'unexpectedly succeeded'}")
     else:
         await _reset(plugin, backend, fatal, until, say)
 

@@ -18,16 +18,14 @@ import enum
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from nvdp.backends.base import GpuBackend
-from nvdp.backends.nvml.discovery import LIBRARY, LIBRARY_DIRS
+from nvdp.backends.nvml.library import LIBRARY, LIBRARY_DIRS
 from nvdp.config.options import Config
 from nvdp.core import mig
 from nvdp.core.container import CDI_STRATEGIES
@@ -35,6 +33,7 @@ from nvdp.core.devices import DeviceTree, GpuInfo, Node
 from nvdp.core.resources import plan_tree
 from nvdp.core.topology import bus_key
 from nvdp.errors import DiscoveryError, NvmlUnavailable
+from nvdp.kubelet.registration import kubelet_answers
 from nvdp.tools.nodefacts import (
     inotify_in_use,
     kernel_gpus,
@@ -174,9 +173,8 @@ class Doctor:
         self.found = await asyncio.to_thread(discover, self.open_backend, self.cfg)
         results = []
         for name, check in CHECKS:
-            verdict = check(self)
-            if asyncio.iscoroutine(verdict):
-                verdict = await verdict
+            outcome = check(self)
+            verdict = outcome if isinstance(outcome, Verdict) else await outcome
             results.append(Result(verdict.status, verdict.summary, verdict.details, verdict.fix, name=name))
         return results
 
@@ -345,10 +343,7 @@ class Doctor:
         if not stat.S_ISSOCK(mode):
             return Verdict(Status.FAIL, f"{path} is not a socket",
                           fix="something else created this file: remove it and restart the kubelet")
-        try:
-            async with grpc.aio.insecure_channel(f"unix://{path}") as channel:
-                await asyncio.wait_for(channel.channel_ready(), KUBELET_TIMEOUT_S)
-        except TimeoutError:
+        if not await kubelet_answers(path, KUBELET_TIMEOUT_S):
             return Verdict(Status.FAIL, f"{path} does not answer within {KUBELET_TIMEOUT_S:g} s",
                           fix="check that the kubelet runs (systemctl status kubelet) and its log")
         return Verdict(Status.PASS, f"the kubelet answers on {path}")
@@ -438,7 +433,11 @@ class Doctor:
         return Verdict(Status.PASS, f"the system clock reads {now:%Y-%m-%d %H:%M} UTC")
 
 
-CHECKS: tuple[tuple[str, Callable[[Doctor], Any]], ...] = (
+# A check reads the node and returns its verdict, directly or (when it must wait, e.g. on the
+# kubelet socket) as a coroutine.
+Check = Callable[["Doctor"], Verdict | Awaitable[Verdict]]
+
+CHECKS: tuple[tuple[str, Check], ...] = (
     ("kernel-driver", Doctor.kernel_driver),
     ("nvml-library", Doctor.nvml_library),
     ("nvml", Doctor.nvml),

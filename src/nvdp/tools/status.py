@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from nvdp.config.options import parse_listen_address
+from nvdp.config.load import parse_listen_address
 from nvdp.errors import PluginError
 from nvdp.ops import metrics as m
 from nvdp.tools.report import table

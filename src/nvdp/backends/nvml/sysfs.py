@@ -1,0 +1,56 @@
+"""Node files the NVML backend reads beside NVML: a GPU's NUMA node from sysfs and the MIG
+capability minors from /proc."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from nvdp.core import mig
+from nvdp.core.topology import bus_key
+from nvdp.errors import DiscoveryError
+
+log = logging.getLogger("nvdp.nvml")  # stable name: operators filter on it
+
+
+def read_numa_node(bus_id: str, sysfs_root: str = "/sys") -> int | None:
+    """NUMA node from sysfs; None when unreadable or negative. Garbage is an error (as upstream)."""
+    path = Path(sysfs_root, "bus/pci/devices", bus_key(bus_id), "numa_node")
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    try:
+        node = int(text)
+    except ValueError:
+        raise DiscoveryError(f"{path}: numa_node is not an integer: {text!r}") from None
+    return node if node >= 0 else None
+
+
+def mig_minors_candidates(driver_root: str) -> tuple[str, ...]:
+    """Where mig-minors is looked for: under the driver root first, then our own /proc (where the
+    official plugin reads it; /proc/driver is the host's in any container)."""
+    own = mig.MIG_MINORS_PATH
+    if driver_root in ("", "/"):
+        return (own,)
+    return (os.path.join(driver_root, own.lstrip("/")), own)
+
+
+def read_mig_minors(candidates: tuple[str, ...]) -> dict[str, int]:
+    """The first mig-minors file that exists, parsed; none at all gives an empty map (as upstream:
+    MIG devices then lack their capability nodes)."""
+    for path in candidates:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise DiscoveryError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        minors, bad = mig.parse_mig_minors(text)
+        for line in bad:
+            log.warning("skipping unparsable line in the MIG minors file", extra={"path": path, "line": line})
+        return minors
+    log.warning("no MIG minors file found; MIG devices get no capability device nodes",
+                extra={"searched": ",".join(candidates)})
+    return {}

@@ -1,0 +1,123 @@
+"""Simulated node profiles: the YAML schema (pydantic) and the loader.
+
+Profiles ship with the package (`profiles/*.yaml`, selected by name) or come from a file path.
+The format is documented in docs/simulated-profiles.md; `load_profile` validates it and every error
+names the field.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from nvdp.core.devices import CONTROL_DEVICES
+from nvdp.errors import ConfigError, config_error_from
+
+PROFILES_PACKAGE = "nvdp.backends.simulated.profiles"
+# The control nodes a simulated node has unless its profile says otherwise: those of the real H200
+# node in the fixtures, i.e. the candidates without /dev/nvidia-modeset (headless compute nodes
+# load no modeset driver).
+DEFAULT_CONTROL_DEVICES = tuple(p for p in CONTROL_DEVICES if p != "/dev/nvidia-modeset")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MigDeviceSpec(_Strict):
+    """One MIG device: a profile name resolved against the GPU model's table (`1g.10gb`,
+    `1g.10gb+me`, `1c.3g.40gb`), or the NVML facts given one by one; given facts override."""
+
+    profile: str | None = None
+    slot: int | None = Field(default=None, ge=0)
+    uuid: str | None = None
+    gi_id: int | None = Field(default=None, ge=0)
+    ci_id: int | None = Field(default=None, ge=0)
+    gi_slices: int | None = Field(default=None, ge=1, le=8)
+    ci_slices: int | None = Field(default=None, ge=1, le=8)
+    memory_mb: int | None = Field(default=None, gt=0)
+    attributes: list[str] | None = None
+    neg_attributes: list[str] | None = None
+
+
+class MigSpec(_Strict):
+    enabled: bool = False
+    devices: list[MigDeviceSpec] = Field(default_factory=list)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _profile_names(cls, value: Any) -> Any:
+        # A bare string is a profile name: `devices: [1g.10gb, 1g.10gb]`.
+        if isinstance(value, list):
+            return [{"profile": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class GpuSpec(_Strict):
+    count: int = Field(default=1, ge=1, le=64)  # repeat this entry
+    name: str | None = None
+    uuid: str | None = None
+    minor: int | None = None
+    pci_bus_id: str | None = None
+    memory_mib: int | None = Field(default=None, gt=0)
+    memory_bytes: int | None = Field(default=None, gt=0)
+    compute_capability: str | None = None
+    numa_node: int | None = None
+    mig: MigSpec | None = None
+
+
+class NvlinkSpec(_Strict):
+    all_pairs: int = Field(default=0, ge=0, le=18)  # NVSwitch: every pair joined by this many links
+    pairs: list[tuple[int, int, Annotated[int, Field(ge=0, le=18)]]] = Field(default_factory=list)  # [a, b, links]
+
+
+class PcieSpec(_Strict):
+    # by-numa: same NUMA node -> SAME_NUMA_NODE, otherwise CROSS_CPU; explicit pairs override.
+    default: Literal["by-numa"] | str = "by-numa"
+    pairs: list[tuple[int, int, str]] = Field(default_factory=list)
+
+
+class Profile(_Strict):
+    description: str = ""
+    driver_version: str = "580.159.04"
+    cuda_driver_version: int = 13000
+    control_devices: list[str] = Field(default_factory=lambda: list(DEFAULT_CONTROL_DEVICES))
+    defaults: GpuSpec = Field(default_factory=GpuSpec)
+    gpus: list[GpuSpec]
+    nvlink: NvlinkSpec = Field(default_factory=NvlinkSpec)
+    pcie: PcieSpec = Field(default_factory=PcieSpec)
+    # Entries the simulated driver's /proc/driver/nvidia-caps/mig-minors lacks, e.g. "gpu1/gi2/access".
+    mig_minors_missing: list[str] = Field(default_factory=list)
+
+
+def builtin_profiles() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in resources.files(PROFILES_PACKAGE).iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def load_profile(name_or_path: str) -> tuple[str, Profile]:
+    """A built-in profile by name, or a YAML file by path; errors name the field."""
+    if name_or_path in builtin_profiles():
+        label = name_or_path
+        text = resources.files(PROFILES_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text()
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(
+                "--simulate",
+                f"{name_or_path!r} is neither a built-in profile ({', '.join(builtin_profiles())}) nor a file",
+            )
+        label, text = path.stem, path.read_text()
+    try:
+        return label, Profile.model_validate(yaml.safe_load(text))
+    except (yaml.YAMLError, ValidationError) as exc:
+        if isinstance(exc, ValidationError):
+            raise config_error_from(exc, f"simulated profile {label}") from exc
+        raise ConfigError(f"simulated profile {label}", f"not valid YAML: {exc}") from exc

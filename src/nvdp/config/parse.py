@@ -1,0 +1,128 @@
+"""Parsing option values as the official plugin does (urfave/cli v2): booleans as Go's
+`strconv.ParseBool`, an env var that is set but empty counts as set (false for a boolean), lists
+split on "," and trimmed; config-file values arrive typed (YAML), not as text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from nvdp.config.options import Option
+from nvdp.errors import ConfigError
+
+_GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_GO_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+def parse_go_bool(name: str, raw: str) -> bool:
+    if raw in _GO_TRUE:
+        return True
+    if raw in _GO_FALSE:
+        return False
+    raise ConfigError(name, f"{raw!r} is not a boolean (use true/false, 1/0, t/f)")
+
+
+def split_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def parse_text(opt: Option, name: str, raw: str) -> Any:
+    """Parse a value given as text (a CLI argument or an env var)."""
+    match opt.kind:
+        case "bool":
+            return False if raw == "" else parse_go_bool(name, raw)
+        case "list":
+            return split_list(raw)
+        case "intlist":
+            try:
+                return tuple(int(x) for x in split_list(raw))
+            except ValueError:
+                raise ConfigError(name, f"{raw!r} is not a comma-separated list of integers") from None
+        case "int":
+            try:
+                return int(raw)
+            except ValueError:
+                raise ConfigError(name, f"{raw!r} is not an integer") from None
+        case "float":
+            try:
+                return float(raw)
+            except ValueError:
+                raise ConfigError(name, f"{raw!r} is not a number") from None
+        case _:
+            return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# The config file (schema v1)
+
+
+def lookup(doc: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = doc
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def file_value(opt: Option, raw: Any) -> Any:
+    """Check and convert a value read from the config file (typed YAML, not text)."""
+    key = f"config file field {opt.file_key}"
+    match opt.kind:
+        case "bool":
+            if not isinstance(raw, bool):
+                raise ConfigError(key, f"{raw!r} is not a boolean")
+            return raw
+        case "list":
+            # deviceListStrategy may be one string or a list of strings.
+            if isinstance(raw, str):
+                return (raw,)
+            if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+                return tuple(raw)
+            if isinstance(raw, list) and all(isinstance(x, str | int) and not isinstance(x, bool) for x in raw):
+                return tuple(str(x) for x in raw)  # e.g. a YAML list of XID numbers
+            raise ConfigError(key, f"{raw!r} is not a string or a list of strings")
+        case "intlist":
+            if isinstance(raw, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+                return tuple(raw)
+            raise ConfigError(key, f"{raw!r} is not a list of integers")
+        case "int" | "float":
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                raise ConfigError(key, f"{raw!r} is not a number")
+            return raw if opt.kind == "float" else int(raw)
+        case _:
+            if not isinstance(raw, str):
+                raise ConfigError(key, f"{raw!r} is not a string")
+            return raw
+
+
+# The env var and flag of each health switch list, for messages that name what was given.
+HEALTH_SWITCHES = {
+    "disable_healthchecks": ("DP_DISABLE_HEALTHCHECKS", "--disable-healthchecks"),
+    "enable_healthchecks": ("DP_ENABLE_HEALTHCHECKS", "--enable-healthchecks"),
+}
+
+
+def health_items(switch: str, values: Iterable[str]) -> tuple[set[str], set[int]]:
+    """A DP_DISABLE_HEALTHCHECKS / DP_ENABLE_HEALTHCHECKS list as its words ('all', 'xids') and XID
+    numbers, lower-cased and trimmed as upstream. `switch` is the Config field; a bad item raises a
+    ConfigError naming the flag and its env var."""
+    env, flag = HEALTH_SWITCHES[switch]
+    words: set[str] = set()
+    numbers: set[int] = set()
+    for raw in values:
+        item = raw.strip().lower()
+        if not item:
+            continue
+        if item in ("all", "xids"):
+            words.add(item)
+            continue
+        try:
+            number = int(item)
+        except ValueError:
+            raise ConfigError(f"{flag} ({env})", f"{raw!r} is neither 'all', 'xids' nor an XID number") from None
+        if number < 0:
+            raise ConfigError(f"{flag} ({env})", f"{raw!r} is not a valid XID (negative)")
+        numbers.add(number)
+    return words, numbers
