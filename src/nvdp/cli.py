@@ -1,4 +1,5 @@
-"""Command line: `nvdp serve|devices|demo|doctor|simulate|status|version`, and `nvidia-device-plugin` (= `nvdp serve`).
+"""Command line: `nvdp serve|devices|demo|doctor|cdi|simulate|status|version`, and `nvidia-device-plugin`
+(= `nvdp serve`).
 
 The only module that reads argv and os.environ, sets up logging and decides exit codes:
 0 stopped cleanly; 1 initialisation failed (NVML, no devices) or an unexpected error;
@@ -151,14 +152,16 @@ def devices(as_json: bool, **cli_values: Any) -> None:
 
 @main.command()
 @click.option("--profile", default="dgx-h100", show_default=True, help="simulated node profile")
-def demo(profile: str) -> None:
+@click.option("--device-list-strategy", default=None, metavar="LIST",
+              help="e.g. cdi-cri: also show the CDI names and the spec the plugin writes for them")
+def demo(profile: str, device_list_strategy: str | None) -> None:
     """Run the plugin on a simulated node against a fake kubelet and narrate what it sees."""
     from nvdp.ops import logs
     from nvdp.tools.demo import run_demo
 
     logs.setup("error")  # the narration says what happens; warnings about injected faults would repeat it
     try:
-        asyncio.run(run_demo(profile, click.echo))
+        asyncio.run(run_demo(profile, click.echo, device_list_strategy))
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
@@ -213,6 +216,66 @@ def status(address: str, as_json: bool) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(json.dumps(view.to_json(), indent=2) if as_json else st.render(view))
+
+
+@main.group()
+def cdi() -> None:
+    """CDI specs for the cdi-* list strategies (what the plugin writes to --cdi-spec-dir)."""
+
+
+@cdi.command(name="generate")
+@click.option("--output", metavar="FILE", help="write the spec to FILE (atomically) instead of printing it")
+@click.option("--format", "fmt", type=click.Choice(["json", "yaml"]), default="json", show_default=True)
+@click.option("--class", "cls", type=click.Choice(["gpu", "gdrcopy", "gds", "mofed", "imex-channel"]), default="gpu",
+              show_default=True, help="which spec: the GPUs, or a feature's")
+@_option_decorators
+def cdi_generate(output: str | None, fmt: str, cls: str, **cli_values: Any) -> None:
+    """Generate the CDI spec the plugin would write, from the same flags (see docs/cdi.md)."""
+    from nvdp.tools import cdi as tool
+
+    generated = _cdi_or_exit(tool.generate_specs, _config_or_exit(cli_values))
+    for note in generated.specs.notes:
+        click.echo(f"warning: {note}", err=True)
+    spec = generated.specs.get(cls)
+    if spec is None:
+        click.echo(f"error: no {cls} spec for this node: the feature is off or its device nodes are missing", err=True)
+        sys.exit(EXIT_INIT_ERROR)
+    if generated.temporary_root:
+        click.echo("warning: the simulated driver root is a temporary folder, removed on exit; give --driver-root "
+                   "DIR to keep it (and the paths in this spec)", err=True)
+    text = tool.render(spec.doc, fmt)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    from nvdp.backends.spec_files import write_atomically
+
+    _cdi_or_exit(write_atomically, output, text)
+    click.echo(f"wrote {output}: {len(spec.device_names)} device(s), cdiVersion {spec.doc['cdiVersion']}", err=True)
+
+
+@cdi.command(name="list")
+@_option_decorators
+def cdi_list(**cli_values: Any) -> None:
+    """Print the qualified CDI device names nvdp's specs define for this node, one per line."""
+    from nvdp.tools import cdi as tool
+
+    generated = _cdi_or_exit(tool.generate_specs, _config_or_exit(cli_values))
+    for spec in generated.specs.specs:
+        for name in spec.qualified_names():
+            click.echo(name)
+
+
+def _cdi_or_exit(call: Callable[..., Any], *args: Any) -> Any:
+    from nvdp.errors import CdiSpecError
+
+    try:
+        return call(*args)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except (DiscoveryError, CdiSpecError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_INIT_ERROR)
 
 
 @main.command()

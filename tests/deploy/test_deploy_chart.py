@@ -58,6 +58,7 @@ class Case:
 
 
 MIG_ON = {"NVIDIA_MIG_MONITOR_DEVICES": "all"}
+FLAGS = ("no-additional-gids-for-device-nodes", "disable-nvsandbox-utils")  # upstream names: others exit 2
 CONFIG_DEFAULT = "version: v1\nflags:\n  migStrategy: mixed\n  plugin:\n    deviceIDStrategy: index\n"
 
 CASES = [
@@ -101,16 +102,16 @@ CASES = [
                  id="explicit-securityContext"),
     pytest.param(Case({"gdrcopyEnabled": True, "gdsEnabled": False, "mofedEnabled": True,
                        "deviceDiscoveryStrategy": "nvml", "nvidiaDevRoot": "/", "logLevel": "debug",
-                       "cdi": {"nvidiaHookPath": "/opt/nvidia-cdi-hook", "featureFlags": ["a", "b"]},
+                       "cdi": {"nvidiaHookPath": "/opt/nvidia-cdi-hook", "featureFlags": list(FLAGS)},
                        "extraEnv": [{"name": "NVDP_EXTRA", "value": "1"}]},
                       {"GDRCOPY_ENABLED": "true", "GDS_ENABLED": "false", "MOFED_ENABLED": "true",
                        "DEVICE_DISCOVERY_STRATEGY": "nvml", "NVIDIA_DEV_ROOT": "/", "NVDP_LOG_LEVEL": "debug",
-                       "NVIDIA_CDI_HOOK_PATH": "/opt/nvidia-cdi-hook", "CDI_FEATURE_FLAGS": "a,b",
+                       "NVIDIA_CDI_HOOK_PATH": "/opt/nvidia-cdi-hook", "CDI_FEATURE_FLAGS": ",".join(FLAGS),
                        "NVDP_EXTRA": "1"},
                       RESTRICTED,
                       {"gdrcopy_enabled": True, "gds_enabled": False, "mofed_enabled": True,
                        "device_discovery_strategy": "nvml", "dev_root": "/", "log_level": "debug",
-                       "nvidia_cdi_hook_path": "/opt/nvidia-cdi-hook", "cdi_feature_flags": ("a", "b")}),
+                       "nvidia_cdi_hook_path": "/opt/nvidia-cdi-hook", "cdi_feature_flags": FLAGS}),
                  id="other-plugin-settings"),
     pytest.param(Case({"metrics": {"enabled": True, "serviceMonitor": {"enabled": True}}, "probes": {"enabled": True}},
                       {"NVDP_METRICS_ADDRESS": "0.0.0.0:9401"}), id="metrics-probes-servicemonitor"),
@@ -308,6 +309,17 @@ def test_only_the_kubelet_folder_is_mounted_by_default(render: Any) -> None:
     pod = _ds(render, {})["spec"]["template"]["spec"]
     assert pod["volumes"] == [{"name": "device-plugin", "hostPath": {
         "path": "/var/lib/kubelet/device-plugins", "type": "Directory"}}]
+
+
+def test_a_cdi_strategy_mounts_the_nodes_cdi_folder(render: Any) -> None:
+    for strategy in ("cdi-cri", ["envvar", "cdi-annotations"]):
+        pod = _ds(render, {"deviceListStrategy": strategy})["spec"]["template"]["spec"]
+        volume = {"name": "cdi-specs", "hostPath": {"path": "/var/run/cdi", "type": "DirectoryOrCreate"}}
+        assert volume in pod["volumes"]
+        mounts = plugin_container(_ds(render, {"deviceListStrategy": strategy}))["volumeMounts"]
+        assert {"name": "cdi-specs", "mountPath": "/var/run/cdi"} in mounts
+    cfg = load({}, env_of(plugin_container(_ds(render, {"deviceListStrategy": "cdi-cri"}))))
+    assert cfg.cdi_spec_dir == "/var/run/cdi"  # where nvdp writes them by default
 
 
 def test_driver_root_is_mounted_read_only_where_nvdp_looks(render: Any) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from nvdp.app.cdi import SpecPublisher
 from nvdp.app.discovery import BackendFactory, discover, needs_new_backend, open_backend, plan
 from nvdp.app.health_monitor import DEFAULT_TUNING, HealthMonitor, HealthTask, PumpTuning
 from nvdp.app.ops_view import PluginView
@@ -121,6 +122,7 @@ class Plugin:
         self._settings_changed = asyncio.Event()  # wakes the rescan timer after a reload
         self._problems_logged: frozenset[mig.Problem] = frozenset()
         self._rescan_failure = LogOnce()
+        self.cdi = SpecPublisher()  # the CDI spec files for the cdi-* list strategies
 
     # Read-only views of what is served (tests, tools and the ops view read these).
     @property
@@ -240,7 +242,8 @@ class Plugin:
         """The one place a discovered node becomes the served tree (start-up, reload, rescan)."""
         self._log_new_problems(planned.problems)
         self.served = Served(cfg, node, planned.tree)
-        await self._publish(ServingContext(cfg, node.topology, node.control_devices))
+        cdi_classes = await asyncio.to_thread(self.cdi.refresh, cfg, node, self.backend)  # before registering
+        await self._publish(ServingContext(cfg, node.topology, node.control_devices, cdi_classes))
         await self._watch_health(cfg, node)
 
     def _log_new_problems(self, problems: tuple[mig.Problem, ...]) -> None:

@@ -83,7 +83,7 @@ def validate(cfg: Config) -> None:
             continue
         value = getattr(cfg, opt.field)
         items = value if isinstance(value, tuple) else (value,)
-        if not items:  # e.g. DEVICE_LIST_STRATEGY="": no device list would reach the container runtime
+        if not items and opt.default:  # e.g. DEVICE_LIST_STRATEGY="": no device list would reach the runtime
             raise ConfigError(_flag_name(opt), f"empty; give at least one of: {', '.join(opt.choices)}")
         # "invalid strategy" is the official wording for the strategy flags; other choices are values.
         what = "strategy" if opt.flag.endswith("-strategy") else "value"

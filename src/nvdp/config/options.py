@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
+from nvdp.config import cdi as cdi_names
+
 Kind = Literal["bool", "str", "list", "intlist", "float", "int"]
 
 # The allowed values of the choice options, as types: `Config` fields carry them, and the table's
@@ -82,8 +84,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("kubelet_socket", "kubelet-socket", "str", "/var/lib/kubelet/device-plugins/kubelet.sock",
            ("KUBELET_SOCKET",), help="the kubelet's registration socket; empty: do not register"),
     Option("config_file", "config-file", "str", None, ("CONFIG_FILE",), help="config file (schema v1)"),
-    Option("cdi_feature_flags", "cdi-feature-flags", "list", (), ("CDI_FEATURE_FLAGS",)),
-    Option("cdi_disable_hooks", "cdi-disable-hooks", "list", (), ("CDI_DISABLE_HOOKS",)),
+    Option("cdi_feature_flags", "cdi-feature-flags", "list", (), ("CDI_FEATURE_FLAGS",),
+           choices=cdi_names.FEATURE_FLAGS, help="CDI spec generator feature flags (docs/cdi.md)"),
+    Option("cdi_disable_hooks", "cdi-disable-hooks", "list", (), ("CDI_DISABLE_HOOKS",),
+           help="hooks left out of the CDI spec: 'all' or names such as update-ldcache (docs/cdi.md)"),
     # nvdp's own options.
     Option("metrics_address", "metrics-address", "str", "", ("NVDP_METRICS_ADDRESS",), "flags.nvdp.metricsAddress",
            help="HOST:PORT serving /metrics, /healthz and /readyz (e.g. :9401); empty: off"),
@@ -110,6 +114,8 @@ OPTIONS: tuple[Option, ...] = (
            help="consecutive NVML event-wait failures before every device is marked unhealthy"),
     Option("simulate_control", "simulate-control", "str", None, ("NVDP_SIMULATE_CONTROL",),
            "flags.nvdp.simulateControl", help="unix socket for fault injection into the simulated node"),
+    Option("cdi_spec_dir", "cdi-spec-dir", "str", "/var/run/cdi", ("NVDP_CDI_SPEC_DIR",), "flags.nvdp.cdiSpecDir",
+           help="folder the CDI specs are written to with a cdi-* list strategy; empty: nvdp writes none"),
 )
 
 OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in OPTIONS}
@@ -173,6 +179,7 @@ class Config:
     health_probe_interval: float = _default("health_probe_interval")
     health_wait_error_threshold: int = _default("health_wait_error_threshold")
     simulate_control: str | None = _default("simulate_control")
+    cdi_spec_dir: str = _default("cdi_spec_dir")
     sharing: Sharing = field(default_factory=Sharing)
 
     def to_json(self) -> str:

@@ -82,8 +82,14 @@ def edits_for(
     cfg: Config,
     control_devices: Sequence[str],
     new_annotation_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    cdi_classes: frozenset[str] | None = None,
 ) -> ContainerEdits:
-    """Build the edits for one container request (raises AllocationError on a bad request)."""
+    """Build the edits for one container request (raises AllocationError on a bad request).
+
+    `cdi_classes`: the CDI classes whose specs nvdp wrote (`core.cdi`); a feature class missing
+    from it (no device nodes on the node) is not named. None: nvdp wrote no spec, every enabled
+    feature is named, as the official plugin does.
+    """
     devices = requested_devices(resource, ids)
     if (
         cfg.sharing.fail_requests_greater_than_one
@@ -100,8 +106,14 @@ def edits_for(
     cdi_devices: tuple[str, ...] = ()
 
     if strategies & CDI_STRATEGIES:
+        def written(cls: str) -> bool:
+            return cdi_classes is None or cls in cdi_classes
+
         names = [f"{CDI_VENDOR}/gpu={i}" for i in ids_for_runtime]
-        names += [f"{CDI_VENDOR}/imex-channel={c}" for c in cfg.imex_channel_ids]
+        if written("imex-channel"):
+            names += [f"{CDI_VENDOR}/imex-channel={c}" for c in cfg.imex_channel_ids]
+        features = (("gdrcopy", cfg.gdrcopy_enabled), ("gds", cfg.gds_enabled), ("mofed", cfg.mofed_enabled))
+        names += [f"{CDI_VENDOR}/{cls}=all" for cls, enabled in features if enabled and written(cls)]
         if "cdi-annotations" in strategies and names:
             prefix = cfg.cdi_annotation_prefix
             annotations[f"{prefix}nvidia-device-plugin_{new_annotation_id()}"] = ",".join(names)
