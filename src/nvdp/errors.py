@@ -13,10 +13,11 @@
     │   └── UnhealthyDevice    an ID that is currently Unhealthy
     ├── RegistrationError      the kubelet refused or did not answer Register
     ├── ServeError             a resource's socket could not be bound (folder missing or read-only)
-    └── ListenError            the metrics/probe listener could not be opened (address in use...)
+    ├── ListenError            the metrics/probe listener could not be opened (address in use...)
+    └── MpsError               an MPS program (control daemon, nvidia-smi, mount) failed or did not answer
 
 Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where they enter
-(`backends/nvml/seam.py`, `kubelet/registration.py`) and re-raised `from` the original.
+(`backends/nvml/seam.py`, `kubelet/registration.py`, `backends/mps.py`) and re-raised `from` the original.
 """
 
 from __future__ import annotations
@@ -131,3 +132,7 @@ class ServeError(PluginError):
 
 class ListenError(PluginError):
     """The operations listener (--metrics-address) could not be opened."""
+
+
+class MpsError(PluginError):
+    """An MPS program failed, could not be run, or did not answer in time; the message says which and why."""

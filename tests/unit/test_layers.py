@@ -196,6 +196,7 @@ def test_only_the_cli_reads_argv_and_environ() -> None:
 LOGGER_NAMES = frozenset({
     "nvdp", "nvdp.app", "nvdp.manager", "nvdp.server", "nvdp.kubelet", "nvdp.nvml", "nvdp.healthwatch",
     "nvdp.configfile", "nvdp.simcontrol", "nvdp.web",
+    "nvdp.mps", "nvdp.mpsdaemon",  # new with MPS (app/mps.py, app/mps_daemon.py)
 })
 
 
