@@ -87,7 +87,7 @@ def test_config_errors(text: str, cli: dict[str, str], field: str, message: str)
 
 
 def test_empty_mps_block() -> None:
-    with pytest.raises(ConfigError, match="sharing.mps.resources: no resources specified"):
+    with pytest.raises(ConfigError, match=r"sharing\.mps\.resources: no resources specified"):
         load({"config_file": "/c.yaml", "mps_root": ROOT}, {}, lambda _: "sharing: {mps: {}}\n")
 
 
@@ -122,7 +122,7 @@ def test_replicas_above_the_client_limit(profile: str, allowed: int) -> None:
 
 def test_mig_devices_are_refused() -> None:
     cfg = mps_config(mig_strategy="single")
-    with pytest.raises(ConfigError, match="resources.0.name: sharing using MPS is not supported for MIG devices"):
+    with pytest.raises(ConfigError, match=r"resources\.0\.name: sharing using MPS is not supported for MIG devices"):
         plan_tree(node("h100-mig-single"), cfg)
 
 

@@ -36,7 +36,8 @@ def config(sharing: str, **cli: Any) -> Config:
 
 def time_slicing(*entries: str, rename_by_default: bool = False, **cli: Any) -> Config:
     body = "".join(f"    - {e}\n" for e in entries)
-    return config(f"  timeSlicing:\n    renameByDefault: {str(rename_by_default).lower()}\n    resources:\n{body}", **cli)
+    flag = str(rename_by_default).lower()
+    return config(f"  timeSlicing:\n    renameByDefault: {flag}\n    resources:\n{body}", **cli)
 
 
 def tree(cfg: Config, profile: str = "dgx-h100") -> DeviceTree:
@@ -194,7 +195,7 @@ def test_rename_colliding_with_another_entrys_resource() -> None:
 def test_a_gpu_on_the_node_but_in_another_resource() -> None:
     cfg = load({"config_file": "/c.yaml", "mig_strategy": "mixed"}, {},
                lambda _: "sharing:\n  timeSlicing:\n    resources:\n    - {name: gpu, replicas: 2, devices: [0]}\n")
-    with pytest.raises(ConfigError, match="0 is on this node but is not a device of nvidia.com/gpu"):
+    with pytest.raises(ConfigError, match=r"0 is on this node but is not a device of nvidia\.com/gpu"):
         plan_tree(node(MIG), cfg)  # GPU 0 is MIG-enabled: its MIG devices are served, not the GPU
 
 
