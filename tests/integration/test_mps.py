@@ -334,6 +334,18 @@ def test_a_sharing_config_that_does_not_fit_the_node_exits_2_before_any_socket(
     assert not list(plugin_dir.glob("*.sock"))
 
 
+def test_the_mps_daemon_exits_2_on_a_config_the_node_cannot_satisfy(plugin_dir: Path, sim: SimulatedMps) -> None:
+    path = plugin_dir / "config.yaml"
+    path.write_text(f"sharing:\n  mps:\n    resources: [{{name: {GPU}, replicas: 4, devices: [0, 1]}}]\n")
+    result = subprocess.run(
+        [console_script("mps-control-daemon"), "--simulate", "dgx-h100", "--config-file", str(path),
+         "--mps-dir", str(sim.root), "--mps-control", sim.control, "--nvidia-smi", sim.nvidia_smi],
+        env=_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "invalid config file field sharing.mps.resources.0.rename: devices shares only some GPUs" in result.stderr
+    assert not sim.root.exists() and not sim.smi_state.exists()  # nothing was started
+
+
 def test_mps_without_mps_root_exits_2(plugin_dir: Path) -> None:
     path = plugin_dir / "config.yaml"
     path.write_text(f"sharing:\n  mps:\n    resources: [{{name: {GPU}, replicas: 2}}]\n")
