@@ -106,6 +106,22 @@ async def test_readiness_check_reasons(sim: SimulatedMps) -> None:
     assert hung == "sleep did not finish within 0.3 s"
 
 
+async def test_a_cancelled_check_leaves_no_child_behind(sim: SimulatedMps, plugin_dir: Path) -> None:
+    pid_file = plugin_dir / "child.pid"
+    control = MpsControl(f"sh -c 'echo $$ > {pid_file}; exec sleep 300'", str(sim.root), timeout=600)
+    check = asyncio.create_task(control.probe(GPU))
+    await eventually(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "the child runs")
+    pid = int(pid_file.read_text())
+    check.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await check
+    try:
+        await eventually(lambda: not alive(pid), "the cancelled check's child is gone", timeout_s=10)
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 async def test_the_simulated_control_program_speaks_the_protocol(sim: SimulatedMps) -> None:
     control = MpsControl(sim.control, str(sim.root))
     await control.start_daemon(GPU)

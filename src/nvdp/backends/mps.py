@@ -68,6 +68,10 @@ async def run(
                 proc.kill()
             await proc.wait()
             raise MpsError(f"{os.path.basename(argv[0])} did not finish within {timeout:g} s") from None
+        except BaseException:  # cancelled (the plugin stops, a reload drops the check): leave no child behind
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
         out.seek(0)
         output = out.read().decode(errors="replace")
     assert proc.returncode is not None
