@@ -197,6 +197,7 @@ LOGGER_NAMES = frozenset({
     "nvdp", "nvdp.app", "nvdp.manager", "nvdp.server", "nvdp.kubelet", "nvdp.nvml", "nvdp.healthwatch",
     "nvdp.configfile", "nvdp.simcontrol", "nvdp.web",
     "nvdp.cdi",  # new with the CDI spec writer (app/cdi.py)
+    "nvdp.mps", "nvdp.mpsdaemon",  # new with MPS (app/mps.py, app/mps_daemon.py)
 })
 
 

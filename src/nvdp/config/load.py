@@ -23,11 +23,13 @@ def load(
     cli: Mapping[str, Any],
     environ: Mapping[str, str],
     read_text: Callable[[str], str] = lambda p: open(p, encoding="utf-8").read(),  # noqa: SIM115
+    require_mps_root: bool = True,
 ) -> Config:
     """Resolve the configuration: CLI > env > config file > default, then validate.
 
     `cli` maps Config field names to what the command line gave: None when not given, a string
-    (or a sequence of strings for list options) otherwise.
+    (or a sequence of strings for list options) otherwise. `require_mps_root=False`: the MPS
+    control daemon, which works in its own /mps and never names host paths.
     """
     values: dict[str, Any] = {}
     for opt in OPTIONS:
@@ -52,7 +54,18 @@ def load(
         values["dev_root"] = values["driver_root"]
     cfg = Config(**values, sharing=sharing)
     validate(cfg)
+    validate_mps(cfg, require_mps_root)
     return cfg
+
+
+def validate_mps(cfg: Config, require_mps_root: bool = True) -> None:
+    """The official plugin's MPS rules that need no GPU (the rest depend on the node: core/mps.py)."""
+    if cfg.sharing.strategy != "mps":
+        return
+    if cfg.mig_strategy == "mixed":
+        raise ConfigError("--mig-strategy", "using --mig-strategy=mixed is not supported with MPS")
+    if require_mps_root and not cfg.mps_root:
+        raise ConfigError("--mps-root", "using MPS requires --mps-root to be specified")
 
 
 class _Unset:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from nvdp.config.options import Config
+from nvdp.core import mps
 from nvdp.core.devices import Device, Resource
 from nvdp.core.resources import physical_id
 from nvdp.errors import AllocationError, UnhealthyDevice, UnknownDevice, invalid_request
@@ -104,6 +105,7 @@ def edits_for(
     envs: dict[str, str] = {}
     annotations: dict[str, str] = {}
     cdi_devices: tuple[str, ...] = ()
+    mounts: list[Mount] = []
 
     if strategies & CDI_STRATEGIES:
         def written(cls: str) -> bool:
@@ -120,6 +122,9 @@ def edits_for(
         if "cdi-cri" in strategies:
             cdi_devices = tuple(names)
 
+    if cfg.sharing.strategy == "mps" and any(d.replica is not None for d in devices):
+        mounts += _mps_edits(resource.name, cfg.mps_root, envs)
+
     for enabled, name in (
         (cfg.gdrcopy_enabled, "NVIDIA_GDRCOPY"),
         (cfg.gds_enabled, "NVIDIA_GDS"),
@@ -130,9 +135,8 @@ def edits_for(
 
     # As the official plugin: with only CDI strategies, nothing else is injected, not even specs.
     if strategies <= CDI_STRATEGIES:
-        return ContainerEdits(envs=envs, annotations=annotations, cdi_devices=cdi_devices)
+        return ContainerEdits(envs=envs, mounts=tuple(mounts), annotations=annotations, cdi_devices=cdi_devices)
 
-    mounts: list[Mount] = []
     if "envvar" in strategies:
         envs[VISIBLE_DEVICES] = ",".join(ids_for_runtime)
         if cfg.imex_channel_ids:
@@ -156,3 +160,14 @@ def edits_for(
         annotations=annotations,
         cdi_devices=cdi_devices,
     )
+
+
+def _mps_edits(resource: str, mps_root: str, envs: dict[str, str]) -> list[Mount]:
+    """MPS clients find their resource's control daemon through its pipe folder, and talk to it
+    through shared memory: the daemon's /dev/shm (a tmpfs under the MPS root)."""
+    container_pipe = mps.pipe_dir(mps.CONTAINER_ROOT, resource)
+    envs[mps.PIPE_ENV] = container_pipe
+    return [
+        Mount(container_pipe, mps.pipe_dir(mps_root, resource)),
+        Mount("/dev/shm", f"{mps_root.rstrip('/')}/{mps.SHM_DIR}"),
+    ]
