@@ -195,7 +195,7 @@ def test_only_the_cli_reads_argv_and_environ() -> None:
 # package's modules, kept when the modules moved into folders.
 LOGGER_NAMES = frozenset({
     "nvdp", "nvdp.app", "nvdp.manager", "nvdp.server", "nvdp.kubelet", "nvdp.nvml", "nvdp.healthwatch",
-    "nvdp.configfile", "nvdp.simcontrol", "nvdp.web",
+    "nvdp.configfile", "nvdp.simcontrol", "nvdp.web", "nvdp.config",
 })
 
 
@@ -209,7 +209,7 @@ def logger_names(known: Mapping[str, Path]) -> dict[str, str]:
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "getLogger"
                     and node.args):
                 arg = node.args[0]
-                found[name] = arg.value if isinstance(arg, ast.Constant) else ast.unparse(arg)
+                found[name] = str(arg.value) if isinstance(arg, ast.Constant) else ast.unparse(arg)
     return found
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from nvdp.config.options import Config, Sharing
 from nvdp.core import mig
 from nvdp.core.devices import Device, DeviceTree, GpuInfo, Node, Resource
+from nvdp.core.limits import check_list_size, list_bytes, replicas_bytes
 
 GPU_RESOURCE = "nvidia.com/gpu"
 REPLICA_SEPARATOR = "::"
@@ -36,7 +37,8 @@ class TreePlan:
 def plan_tree(node: Node, cfg: Config) -> TreePlan:
     """The resources to serve for this node and configuration.
 
-    Raises MigConfigError when --mig-strategy=single cannot serve the node's MIG layout.
+    Raises MigConfigError when --mig-strategy=single cannot serve the node's MIG layout, and
+    ConfigError when a resource's device list would be over the kubelet's ListAndWatch limit.
     """
     groups: dict[str, list[Device]] = {}
     for gpu in node.gpus:
@@ -47,6 +49,8 @@ def plan_tree(node: Node, cfg: Config) -> TreePlan:
         groups.setdefault(name, []).append(device)
     groups = apply_sharing(groups, cfg.sharing)
     tree = {name: Resource(name, tuple(devices)) for name, devices in groups.items() if devices}
+    for resource in tree.values():
+        check_list_size(resource.name, len(resource.devices), list_bytes(resource.devices))
     return TreePlan(tree, tuple(problems))
 
 
@@ -62,12 +66,16 @@ def apply_sharing(groups: dict[str, list[Device]], sharing: Sharing) -> dict[str
         devices = groups.get(shared.name)
         if not devices:
             continue
+        target = shared.rename or shared.name
+        # Measured before building: a list the kubelet would refuse is refused without first
+        # building millions of copies.
+        size = sum(replicas_bytes(d, shared.replicas) for d in devices)
+        check_list_size(target, len(devices) * shared.replicas, size)
         copies = [
             replace(d, id=f"{d.id}{REPLICA_SEPARATOR}{n}", replica=n)
             for d in devices
             for n in range(shared.replicas)
         ]
-        target = shared.rename or shared.name
         if target != shared.name:
             del result[shared.name]
         result[target] = copies
