@@ -1,5 +1,5 @@
-"""Command line: `nvdp serve|devices|demo|doctor|cdi|mps-control-daemon|simulate|status|version`, and the
-console scripts `nvidia-device-plugin` (= `nvdp serve`) and `mps-control-daemon`.
+"""Command line: `nvdp serve|devices|demo|doctor|cdi|mps-control-daemon|simulate|status|testing|version`, and
+the console scripts `nvidia-device-plugin` (= `nvdp serve`) and `mps-control-daemon`.
 
 The only module that reads argv and os.environ, sets up logging and decides exit codes:
 0 stopped cleanly; 1 initialisation failed (NVML, no devices) or an unexpected error;
@@ -21,9 +21,19 @@ import click
 from nvdp import __version__
 from nvdp.config.load import load
 from nvdp.config.options import OPTIONS, Config
-from nvdp.errors import ConfigError, DiscoveryError, ListenError, PluginError, ServeError
+from nvdp.errors import ConfigError, DiscoveryError, ListenError, NvmlUnavailable, PluginError, ServeError
 
 log = logging.getLogger("nvdp")
+
+# gRPC's C core writes its own lines to stderr (`E1201 ... add_port.cc:83] Failed to add port`),
+# in neither of our log formats; every failure it reports also reaches us as a Python error, which
+# we log. Set before anything imports grpc; GRPC_VERBOSITY=debug (or error) brings them back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+# `-h` as well as `--help`, as the official binary; subcommands inherit it.
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+TRY_SIMULATE = ("To try nvdp without a GPU, run it on a simulated node: --simulate dgx-h100 "
+                "(nvdp devices --simulate dgx-h100 shows what it would advertise).")
 
 EXIT_INIT_ERROR = 1
 EXIT_CONFIG_ERROR = 2
@@ -53,12 +63,26 @@ def resolve(cli_values: dict[str, Any]) -> Config:
     return load(given, os.environ)
 
 
-def _config_or_exit(cli_values: dict[str, Any]) -> Config:
+def _config_or_exit(cli_values: dict[str, Any], report: Callable[[str], None] | None = None) -> Config:
+    """The config, with every input checked before anything starts (the simulated profile, the
+    control socket path); exit 2 naming what is wrong."""
+    from nvdp.app.discovery import check_inputs
+
     try:
-        return resolve(cli_values)
+        cfg = resolve(cli_values)
+        check_inputs(cfg)
+        return cfg
     except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
+        (report or _echo_error)(str(exc))
         sys.exit(EXIT_CONFIG_ERROR)
+
+
+def _echo_error(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+
+
+def _log_error(message: str) -> None:
+    log.error(message)
 
 
 def _early_logging(cli_values: dict[str, Any]) -> None:
@@ -70,7 +94,7 @@ def _early_logging(cli_values: dict[str, Any]) -> None:
         option = next(o for o in OPTIONS if o.field == field)
         return cli_values.get(field) or next((os.environ[e] for e in option.envs if os.environ.get(e)), None)
 
-    level, fmt = given("log_level") or "info", given("log_format") or "text"
+    level, fmt = (given("log_level") or "info").lower(), (given("log_format") or "text").lower()
     try:
         logs.setup(level, fmt=fmt)
     except (KeyError, ValueError):  # an invalid value: the config check reports it
@@ -82,7 +106,8 @@ def _serve(cli_values: dict[str, Any]) -> None:
     from nvdp.ops import logs
 
     _early_logging(cli_values)
-    cfg = _config_or_exit(cli_values)
+    # Errors are log lines from here on, in the chosen format (a JSON log stays all JSON).
+    cfg = _config_or_exit(cli_values, report=_log_error)
     logs.setup(cfg.log_level, fmt=cfg.log_format)
     plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values))
     try:
@@ -90,8 +115,8 @@ def _serve(cli_values: dict[str, Any]) -> None:
     except (ListenError, ServeError) as exc:
         log.error("initialisation failed: %s", exc)
         sys.exit(EXIT_INIT_ERROR)
-    except ConfigError as exc:  # e.g. an invalid simulated profile, found before any socket exists
-        click.echo(f"error: {exc}", err=True)
+    except ConfigError as exc:  # e.g. a device list over the kubelet's limit, found before any socket exists
+        log.error(str(exc))
         sys.exit(EXIT_CONFIG_ERROR)
     except DiscoveryError as exc:
         log.error("initialisation failed: %s", exc)
@@ -100,13 +125,15 @@ def _serve(cli_values: dict[str, Any]) -> None:
             "runtime makes the driver visible to this container (nvidia runtime as default, or a "
             "RuntimeClass); on a node without GPUs, set --fail-on-init-error=false."
         )
+        if isinstance(exc, NvmlUnavailable):
+            log.error(TRY_SIMULATE)
         sys.exit(EXIT_INIT_ERROR)
     except PluginError as exc:  # named failures (e.g. the health checks'): a message, not a traceback
         log.error("stopped on an error: %s", exc)
         sys.exit(EXIT_INIT_ERROR)
 
 
-@click.group()
+@click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="nvdp")
 def main() -> None:
     """nvdp: the NVIDIA GPU device plugin for Kubernetes."""
@@ -119,7 +146,7 @@ def serve(**cli_values: Any) -> None:
     _serve(cli_values)
 
 
-@click.command(name="nvidia-device-plugin")
+@click.command(name="nvidia-device-plugin", context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="nvidia-device-plugin")
 @_option_decorators
 def serve_main(**cli_values: Any) -> None:
@@ -143,6 +170,8 @@ def devices(as_json: bool, **cli_values: Any) -> None:
         sys.exit(EXIT_CONFIG_ERROR)
     except DiscoveryError as exc:
         click.echo(f"error: {exc}", err=True)
+        if isinstance(exc, NvmlUnavailable):
+            click.echo(TRY_SIMULATE, err=True)
         sys.exit(EXIT_INIT_ERROR)
     for problem in plan.problems:
         click.echo(f"{problem.level}: {problem.message}", err=True)
@@ -282,6 +311,32 @@ def _cdi_or_exit(call: Callable[..., Any], *args: Any) -> Any:
     except (DiscoveryError, CdiSpecError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_INIT_ERROR)
+
+
+@main.group(name="testing")
+def testing_group() -> None:
+    """Test helpers shipped with nvdp (a fake kubelet to run a plugin against by hand)."""
+
+
+@testing_group.command(name="fake-kubelet")
+@click.option("--dir", "folder", required=True, metavar="DIR",
+              help="the folder for kubelet.sock (start the plugin with --kubelet-socket DIR/kubelet.sock)")
+@click.option("--allocate", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="once a resource has N healthy devices, ask GetPreferredAllocation and Allocate for N of them")
+def fake_kubelet(folder: str, allocate: int) -> None:
+    """A kubelet device manager on DIR/kubelet.sock that prints what it sees (until SIGINT/SIGTERM)."""
+    import signal
+
+    from nvdp.testing.kubelet_sim import run_fake_kubelet
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_fake_kubelet(folder, allocate, click.echo, stop)
+
+    asyncio.run(serve())
 
 
 @main.command()

@@ -314,8 +314,31 @@ def test_default_placement(render: Any) -> None:
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["tolerations"] == [{"key": "CriticalAddonsOnly", "operator": "Exists"},
                                   {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert "affinity" not in pod and "nodeSelector" not in pod  # as in the seed chart
+    assert pod["affinity"] == OFFICIAL_AFFINITY and "nodeSelector" not in pod  # as in the official chart
     assert pod["automountServiceAccountToken"] is False
+
+
+# The official chart's default affinity (v0.20): a node with an NVIDIA PCI device (NFD's label), an
+# NVIDIA CPU (some Tegra systems) or the label an operator sets by hand.
+OFFICIAL_AFFINITY = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+    {"matchExpressions": [{"key": "feature.node.kubernetes.io/pci-10de.present", "operator": "In",
+                           "values": ["true"]}]},
+    {"matchExpressions": [{"key": "feature.node.kubernetes.io/cpu-model.vendor_id", "operator": "In",
+                           "values": ["NVIDIA"]}]},
+    {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]},
+]}}}
+
+
+@pytest.mark.parametrize("helm_name", HELM_NAMES)
+def test_default_affinity_keeps_the_plugin_on_gpu_nodes(render: Any, helm_name: str) -> None:
+    """As the official chart: without it every untainted CPU node gets a crash-looping pod."""
+    ds = only(render(helm_name, Case()), "DaemonSet")
+    assert ds["spec"]["template"]["spec"]["affinity"] == OFFICIAL_AFFINITY
+    validate(ds)
+
+
+def test_affinity_null_removes_the_default(render: Any) -> None:
+    assert "affinity" not in _ds(render, {"affinity": None})["spec"]["template"]["spec"]
 
 
 def test_only_the_kubelet_folder_is_mounted_by_default(render: Any) -> None:
@@ -466,7 +489,8 @@ def test_seed_values_file_keeps_its_meaning(render: Any) -> None:
     assert pod["imagePullSecrets"] == seed["imagePullSecrets"]
     assert pod["nodeSelector"] == seed["nodeSelector"]
     assert pod["tolerations"] == seed["tolerations"]
-    assert "affinity" not in pod  # `affinity: {}` means none, as it did
+    # Helm merges maps: `affinity: {}` keeps the chart's default, as with the official chart since v0.12.
+    assert pod["affinity"] == OFFICIAL_AFFINITY
     assert ctr["resources"] == seed["resources"]
     assert ds["spec"]["updateStrategy"] == seed["updateStrategy"]
 

@@ -292,7 +292,7 @@ def test_cdi_list_names_every_device_and_feature(tmp_path: Path) -> None:
     [
         pytest.param(["--cdi-feature-flags", "no-such-flag"], {}, 2, "invalid --cdi-feature-flags: invalid value: "
                      "'no-such-flag' (allowed: no-additional-gids-for-device-nodes", id="unknown feature flag"),
-        pytest.param([], {"CDI_FEATURE_FLAGS": "nope"}, 2, "invalid --cdi-feature-flags", id="from the env"),
+        pytest.param([], {"CDI_FEATURE_FLAGS": "nope"}, 2, "invalid CDI_FEATURE_FLAGS", id="from the env"),
         pytest.param(["--class", "gds"], {}, 1, "no gds spec for this node", id="feature off"),
         pytest.param(["--driver-root", "/etc"], {}, 1, "/etc is not empty and not a simulated driver root",
                      id="simulated root into a real folder"),

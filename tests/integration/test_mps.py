@@ -316,7 +316,8 @@ async def test_a_reload_whose_sharing_does_not_fit_the_node_keeps_the_running_co
             await plugin.reload()
         assert plugin.cfg is good and len(plugin.manager.tree[GPU].devices) == 8
         (record,) = [r for r in caplog.records if "keeping the running config" in r.getMessage()]
-        assert "sharing.timeSlicing.resources.0.devices: no matching device at index: 8" in record.error  # type: ignore[attr-defined]
+        error = record.error  # type: ignore[attr-defined]
+        assert "sharing.timeSlicing.resources.0.devices in " in error and ": no matching device at index: 8" in error
 
 
 # --- the console scripts ------------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def test_a_sharing_config_that_does_not_fit_the_node_exits_2_before_any_socket(
          "--kubelet-socket", str(plugin_dir / "kubelet.sock")],
         env=_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
-    assert f"invalid config file field {field}: " in result.stderr and message in result.stderr
+    assert f"invalid {field} in {path}: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(plugin_dir.glob("*.sock"))
 
@@ -358,7 +359,7 @@ def test_the_mps_daemon_exits_2_on_a_config_the_node_cannot_satisfy(plugin_dir: 
          "--mps-dir", str(sim.root), "--mps-control", sim.control, "--nvidia-smi", sim.nvidia_smi],
         env=_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
-    assert "invalid config file field sharing.mps.resources.0.rename: devices shares only some GPUs" in result.stderr
+    assert f"invalid sharing.mps.resources.0.rename in {path}: devices shares only some GPUs" in result.stderr
     assert not sim.root.exists() and not sim.smi_state.exists()  # nothing was started
 
 

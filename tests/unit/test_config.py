@@ -189,7 +189,8 @@ def test_empty_config_file_is_valid() -> None:
         pytest.param("version: v2", "version", id="unknown version"),
         pytest.param("flags: {failOnInitError: 3}", "flags.failOnInitError", id="bool field"),
         pytest.param("flags: {plugin: {deviceListStrategy: 3}}", "flags.plugin.deviceListStrategy", id="list field"),
-        pytest.param("flags: {plugin: {deviceIDStrategy: serial}}", "--device-id-strategy", id="bad choice"),
+        pytest.param("flags: {plugin: {deviceIDStrategy: serial}}", "flags.plugin.deviceIDStrategy in /c.yaml",
+                     id="bad choice"),
         pytest.param("- a list", "--config-file", id="not a mapping"),
         pytest.param("flags: [", "--config-file", id="not yaml"),
         pytest.param("sharing: {timeSlicing: {resources: [{name: gpu, replicas: 0}]}}", "replicas",
@@ -269,9 +270,8 @@ _LONG = "x" * 53  # nvidia.com/ + 53 = 64 characters
 def test_sharing_validation_matches_the_official_plugin(text: str, field: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load({"config_file": "/c.yaml"}, {}, files(**{"/c.yaml": text}))
-    assert f"config file field {field if field.startswith('sharing') else 'sharing.timeSlicing.' + field}:" in str(
-        info.value
-    )
+    key = field if field.startswith("sharing") else f"sharing.timeSlicing.{field}"
+    assert f"invalid {key} in /c.yaml:" in str(info.value)
     assert message in str(info.value)
     assert "Value error" not in str(info.value)
 

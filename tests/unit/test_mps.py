@@ -70,9 +70,9 @@ def test_mps_wins_over_time_slicing(caplog: pytest.LogCaptureFixture) -> None:
 @pytest.mark.parametrize(
     ("text", "cli", "field", "message"),
     [
-        pytest.param(f"{{name: {GPU}, replicas: 1}}", {}, "config file field sharing.mps.resources.0.replicas",
+        pytest.param(f"{{name: {GPU}, replicas: 1}}", {}, "sharing.mps.resources.0.replicas in /c.yaml",
                      "number of replicas must be >= 2; found 1", id="one replica"),
-        pytest.param(f"{{name: {GPU}}}", {}, "config file field sharing.mps.resources.0.replicas",
+        pytest.param(f"{{name: {GPU}}}", {}, "sharing.mps.resources.0.replicas in /c.yaml",
                      "no replicas specified", id="no replicas"),
         pytest.param(f"{{name: {GPU}, replicas: 2}}", {"mig_strategy": "mixed"}, "--mig-strategy",
                      "using --mig-strategy=mixed is not supported with MPS", id="mixed MIG strategy"),
@@ -87,7 +87,7 @@ def test_config_errors(text: str, cli: dict[str, str], field: str, message: str)
 
 
 def test_empty_mps_block() -> None:
-    with pytest.raises(ConfigError, match=r"sharing\.mps\.resources: no resources specified"):
+    with pytest.raises(ConfigError, match=r"sharing\.mps\.resources in /c\.yaml: no resources specified"):
         load({"config_file": "/c.yaml", "mps_root": ROOT}, {}, lambda _: "sharing: {mps: {}}\n")
 
 
@@ -115,19 +115,21 @@ def test_replicas_above_the_client_limit(profile: str, allowed: int) -> None:
         plan_tree(node(profile), mps_config(f"{{name: {GPU}, replicas: {allowed + 1}}}"))
     cap = node(profile).gpus[0].compute_capability
     assert str(info.value) == (
-        f"invalid config file field sharing.mps.resources.0.replicas: invalid MPS configuration: {allowed + 1} "
+        f"invalid sharing.mps.resources.0.replicas in /c.yaml: invalid MPS configuration: {allowed + 1} "
         f"replicas of GPU 0 ({node(profile).gpus[0].uuid}) exceed the {allowed} MPS clients a GPU of compute "
         f"capability {cap} takes")
 
 
 def test_mig_devices_are_refused() -> None:
     cfg = mps_config(mig_strategy="single")
-    with pytest.raises(ConfigError, match=r"resources\.0\.name: sharing using MPS is not supported for MIG devices"):
+    with pytest.raises(ConfigError, match=r"resources\.0\.name in /c\.yaml: "
+                                          r"sharing using MPS is not supported for MIG devices"):
         plan_tree(node("h100-mig-single"), cfg)
 
 
 def test_a_partial_selection_needs_a_rename() -> None:
-    with pytest.raises(ConfigError, match=r"resources\.0\.rename: devices shares only some GPUs of nvidia.com/gpu"):
+    with pytest.raises(ConfigError, match=r"resources\.0\.rename in /c\.yaml: "
+                                          r"devices shares only some GPUs of nvidia.com/gpu"):
         plan_tree(node("dgx-h100"), mps_config(f"{{name: {GPU}, replicas: 4, devices: [6, 7]}}"))
 
 
@@ -136,7 +138,7 @@ def test_one_daemon_per_mps_resource() -> None:
             f"    - {{name: {GPU}, replicas: 2, devices: [0], rename: {SHARED}}}\n"
             f"    - {{name: {GPU}, replicas: 4, devices: [1], rename: {SHARED}}}\n")
     cfg = load({"config_file": "/c.yaml", "mps_root": ROOT}, {}, lambda _: text)
-    with pytest.raises(ConfigError, match=r"resources\.1\.rename: .* is already shared with MPS by "
+    with pytest.raises(ConfigError, match=r"resources\.1\.rename in /c\.yaml: .* is already shared with MPS by "
                                           r"sharing.mps.resources.0"):
         plan_tree(node("dgx-h100"), cfg)
 

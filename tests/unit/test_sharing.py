@@ -170,7 +170,7 @@ def test_node_dependent_errors_name_the_entry(entries: list[str], field: str | N
         return
     with pytest.raises(ConfigError) as info:
         tree(cfg)
-    assert f"invalid config file field sharing.timeSlicing.{field}: " in str(info.value)
+    assert f"invalid sharing.timeSlicing.{field} in /c.yaml: " in str(info.value)
     assert message is not None and message in str(info.value)
 
 
@@ -178,7 +178,8 @@ def test_rename_colliding_with_an_existing_resource() -> None:
     cfg = load({"config_file": "/c.yaml", "mig_strategy": "mixed"}, {},
                lambda _: "sharing:\n  timeSlicing:\n    resources:\n"
                          "    - {name: mig-1g.5gb, replicas: 2, rename: mig-3g.20gb}\n")
-    with pytest.raises(ConfigError, match=r"resources\.0\.rename: nvidia.com/mig-3g.20gb is already a resource"):
+    with pytest.raises(ConfigError, match=r"resources\.0\.rename in /c\.yaml: "
+                                          r"nvidia.com/mig-3g.20gb is already a resource"):
         plan_tree(node(MIG), cfg)
 
 
@@ -187,7 +188,7 @@ def test_rename_colliding_with_another_entrys_resource() -> None:
                lambda _: "sharing:\n  timeSlicing:\n    resources:\n"
                          "    - {name: mig-1g.5gb, replicas: 2, rename: shared}\n"
                          "    - {name: mig-2g.10gb, replicas: 2, rename: shared}\n")
-    with pytest.raises(ConfigError, match=r"resources\.1\.rename: nvidia.com/shared is already served by "
+    with pytest.raises(ConfigError, match=r"resources\.1\.rename in /c\.yaml: nvidia.com/shared is already served by "
                                           r"sharing.timeSlicing.resources.0"):
         plan_tree(node(MIG), cfg)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from nvdp.config import cdi as cdi_names
@@ -44,6 +44,17 @@ class Option:
     aliases: tuple[str, ...] = ()
     choices: tuple[str, ...] | None = None
     help: str = ""
+    # Choices matched in any case (nvdp's own log options); the official ones stay exact, as upstream.
+    case_insensitive: bool = False
+
+    @property
+    def v1_key(self) -> str:
+        """Where the option appears in the printed config: its config-file key, or (command line
+        only) `commandLine.<flag in camelCase>`."""
+        if self.file_key:
+            return self.file_key
+        first, *rest = self.flag.split("-")
+        return "commandLine." + first + "".join(word.capitalize() for word in rest)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -92,14 +103,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_address", "metrics-address", "str", "", ("NVDP_METRICS_ADDRESS",), "flags.nvdp.metricsAddress",
            help="HOST:PORT serving /metrics, /healthz and /readyz (e.g. :9401); empty: off"),
     Option("log_format", "log-format", "str", "text", ("NVDP_LOG_FORMAT",), "flags.nvdp.logFormat",
-           choices=get_args(LogFormat), help="log lines as key=value text or one JSON object each"),
+           choices=get_args(LogFormat), case_insensitive=True,
+           help="log lines as key=value text or one JSON object each"),
     Option("simulate", "simulate", "str", None, ("NVDP_SIMULATE",), "flags.nvdp.simulate",
            help="run on a simulated node: a built-in profile name or a YAML file"),
     Option("mig_rescan_interval", "mig-rescan-interval", "float", 0.0, ("NVDP_MIG_RESCAN_INTERVAL",),
            "flags.nvdp.migRescanInterval",
            help="seconds between MIG layout rescans (changes are served without a restart); 0: only on SIGHUP"),
     Option("log_level", "log-level", "str", "info", ("NVDP_LOG_LEVEL",), "flags.nvdp.logLevel",
-           choices=get_args(LogLevel)),
+           choices=get_args(LogLevel), case_insensitive=True),
     # Health checks (docs/health.md). The two DP_* env vars are the official plugin's.
     Option("disable_healthchecks", "disable-healthchecks", "list", (), ("DP_DISABLE_HEALTHCHECKS",),
            "flags.nvdp.health.disable", help="'all', 'xids' or XIDs to ignore"),
@@ -144,6 +156,7 @@ class SharedResource:
     rename: str | None = None
     devices: DeviceSelection = "all"
     where: str = ""  # the entry's config-file field, e.g. "sharing.mps.resources.0", for errors
+    source_file: str = ""  # the config file it came from, for errors
     rename_by_default: bool = False  # the block's renameByDefault (what the official plugin would serve)
 
     @property
@@ -218,9 +231,49 @@ class Config:
     mps_dir: str = _default("mps_dir")
     nvidia_smi: str = _default("nvidia_smi")
     sharing: Sharing = field(default_factory=Sharing)
+    # Where each value came from, for error messages: "--mig-strategy", "MIG_STRATEGY" or
+    # "flags.migStrategy in /etc/nvdp/config.yaml" (`load.load` fills it; defaults are absent).
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def source(self, name: str) -> str:
+        """What the operator used to set a field: its flag, env var or config-file key and file."""
+        return self.sources.get(name) or f"--{OPTIONS_BY_FIELD[name].flag}"
+
+    def to_v1(self) -> dict[str, Any]:
+        """The config as the official plugin prints it ("Running with config"): schema v1 names
+        (`flags.migStrategy`, `flags.plugin.passDeviceSpecs`, ...); nvdp's own settings under
+        `flags.nvdp`, command-line-only ones under `commandLine`."""
+        doc: dict[str, Any] = {"version": "v1", "flags": {}}
+        for opt in OPTIONS:
+            node = doc
+            *parents, leaf = opt.v1_key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            value = getattr(self, opt.field)
+            node[leaf] = list(value) if isinstance(value, tuple) else value
+        doc["sharing"] = {"timeSlicing": _sharing_v1(self.sharing)}
+        return doc
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_v1(), indent=2)
+
+
+def _sharing_v1(sharing: Sharing) -> dict[str, Any]:
+    if not sharing.resources:
+        return {}
+    resources = [
+        {"name": r.name, "replicas": r.replicas, **({"rename": r.rename} if r.rename else {})}
+        for r in sharing.resources
+    ]
+    return {"failRequestsGreaterThanOne": sharing.fail_requests_greater_than_one, "resources": resources}
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """The v1 names of the settings that differ between two configs (`sharing.timeSlicing` as one)."""
+    changed = [opt.v1_key for opt in OPTIONS if getattr(old, opt.field) != getattr(new, opt.field)]
+    if old.sharing != new.sharing:
+        changed.append("sharing.timeSlicing")
+    return sorted(changed)
 
 
 def options_markdown() -> str:

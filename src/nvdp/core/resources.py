@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from nvdp.config.options import Config
 from nvdp.core import mig
 from nvdp.core.devices import Device, DeviceTree, GpuInfo, Node, Resource
+from nvdp.core.limits import check_list_size, list_bytes
 from nvdp.core.mps import MpsDaemon, plan_daemons
 from nvdp.core.sharing import REPLICA_SEPARATOR, apply_sharing, divergences
 
@@ -43,7 +44,8 @@ def plan_tree(node: Node, cfg: Config) -> TreePlan:
     """The resources to serve for this node and configuration.
 
     Raises MigConfigError when --mig-strategy=single cannot serve the node's MIG layout, and
-    ConfigError when the sharing config does not fit the node (core/sharing.py, core/mps.py).
+    ConfigError when the sharing config does not fit the node (core/sharing.py, core/mps.py), or
+    when a resource's device list would be over the kubelet's ListAndWatch limit (core/limits.py).
     """
     groups: dict[str, list[Device]] = {}
     for gpu in node.gpus:
@@ -54,6 +56,8 @@ def plan_tree(node: Node, cfg: Config) -> TreePlan:
         groups.setdefault(name, []).append(device)
     groups = apply_sharing(groups, cfg.sharing, node)
     tree = {name: Resource(name, tuple(devices)) for name, devices in groups.items() if devices}
+    for resource in tree.values():
+        check_list_size(resource.name, len(resource.devices), list_bytes(resource.devices))
     notes = [mig.Problem("warning", line) for line in divergences(cfg.sharing)]
     return TreePlan(tree, (*problems, *notes), plan_daemons(node, tree, cfg.sharing))
 

@@ -15,14 +15,17 @@ from dataclasses import replace
 
 from nvdp.config.options import SharedResource, Sharing
 from nvdp.core.devices import Device, Node
+from nvdp.core.limits import check_list_size, replicas_bytes
 from nvdp.errors import ConfigError
 
 REPLICA_SEPARATOR = "::"
 
 
 def field_of(entry: SharedResource, key: str) -> str:
-    """How an error names the entry's field: `config file field sharing.mps.resources.0.devices`."""
-    return f"config file field {entry.where}.{key}" if entry.where else f"sharing of {entry.name} ({key})"
+    """How an error names the entry's field: `sharing.mps.resources.0.devices in /etc/nvdp/config.yaml`."""
+    if not entry.where:
+        return f"sharing of {entry.name} ({key})"
+    return f"{entry.where}.{key} in {entry.source_file}" if entry.source_file else f"{entry.where}.{key}"
 
 
 def replicas_of(device: Device, replicas: int) -> list[Device]:
@@ -51,6 +54,10 @@ def apply_sharing(
                                   f"{_describe(device)} is already shared by {claimed[device.id]}")
             claimed[device.id] = entry.where or entry.name
         _check_target(entry, existing, producers)
+        # Measured before building: a list the kubelet would refuse is refused without first
+        # building millions of copies.
+        check_list_size(entry.target, len(selected) * entry.replicas,
+                        sum(replicas_bytes(d, entry.replicas) for d in selected))
         chosen.append((entry, selected))
 
     result = {name: list(devices) for name, devices in groups.items()}

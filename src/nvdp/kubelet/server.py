@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from nvdp.config.inputs import KUBELET_MAX_MESSAGE_BYTES as KUBELET_MAX_MESSAGE_BYTES  # re-exported
 from nvdp.config.options import Config
 from nvdp.core.allocation import preferred
 from nvdp.core.container import ContainerEdits, edits_for
@@ -28,8 +29,6 @@ from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
 
 log = logging.getLogger("nvdp.server")  # stable name: operators filter on it
 Context = grpc.aio.ServicerContext[Any, Any]
-# The kubelet reads ListAndWatch with gRPC's default receive limit, and the list cannot be split.
-KUBELET_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 AllocateHook = Callable[[str, Sequence[str], Exception | None], None]
 
 

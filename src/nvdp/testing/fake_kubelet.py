@@ -84,8 +84,10 @@ class Event:
 class FakeKubelet(pb_grpc.RegistrationServicer):
     """Resource handling: `start()` creates kubelet.sock, `stop()` closes every connection."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, on_event: Callable[[Event], None] | None = None) -> None:
+        """`on_event` sees every event as it is recorded (`nvdp testing fake-kubelet` prints them)."""
         self.folder = folder
+        self._on_event = on_event
         self.socket_path = os.path.join(folder, "kubelet.sock")
         self.plugins: dict[str, PluginEndpoint] = {}
         self.events: list[Event] = []
@@ -208,7 +210,10 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         await plugin.channel.close()
 
     def _record(self, kind: str, resource: str, detail: str = "") -> None:
-        self.events.append(Event(kind, resource, time.monotonic(), detail))
+        event = Event(kind, resource, time.monotonic(), detail)
+        self.events.append(event)
+        if self._on_event is not None:
+            self._on_event(event)
 
     # --- what the device manager does at pod admission ------------------------------------------
 

@@ -253,11 +253,12 @@ class Doctor:
         seen = {bus_key(g.pci_bus_id) for g in self.node.gpus}
         hidden = set() if self.simulated else (pci_gpus(self.layout.sys) | kernel_gpus(self.layout.proc)) - seen
         if hidden:
-            return Verdict(Status.WARN, f"{len(hidden)} NVIDIA GPU(s) on the PCI bus are not visible to NVML: "
+            return Verdict(Status.WARN, f"{plural(len(hidden), 'NVIDIA GPU')} on the PCI bus "
+                          f"{'is' if len(hidden) == 1 else 'are'} not visible to NVML: "
                           f"{', '.join(sorted(hidden))}", details,
                           fix="look for XID 79 (fallen off the bus) in the kernel log and run nvidia-smi; in a "
                           "container, NVIDIA_VISIBLE_DEVICES must be 'all'")
-        return Verdict(Status.PASS, f"{len(self.node.gpus)} GPU(s): "
+        return Verdict(Status.PASS, f"{plural(len(self.node.gpus), 'GPU')}: "
                       f"{', '.join(sorted({g.name for g in self.node.gpus}))}", details)
 
     def device_nodes(self) -> Verdict:
@@ -276,16 +277,19 @@ class Doctor:
         denied = [n for n in required if (dev / n).exists() and not os.access(dev / n, os.R_OK | os.W_OK)]
         details = [f"missing {dev / n}" for n in missing + absent] + [f"no read/write access to {dev / n}"
                                                                       for n in denied]
-        if missing:
-            return Verdict(Status.FAIL, f"{len(missing)} device node(s) missing under {dev}", tuple(details),
+        others = f"; {len(absent)} optional missing" if absent else ""
+        others += f"; {len(denied)} not accessible by uid {self.uid}" if denied else ""
+        if missing:  # the summary counts every line below it
+            return Verdict(Status.FAIL, f"{plural(len(missing), 'required device node')} missing under {dev}"
+                           f"{others}", tuple(details),
                           fix="create them (nvidia-modprobe, or nvidia-ctk system create-dev-char-symlinks "
                           "--create-all) or set --dev-root to the root whose /dev has them")
         if absent or denied:
-            return Verdict(Status.WARN, f"{len(absent)} optional node(s) missing, {len(denied)} not "
-                          f"accessible by uid {self.uid}", tuple(details),
+            return Verdict(Status.WARN, f"{plural(len(absent), 'optional device node')} missing, "
+                          f"{len(denied)} not accessible by uid {self.uid}", tuple(details),
                           fix="nvidia-uvm is created on first CUDA use (nvidia-modprobe -u -c=0); MIG needs "
                           "/dev/nvidia-caps (nvidia-ctk system create-device-nodes --control-devices)")
-        return Verdict(Status.PASS, f"{len(required)} device node(s) present under {dev}")
+        return Verdict(Status.PASS, f"{plural(len(required), 'device node')} present under {dev}")
 
     def mig(self) -> Verdict:
         """The plugin's own MIG planning (resources.plan_tree) on the discovered node."""
@@ -300,17 +304,17 @@ class Doctor:
                            fix="use --mig-strategy=mixed, or give every GPU the same MIG mode and one profile "
                            "(docs/mig.md)")
         if strategy == "none" and on:
-            return Verdict(Status.WARN, f"MIG is on for {len(on)} GPU(s) but --mig-strategy=none: they are "
+            return Verdict(Status.WARN, f"MIG is on for {plural(len(on), 'GPU')} but --mig-strategy=none: they are "
                            "advertised as whole GPUs and pods on them see no device", details,
                            fix="use --mig-strategy=single or mixed, or turn MIG off (nvidia-smi -mig 0)")
         if self.found.problems:
-            return Verdict(Status.WARN, f"{len(self.found.problems)} MIG problem(s): "
+            return Verdict(Status.WARN, f"{plural(len(self.found.problems), 'MIG problem')}: "
                            f"{self.found.problems[0].message}", details,
                            fix="recreate the MIG devices (nvidia-smi mig, or the MIG manager); docs/mig.md")
         if not on:
             return Verdict(Status.PASS, f"MIG is off on every GPU (--mig-strategy={strategy})", details)
-        return Verdict(Status.PASS, f"--mig-strategy={strategy} serves MIG on {len(on)} of {len(self.node.gpus)} "
-                       "GPU(s)", details)
+        return Verdict(Status.PASS, f"--mig-strategy={strategy} serves MIG on {len(on)} of "
+                       f"{plural(len(self.node.gpus), 'GPU')}", details)
 
     # --- the kubelet ------------------------------------------------------------------------------
 
@@ -453,6 +457,11 @@ CHECKS: tuple[tuple[str, Check], ...] = (
 )
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 GPU`, `2 GPUs`, `0 warnings`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def blocking(results: Sequence[Result]) -> bool:
     return any(r.status is Status.FAIL for r in results)
 
@@ -467,7 +476,7 @@ def render(results: Sequence[Result]) -> Iterator[str]:
             yield f"{'':4}  {'':<{width}}  fix: {r.fix}"
     counts = {s: sum(r.status is s for r in results) for s in Status}
     verdict = "something blocks the plugin" if blocking(results) else "nothing blocks the plugin"
-    yield (f"{counts[Status.PASS]} passed, {counts[Status.WARN]} warnings, {counts[Status.FAIL]} failed, "
+    yield (f"{counts[Status.PASS]} passed, {plural(counts[Status.WARN], 'warning')}, {counts[Status.FAIL]} failed, "
            f"{counts[Status.SKIP]} skipped: {verdict}")
 
 
