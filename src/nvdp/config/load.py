@@ -10,32 +10,34 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from nvdp.config.options import OPTIONS, Config, Option, Sharing
+from nvdp.config.options import OPTIONS, Config, Option, Sharing, flag_names
 from nvdp.config.parse import file_value, health_items, lookup, parse_text
 from nvdp.errors import ConfigError
 
 
 def _flag_name(opt: Option) -> str:
-    return f"--{opt.flag}"
+    return flag_names(opt)[0]
 
 
 def load(
     cli: Mapping[str, Any],
     environ: Mapping[str, str],
     read_text: Callable[[str], str] = lambda p: open(p, encoding="utf-8").read(),  # noqa: SIM115
+    options: Sequence[Option] = OPTIONS,
 ) -> Config:
     """Resolve the configuration: CLI > env > config file > default, then validate.
 
     `cli` maps Config field names to what the command line gave: None when not given, a string
-    (or a sequence of strings for list options) otherwise.
+    (or a sequence of strings for list options) otherwise. `options` is the command's table
+    (`GFD_OPTIONS` for GPU feature discovery); fields outside it keep `Config`'s defaults.
     """
     values: dict[str, Any] = {}
-    for opt in OPTIONS:
+    for opt in options:
         values[opt.field] = _from_cli_or_env(opt, cli.get(opt.field), environ)
 
     doc: Mapping[str, Any] = {}
     sharing = Sharing()
-    config_file = values["config_file"]
+    config_file = values.get("config_file", _UNSET)
     if config_file is not _UNSET and config_file:
         # Imported here: pydantic's import and model building cost start-up time that a plugin
         # run without a config file (the common DaemonSet case) need not pay.
@@ -43,15 +45,15 @@ def load(
 
         doc, sharing = read_config_file(config_file, read_text)
 
-    for opt in OPTIONS:
+    for opt in options:
         if values[opt.field] is _UNSET:
             raw = lookup(doc, opt.file_key) if opt.file_key else None
             values[opt.field] = file_value(opt, raw) if raw is not None else opt.default
 
-    if not values["dev_root"]:
+    if "dev_root" in values and not values["dev_root"]:
         values["dev_root"] = values["driver_root"]
     cfg = Config(**values, sharing=sharing)
-    validate(cfg)
+    validate(cfg, options)
     return cfg
 
 
@@ -76,9 +78,9 @@ def _from_cli_or_env(opt: Option, given: Any, environ: Mapping[str, str]) -> Any
     return _UNSET
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, options: Sequence[Option] = OPTIONS) -> None:
     """Reject values outside the allowed sets, naming the flag and what is allowed."""
-    for opt in OPTIONS:
+    for opt in options:
         if opt.choices is None:
             continue
         value = getattr(cfg, opt.field)
@@ -97,6 +99,9 @@ def validate(cfg: Config) -> None:
         )
     if cfg.metrics_address:
         parse_listen_address(cfg.metrics_address)
+    if not cfg.sleep_interval > 0:  # 0 or less would relabel in a busy loop
+        raise ConfigError("--sleep-interval",
+                          f"{cfg.sleep_interval:g}s: give a positive duration (e.g. 60s) or infinite")
     if cfg.imex_channel_ids not in ((), (0,)):
         raise ConfigError("--imex-channel-ids", f"channelIDs must be [] or [0]; found {list(cfg.imex_channel_ids)}")
 
