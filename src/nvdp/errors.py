@@ -13,7 +13,8 @@
     │   └── UnhealthyDevice    an ID that is currently Unhealthy
     ├── RegistrationError      the kubelet refused or did not answer Register
     ├── ServeError             a resource's socket could not be bound (folder missing or read-only)
-    └── ListenError            the metrics/probe listener could not be opened (address in use...)
+    ├── ListenError            the metrics/probe listener could not be opened (address in use...)
+    └── LabelError             GPU feature discovery cannot label this node (MPS on a MIG GPU...)
 
 Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where they enter
 (`backends/nvml/seam.py`, `kubelet/registration.py`) and re-raised `from` the original.
@@ -131,3 +132,8 @@ class ServeError(PluginError):
 
 class ListenError(PluginError):
     """The operations listener (--metrics-address) could not be opened."""
+
+
+class LabelError(PluginError):
+    """GPU feature discovery cannot compute or publish the labels (e.g. MPS sharing configured on
+    a node with a MIG-enabled GPU, a driver version NVML gave in an unknown format)."""
