@@ -1,4 +1,5 @@
-"""Command line: `nvdp serve|devices|demo|doctor|simulate|status|version`, and `nvidia-device-plugin` (= `nvdp serve`).
+"""Command line: `nvdp serve|labels|devices|demo|doctor|simulate|status|version`, and
+`nvidia-device-plugin` (= `nvdp serve`), `gpu-feature-discovery` (= `nvdp labels`).
 
 The only module that reads argv and os.environ, sets up logging and decides exit codes:
 0 stopped cleanly; 1 initialisation failed (NVML, no devices) or an unexpected error;
@@ -12,15 +13,15 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
 from nvdp import __version__
 from nvdp.config.load import load
-from nvdp.config.options import OPTIONS, Config
-from nvdp.errors import ConfigError, DiscoveryError, ListenError, PluginError, ServeError
+from nvdp.config.options import GFD_OPTIONS, OPTIONS, Config, Option, flag_names, format_duration
+from nvdp.errors import ConfigError, DiscoveryError, LabelError, ListenError, PluginError, ServeError
 
 log = logging.getLogger("nvdp")
 
@@ -28,11 +29,22 @@ EXIT_INIT_ERROR = 1
 EXIT_CONFIG_ERROR = 2
 
 
-def _option_decorators(f: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed(OPTIONS):
-        names = [f"--{opt.flag}", *(f"--{a}" for a in opt.aliases), opt.field]
+def _options_of(table: Sequence[Option]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click options of a command's option table (OPTIONS: the plugin; GFD_OPTIONS: GFD)."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        return _add_options(f, table)
+
+    return decorate
+
+
+def _add_options(f: Callable[..., Any], table: Sequence[Option]) -> Callable[..., Any]:
+    for opt in reversed(table):
+        names = [*flag_names(opt), opt.field]
         envs = f" [env: {', '.join(opt.envs)}]" if opt.envs else ""
         default = ",".join(opt.default) if isinstance(opt.default, tuple) else opt.default
+        if opt.kind == "duration":
+            default = format_duration(opt.default)
         text = f"{opt.help or opt.flag.replace('-', ' ')}{envs} [default: {default}]"
         if opt.choices:
             text += f" [one of: {', '.join(opt.choices)}]"
@@ -47,14 +59,18 @@ def _option_decorators(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def resolve(cli_values: dict[str, Any]) -> Config:
+_option_decorators = _options_of(OPTIONS)
+_gfd_option_decorators = _options_of(GFD_OPTIONS)
+
+
+def resolve(cli_values: dict[str, Any], table: Sequence[Option] = OPTIONS) -> Config:
     given = {k: (None if v == () else v) for k, v in cli_values.items()}
-    return load(given, os.environ)
+    return load(given, os.environ, options=table)
 
 
-def _config_or_exit(cli_values: dict[str, Any]) -> Config:
+def _config_or_exit(cli_values: dict[str, Any], table: Sequence[Option] = OPTIONS) -> Config:
     try:
-        return resolve(cli_values)
+        return resolve(cli_values, table)
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
@@ -105,6 +121,29 @@ def _serve(cli_values: dict[str, Any]) -> None:
         sys.exit(EXIT_INIT_ERROR)
 
 
+def _labels(cli_values: dict[str, Any]) -> None:
+    from nvdp.app.labeller import Labeller
+    from nvdp.ops import logs
+
+    _early_logging(cli_values)
+    cfg = _config_or_exit(cli_values, GFD_OPTIONS)
+    logs.setup(cfg.log_level, fmt=cfg.log_format)
+    labeller = Labeller(cfg, reload_config=lambda: resolve(cli_values, GFD_OPTIONS))
+    try:
+        asyncio.run(labeller.run(handle_signals=True))
+    except ConfigError as exc:  # e.g. the NodeFeature API without a client, found before any discovery
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except DiscoveryError as exc:
+        log.error("initialisation failed: %s", exc)
+        log.error("If this is a GPU node, check that the NVIDIA driver is installed and visible to this "
+                  "container; on a node without GPUs, set --fail-on-init-error=false.")
+        sys.exit(EXIT_INIT_ERROR)
+    except (LabelError, PluginError) as exc:
+        log.error("labelling failed: %s", exc)
+        sys.exit(EXIT_INIT_ERROR)
+
+
 @click.group()
 @click.version_option(__version__, prog_name="nvdp")
 def main() -> None:
@@ -124,6 +163,21 @@ def serve(**cli_values: Any) -> None:
 def serve_main(**cli_values: Any) -> None:
     """NVIDIA device plugin for Kubernetes (nvdp), with the official plugin's flags and env vars."""
     _serve(cli_values)
+
+
+@main.command()
+@_gfd_option_decorators
+def labels(**cli_values: Any) -> None:
+    """Run GPU feature discovery: label this node's GPUs for NFD (what `gpu-feature-discovery` runs)."""
+    _labels(cli_values)
+
+
+@click.command(name="gpu-feature-discovery")
+@click.version_option(__version__, prog_name="gpu-feature-discovery")
+@_gfd_option_decorators
+def gfd_main(**cli_values: Any) -> None:
+    """GPU feature discovery (nvdp): node labels for NFD, with the official GFD's flags and env vars."""
+    _labels(cli_values)
 
 
 @main.command()
