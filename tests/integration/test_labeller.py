@@ -189,7 +189,8 @@ async def test_a_node_upstream_cannot_label_is_an_error(tmp_path: Path) -> None:
 
 
 async def test_warnings_are_logged_once_while_they_last(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = gfd_config(tmp_path, "h200-mig", sleep_interval="10ms", mig_strategy="single")
+    cfg = gfd_config(tmp_path, "h200-mig", sleep_interval="10ms", mig_strategy="single",
+                     machine_type_file=str(tmp_path / "missing"))
     labeller = Labeller(cfg)
     with caplog.at_level(logging.WARNING, "nvdp.gfd"):
         task = asyncio.create_task(labeller.run())
@@ -197,6 +198,8 @@ async def test_warnings_are_logged_once_while_they_last(tmp_path: Path, caplog: 
         labeller.stop()
         await asyncio.wait_for(task, 10)
     assert caplog.text.count("Invalid configuration detected for mig-strategy=single") == 1
+    assert caplog.text.count("Error getting machine type from") == 1
+    assert labeller.labels[f"{P}gpu.machine"] == "unknown"
 
 
 async def test_stdout_output(tmp_path: Path) -> None:

@@ -58,15 +58,15 @@ class NoGpus:
         """Nothing was opened."""
 
 
-def read_machine_type(path: str) -> str | None:
-    """The machine-type file's text; None when it cannot be read (the label is then `unknown`)."""
+def read_machine_type(path: str) -> tuple[str | None, str]:
+    """The machine-type file's text, or None and why when it cannot be read (the label is then
+    `unknown`; an empty path means no file, as upstream)."""
     if not path:
-        return None
+        return None, ""
     try:
-        return Path(path).read_text(encoding="utf-8", errors="replace")
+        return Path(path).read_text(encoding="utf-8", errors="replace"), ""
     except OSError as exc:
-        log.warning("Error getting machine type from %s: %s", path, exc.strerror or exc)
-        return None
+        return None, f"Error getting machine type from {path}: {exc.strerror or exc}"
 
 
 ClientFactory = Callable[[Config], NodeFeatureClient | None]
@@ -169,9 +169,9 @@ class Labeller:
 
     def _label_once(self, backend: GpuBackend, output: LabelOutput, timestamp: int | None) -> None:
         node = backend.discover()
-        machine_type = read_machine_type(self.cfg.machine_type_file)
+        machine_type, unreadable = read_machine_type(self.cfg.machine_type_file)
         result = node_labels(node, self.cfg, machine_type, timestamp)
-        new_warnings = frozenset(result.warnings)
+        new_warnings = frozenset(result.warnings) | ({unreadable} if unreadable else set())
         for warning in sorted(new_warnings - self._warned):  # once while it stays the same
             log.warning("%s", warning)
         self._warned = new_warnings

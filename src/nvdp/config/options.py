@@ -242,10 +242,9 @@ class Config:
     sharing: Sharing = field(default_factory=Sharing)
 
     def to_json(self, table: Sequence[Option] | None = None) -> str:
-        """The config as indented JSON: every field, or only a command's table and the sharing."""
-        values = asdict(self)
-        if table is not None:
-            values = {k: v for k, v in values.items() if k == "sharing" or k in {o.field for o in table}}
+        """The config as indented JSON: a command's options (the plugin's by default) and the sharing."""
+        fields = {o.field for o in (OPTIONS if table is None else table)} | {"sharing"}
+        values = {k: v for k, v in asdict(self).items() if k in fields}
         return json.dumps(values, indent=2, sort_keys=True)
 
 
