@@ -90,7 +90,7 @@ class Labeller:
         reload_config: Callable[[], Config] | None = None,
         backend_factory: BackendFactory = open_backend,
         client_factory: ClientFactory = lambda cfg: None,
-        stdout: TextIO = sys.stdout,
+        stdout: TextIO | None = None,  # None: sys.stdout when the labels are written
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
@@ -144,7 +144,7 @@ class Labeller:
     async def _serve(self) -> bool:
         """Label until stopped (False) or asked to reload (True)."""
         cfg = self.cfg
-        output = open_output(cfg, self._client_factory(cfg), self._stdout)  # before any discovery
+        output = open_output(cfg, self._client_factory(cfg), self._stdout or sys.stdout)  # before any discovery
         backend = self._open_backend()
         timestamp = None if cfg.no_timestamp else int(self._clock())
         try:
