@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-deploy lint typecheck check bench proto gpu-test clean
+.PHONY: demo test test-deploy image test-image lint typecheck check bench proto gpu-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,20 @@ $(LEGACY_SCHEMAS):
 test-deploy: $(DEPLOY_STAMP) $(LEGACY_SCHEMAS)
 	$(BIN)/python scripts/install-helm
 	$(BIN)/pytest -q -m deploy tests/deploy
+
+# The container image (docs/deployment.md): podman or docker; without a reachable base image, a
+# Debian base made with debootstrap. Both the base and the image are cached (.tools/cache, image
+# tags keyed by the inputs), so a repeated build takes seconds.
+IMAGE ?= localhost/nvdp:dev
+
+image:
+	$(PYTHON) scripts/build-image --tag $(IMAGE)
+
+# The image run for real against the fake kubelet, with the static manifest's security options.
+test-image: $(STAMP)
+	scripts/install-container-tools
+	$(PYTHON) scripts/build-image --tag $(IMAGE)
+	NVDP_IMAGE=$(IMAGE) $(BIN)/pytest -q -m image tests/image
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)

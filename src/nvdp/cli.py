@@ -1,5 +1,6 @@
-"""Command line: `nvdp serve|labels|devices|demo|doctor|simulate|status|version`, and
-`nvidia-device-plugin` (= `nvdp serve`), `gpu-feature-discovery` (= `nvdp labels`).
+"""Command line: `nvdp serve|labels|devices|demo|doctor|cdi|mps-control-daemon|simulate|status|version`,
+and the console scripts `nvidia-device-plugin` (= `nvdp serve`), `gpu-feature-discovery` (= `nvdp labels`)
+and `mps-control-daemon`.
 
 The only module that reads argv and os.environ, sets up logging and decides exit codes:
 0 stopped cleanly; 1 initialisation failed (NVML, no devices) or an unexpected error;
@@ -205,14 +206,22 @@ def devices(as_json: bool, **cli_values: Any) -> None:
 
 @main.command()
 @click.option("--profile", default="dgx-h100", show_default=True, help="simulated node profile")
-def demo(profile: str) -> None:
+@click.option("--device-list-strategy", default=None, metavar="LIST",
+              help="e.g. cdi-cri: also show the CDI names and the spec the plugin writes for them")
+@click.option("--sharing", type=click.Choice(["none", "mps"]), default="none", show_default=True,
+              help="mps: two GPUs shared with MPS, with the simulated MPS control daemon (docs/sharing.md)")
+def demo(profile: str, device_list_strategy: str | None, sharing: str) -> None:
     """Run the plugin on a simulated node against a fake kubelet and narrate what it sees."""
     from nvdp.ops import logs
     from nvdp.tools.demo import run_demo
+    from nvdp.tools.demo_mps import run_mps_demo
 
     logs.setup("error")  # the narration says what happens; warnings about injected faults would repeat it
     try:
-        asyncio.run(run_demo(profile, click.echo))
+        if sharing == "mps":
+            asyncio.run(run_mps_demo(profile, click.echo))
+        else:
+            asyncio.run(run_demo(profile, click.echo, device_list_strategy))
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
@@ -267,6 +276,66 @@ def status(address: str, as_json: bool) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(json.dumps(view.to_json(), indent=2) if as_json else st.render(view))
+
+
+@main.group()
+def cdi() -> None:
+    """CDI specs for the cdi-* list strategies (what the plugin writes to --cdi-spec-dir)."""
+
+
+@cdi.command(name="generate")
+@click.option("--output", metavar="FILE", help="write the spec to FILE (atomically) instead of printing it")
+@click.option("--format", "fmt", type=click.Choice(["json", "yaml"]), default="json", show_default=True)
+@click.option("--class", "cls", type=click.Choice(["gpu", "gdrcopy", "gds", "mofed", "imex-channel"]), default="gpu",
+              show_default=True, help="which spec: the GPUs, or a feature's")
+@_option_decorators
+def cdi_generate(output: str | None, fmt: str, cls: str, **cli_values: Any) -> None:
+    """Generate the CDI spec the plugin would write, from the same flags (see docs/cdi.md)."""
+    from nvdp.tools import cdi as tool
+
+    generated = _cdi_or_exit(tool.generate_specs, _config_or_exit(cli_values))
+    for note in generated.specs.notes:
+        click.echo(f"warning: {note}", err=True)
+    spec = generated.specs.get(cls)
+    if spec is None:
+        click.echo(f"error: no {cls} spec for this node: the feature is off or its device nodes are missing", err=True)
+        sys.exit(EXIT_INIT_ERROR)
+    if generated.temporary_root:
+        click.echo("warning: the simulated driver root is a temporary folder, removed on exit; give --driver-root "
+                   "DIR to keep it (and the paths in this spec)", err=True)
+    text = tool.render(spec.doc, fmt)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    from nvdp.backends.spec_files import write_atomically
+
+    _cdi_or_exit(write_atomically, output, text)
+    click.echo(f"wrote {output}: {len(spec.device_names)} device(s), cdiVersion {spec.doc['cdiVersion']}", err=True)
+
+
+@cdi.command(name="list")
+@_option_decorators
+def cdi_list(**cli_values: Any) -> None:
+    """Print the qualified CDI device names nvdp's specs define for this node, one per line."""
+    from nvdp.tools import cdi as tool
+
+    generated = _cdi_or_exit(tool.generate_specs, _config_or_exit(cli_values))
+    for spec in generated.specs.specs:
+        for name in spec.qualified_names():
+            click.echo(name)
+
+
+def _cdi_or_exit(call: Callable[..., Any], *args: Any) -> Any:
+    from nvdp.errors import CdiSpecError
+
+    try:
+        return call(*args)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except (DiscoveryError, CdiSpecError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_INIT_ERROR)
 
 
 @main.command()
@@ -373,3 +442,97 @@ def inject_mig_layout(ctx: click.Context, gpu: str, devices: str, disable: bool,
 def inject_wait_errors(ctx: click.Context, count: int) -> None:
     """The next COUNT NVML event waits fail (a wedged NVML)."""
     _send(ctx, {"command": "wait-errors", "count": count})
+
+
+@simulate.command(name="mps-control", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def simulate_mps_control(args: tuple[str, ...]) -> None:
+    """A simulated nvidia-cuda-mps-control: `-d` starts a daemon, else commands on stdin (docs/sharing.md)."""
+    from nvdp.backends.simulated.mps_control import main as control
+
+    sys.exit(control(args, os.environ, sys.stdin, sys.stdout))
+
+
+@simulate.command(name="nvidia-smi", context_settings={"ignore_unknown_options": True})
+@click.option("--state", required=True, metavar="FILE", help="JSON file keeping each GPU's compute mode")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def simulate_nvidia_smi(state: str, args: tuple[str, ...]) -> None:
+    """A simulated nvidia-smi for compute modes: `-i GPU -c MODE`, `-i GPU --query-gpu=compute_mode`."""
+    from nvdp.backends.simulated.nvidia_smi import main as smi
+
+    sys.exit(smi(args, state, sys.stdout))
+
+
+def _mps_daemon(cli_values: dict[str, Any]) -> None:
+    from nvdp.app.mps_daemon import ControlDaemon
+    from nvdp.ops import logs
+
+    def config() -> Config:
+        given = {k: (None if v == () else v) for k, v in cli_values.items()}
+        return load(given, os.environ, require_mps_root=False)
+
+    _early_logging(cli_values)
+    cfg = _config_or_exit_daemon(cli_values)
+    logs.setup(cfg.log_level, fmt=cfg.log_format)
+    try:
+        asyncio.run(ControlDaemon(cfg, reload_config=config).run(handle_signals=True))
+    except ConfigError as exc:  # the sharing config does not fit the node (found before any daemon starts)
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except DiscoveryError as exc:
+        log.error("initialisation failed: %s", exc)
+        sys.exit(EXIT_INIT_ERROR)
+
+
+@click.group(name="mps-control-daemon", invoke_without_command=True)
+@click.version_option(__version__, prog_name="mps-control-daemon")
+@_option_decorators
+@click.pass_context
+def mps_daemon_main(ctx: click.Context, /, **cli_values: Any) -> None:
+    """Start and supervise one MPS control daemon per MPS-shared resource (docs/sharing.md)."""
+    ctx.obj = cli_values
+    if ctx.invoked_subcommand is None:
+        _mps_daemon(cli_values)
+
+
+@mps_daemon_main.command(name="mount-shm")
+@click.option("--mount", "mount_command", default="mount", show_default=True, help="the mount program")
+@click.option("--meminfo", default="/proc/meminfo", show_default=True, help="where MemTotal is read")
+@click.option("--mountinfo", default="/proc/self/mountinfo", show_default=True,
+              help="where an existing mount is looked for")
+@click.pass_context
+def mps_mount_shm(ctx: click.Context, mount_command: str, meminfo: str, mountinfo: str) -> None:
+    """Mount a tmpfs of half the node's memory at <mps-dir>/shm (the chart's init container)."""
+    from pathlib import Path
+
+    from nvdp.app.mps_daemon import mount_shm
+    from nvdp.errors import MpsError
+    from nvdp.ops import logs
+
+    logs.setup()
+    cfg = _config_or_exit_daemon(ctx.obj)
+
+    def text(path: str) -> str:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return ""
+
+    try:
+        click.echo(mount_shm(cfg.mps_dir, mount_command, text(meminfo), text(mountinfo)))
+    except (MpsError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_INIT_ERROR)
+
+
+def _config_or_exit_daemon(cli_values: dict[str, Any]) -> Config:
+    try:
+        return load({k: (None if v == () else v) for k, v in cli_values.items()}, os.environ,
+                    require_mps_root=False)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+main.add_command(mps_daemon_main)
+

@@ -14,10 +14,12 @@
     ├── RegistrationError      the kubelet refused or did not answer Register
     ├── ServeError             a resource's socket could not be bound (folder missing or read-only)
     ├── ListenError            the metrics/probe listener could not be opened (address in use...)
+    ├── CdiSpecError           a CDI spec could not be generated or written (names the path)
+    ├── MpsError               an MPS program (control daemon, nvidia-smi, mount) failed or did not answer
     └── LabelError             GPU feature discovery cannot label this node (MPS on a MIG GPU...)
 
 Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where they enter
-(`backends/nvml/seam.py`, `kubelet/registration.py`) and re-raised `from` the original.
+(`backends/nvml/seam.py`, `kubelet/registration.py`, `backends/mps.py`) and re-raised `from` the original.
 """
 
 from __future__ import annotations
@@ -132,6 +134,15 @@ class ServeError(PluginError):
 
 class ListenError(PluginError):
     """The operations listener (--metrics-address) could not be opened."""
+
+
+class CdiSpecError(PluginError):
+    """A CDI spec could not be built (driver root without libraries, unreadable ld cache) or
+    written (spec folder not writable); the message names the path."""
+
+
+class MpsError(PluginError):
+    """An MPS program failed, could not be run, or did not answer in time; the message says which and why."""
 
 
 class LabelError(PluginError):

@@ -12,7 +12,7 @@ import pytest
 from nvdp.backends.simulated.expand import build_node
 from nvdp.backends.simulated.profile import builtin_profiles, load_profile
 from nvdp.config.load import load
-from nvdp.config.options import GFD_OPTIONS, Config, TimeSlicingResource
+from nvdp.config.options import GFD_OPTIONS, Config, SharedResource, Sharing
 from nvdp.core import labels as lb
 from nvdp.core.devices import FabricInfo, GpuInfo, MigInfo, Node, VgpuInfo
 from nvdp.core.labels import SharingView, node_labels
@@ -43,10 +43,11 @@ PROFILE_KINDS: dict[str, Kind] = {
 }
 SHARINGS = {
     "no-sharing": SharingView(),
-    "time-slicing": SharingView("time-slicing", (TimeSlicingResource(f"{P}gpu", 4),
-                                                 TimeSlicingResource(f"{P}mig-1g.5gb", 3))),
-    "time-slicing-renamed": SharingView("time-slicing", (TimeSlicingResource(f"{P}gpu", 2, f"{P}gpu.shared"),)),
-    "mps": SharingView("mps", (TimeSlicingResource(f"{P}gpu", 5),)),
+    "time-slicing": SharingView("time-slicing", (SharedResource(f"{P}gpu", 4),
+                                                 SharedResource(f"{P}mig-1g.5gb", 3))),
+    "time-slicing-renamed": SharingView("time-slicing", (SharedResource(f"{P}gpu", 2, f"{P}gpu.shared",
+                                                                        rename_by_default=True),)),
+    "mps": SharingView("mps", (SharedResource(f"{P}gpu", 5),)),
 }
 
 
@@ -186,7 +187,7 @@ def test_replicas_below_two_are_refused() -> None:
     with pytest.raises(ConfigError, match="replicas must be >= 2"):
         load({"config_file": "c"}, {}, read_text=lambda _: text, options=GFD_OPTIONS)
     with pytest.raises(LabelError, match="replicas must be >= 2"):
-        node_labels(node_of("h200"), Config(), None, None, SharingView("mps", (TimeSlicingResource(f"{P}gpu", 1),)))
+        node_labels(node_of("h200"), Config(), None, None, SharingView("mps", (SharedResource(f"{P}gpu", 1),)))
 
 
 def test_mps() -> None:
@@ -199,10 +200,8 @@ def test_mps() -> None:
 
 
 def test_sharing_view_of_a_loaded_config() -> None:
-    from nvdp.config.options import Sharing
-
     assert lb.sharing_view(Sharing()).strategy == "none"
-    view = lb.sharing_view(Sharing(resources=(TimeSlicingResource(f"{P}gpu", 2),)))
+    view = lb.sharing_view(Sharing(resources=(SharedResource(f"{P}gpu", 2),)))
     assert view.strategy == "time-slicing" and view.resource(f"{P}gpu") is not None
 
 

@@ -27,7 +27,8 @@ def open_backend(cfg: Config) -> GpuBackend:
     if cfg.simulate:
         from nvdp.backends.simulated.backend import SimulatedBackend
 
-        return SimulatedBackend(cfg.simulate)
+        # --driver-root names where the simulated driver files go (CDI specs point there); default: a temp folder.
+        return SimulatedBackend(cfg.simulate, driver_root=None if cfg.driver_root == "/" else cfg.driver_root)
     if cfg.device_discovery_strategy == "tegra":
         raise DiscoveryError("--device-discovery-strategy=tegra: Tegra (Jetson) discovery is not supported by nvdp")
     from nvdp.backends.nvml.discovery import NvmlBackend

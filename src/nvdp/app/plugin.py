@@ -18,8 +18,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from nvdp.app.cdi import SpecPublisher
 from nvdp.app.discovery import BackendFactory, discover, needs_new_backend, open_backend, plan
 from nvdp.app.health_monitor import DEFAULT_TUNING, HealthMonitor, HealthTask, PumpTuning
+from nvdp.app.mps import DEFAULT_MPS_TIMING, MpsGate, MpsTiming
 from nvdp.app.ops_view import PluginView
 from nvdp.backends.base import GpuBackend, HealthSource
 from nvdp.config.options import Config
@@ -88,6 +90,7 @@ class Plugin:
         health_tuning: PumpTuning = DEFAULT_TUNING,
         retry: RetryPolicy | None = None,
         socket_dir: str | None = None,  # tests: where sockets go when --kubelet-socket is empty
+        mps_timing: MpsTiming = DEFAULT_MPS_TIMING,
     ) -> None:
         self._backend_factory = backend_factory
         self._reload_config = reload_config
@@ -104,6 +107,7 @@ class Plugin:
         )
         self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning, on_event=self._count_event)
         self._health_task = HealthTask(self.health)
+        self.mps = MpsGate(self._publish, mps_timing)  # MPS resources wait for their control daemon
         self.backend: GpuBackend | None = None
         self._backend_generation = 0  # bumped on every new backend: the health checks follow it
         self.view = PluginView(self)  # what metrics and probes may read
@@ -121,6 +125,7 @@ class Plugin:
         self._settings_changed = asyncio.Event()  # wakes the rescan timer after a reload
         self._problems_logged: frozenset[mig.Problem] = frozenset()
         self._rescan_failure = LogOnce()
+        self.cdi = SpecPublisher()  # the CDI spec files for the cdi-* list strategies
 
     # Read-only views of what is served (tests, tools and the ops view read these).
     @property
@@ -175,11 +180,12 @@ class Plugin:
             self._tasks = None
             log.info("stopped")
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         assert self._tasks is not None
         task = self._tasks.create_task(coro, name=name)
         self._children.add(task)
         task.add_done_callback(self._children.discard)
+        return task
 
     def _handle_signals(self, resources: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
@@ -240,7 +246,9 @@ class Plugin:
         """The one place a discovered node becomes the served tree (start-up, reload, rescan)."""
         self._log_new_problems(planned.problems)
         self.served = Served(cfg, node, planned.tree)
-        await self._publish(ServingContext(cfg, node.topology, node.control_devices))
+        cdi_classes = await asyncio.to_thread(self.cdi.refresh, cfg, node, self.backend)  # before registering
+        self.mps.watch(planned.mps, cfg, self._spawn)
+        await self._publish(ServingContext(cfg, node.topology, node.control_devices, cdi_classes))
         await self._watch_health(cfg, node)
 
     def _log_new_problems(self, problems: tuple[mig.Problem, ...]) -> None:
@@ -267,7 +275,7 @@ class Plugin:
                     self._rescan_failure.forget()
                     return False
                 planned = await asyncio.to_thread(plan, node, self.cfg)
-            except DiscoveryError as exc:
+            except (DiscoveryError, ConfigError) as exc:  # ConfigError: the sharing no longer fits the node
                 self._rescan_failed(exc)
                 return False
             self._rescan_failure.forget()
@@ -289,7 +297,7 @@ class Plugin:
         log.info("initialised on rescan", extra={"resources": ",".join(self.manager.servers)})
         return True
 
-    def _rescan_failed(self, exc: DiscoveryError) -> None:
+    def _rescan_failed(self, exc: DiscoveryError | ConfigError) -> None:
         if self._rescan_failure.first(str(exc)):
             log.error("rescan: discovery failed, keeping the running devices", extra={"error": str(exc)})
 
@@ -309,7 +317,7 @@ class Plugin:
         health changed (one line per device)."""
         async with self._publish_lock:
             state = self.health.state
-            tree = overlay(self.discovered, state)
+            tree = self.mps.hold_back(overlay(self.discovered, state))
             for t in transitions(self.manager.tree, tree, state):
                 healthy = t.health is Health.HEALTHY
                 log.log(

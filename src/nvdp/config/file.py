@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from nvdp.config.options import GFD_OPTIONS, OPTIONS, Sharing, TimeSlicingResource
+from nvdp.config.options import GFD_OPTIONS, OPTIONS, DeviceSelection, SharedResource, Sharing
 from nvdp.errors import ConfigError, config_error_from
 
 log = logging.getLogger("nvdp.configfile")  # stable name: operators filter on it
@@ -50,8 +50,8 @@ def resource_name(text: str) -> str:
 
 
 def _check_devices(value: Any) -> Any:
-    """`devices`: "all", a count > 0 or a list of device references (all three are then served
-    as "all", as the official plugin does)."""
+    """`devices`: "all", a count > 0 or a list of device references (the official plugin's
+    rules; nvdp then shares only the devices selected, see docs/sharing.md)."""
     if isinstance(value, str):
         if value != "all":
             raise ValueError(f"devices set as {value!r} but the only valid string input is 'all'")
@@ -65,6 +65,16 @@ def _check_devices(value: Any) -> Any:
                 raise ValueError(f"unsupported type for device in devices list: {item!r}")
     else:
         raise ValueError(f"{value!r}: use 'all', a count of devices or a list of device indexes/UUIDs")
+    return value
+
+
+def _selection(value: Any) -> DeviceSelection:
+    """The checked `devices` value as the core takes it: list items become strings ("0", "0:1")."""
+    if isinstance(value, list):
+        return tuple(str(item) for item in value)
+    if value == "all":
+        return "all"
+    assert isinstance(value, int)  # _check_devices allows nothing else
     return value
 
 
@@ -187,31 +197,37 @@ def read_config_file(path: str, read_text: Callable[[str], str]) -> tuple[dict[s
 def _sharing_from(block: _SharingFile | None) -> Sharing:
     if block is None or (block.timeSlicing is None and block.mps is None):
         return Sharing()
-    if block.mps is not None:
-        raise ConfigError("config file field sharing.mps", "MPS sharing is not supported by nvdp yet")
-    ts = block.timeSlicing
-    assert ts is not None  # the block is non-empty and has no mps
+    mps = block.mps is not None
+    if mps and block.timeSlicing is not None:
+        log.warning("sharing.timeSlicing is ignored: sharing.mps is set too, and MPS wins (as in the official plugin)")
+    chosen = block.mps if block.mps is not None else block.timeSlicing
+    assert chosen is not None  # one of the two blocks is set
+    kind = "mps" if mps else "timeSlicing"
     resources = []
-    for i, r in enumerate(ts.resources):
+    for i, r in enumerate(chosen.resources):
         assert r.name is not None and r.replicas is not None  # the validators reject None
-        where = f"sharing.timeSlicing.resources.{i}"
-        # As the official plugin (DisableResourceNamingInConfig): an explicit `rename` is dropped,
-        # and renameByDefault serves every shared resource as `<name>.shared`, so pods keep
-        # asking for the names the official plugin would advertise.
-        rename = f"{r.name}.shared" if ts.renameByDefault else None
-        if r.rename is not None and r.rename != rename:
-            log.warning("%s.rename=%s is ignored (as in the official plugin); serving %s",
-                        where, r.rename, rename or r.name)
-        if rename is not None and len(rename) > MAX_RESOURCE_NAME:
-            raise ConfigError(
-                f"config file field {where}.name",
-                f"with renameByDefault the resource is served as {rename}, longer than "
-                f"{MAX_RESOURCE_NAME} characters (the kubelet would refuse it)",
-            )
-        if r.devices != "all":
-            log.warning("%s.devices=%r: every device is shared (as in the official plugin)", where, r.devices)
-        resources.append(TimeSlicingResource(name=r.name, replicas=r.replicas, rename=rename))
+        where = f"sharing.{kind}.resources.{i}"
+        # renameByDefault names every entry without its own `rename` `<name>.shared`. Unlike the
+        # official plugin (DisableResourceNamingInConfig), an explicit `rename` and `devices` are
+        # honoured: the plugin warns once at start when that changes what is served.
+        rename = r.rename
+        if rename is None and chosen.renameByDefault:
+            rename = f"{r.name}.shared"
+            if len(rename) > MAX_RESOURCE_NAME:
+                raise ConfigError(
+                    f"config file field {where}.name",
+                    f"with renameByDefault the resource is served as {rename}, longer than "
+                    f"{MAX_RESOURCE_NAME} characters (the kubelet would refuse it)",
+                )
+        if rename == r.name:
+            rename = None
+        resources.append(SharedResource(name=r.name, replicas=r.replicas, rename=rename,
+                                        devices=_selection(r.devices), where=where,
+                                        rename_by_default=chosen.renameByDefault))
+    # MPS: failRequestsGreaterThanOne unset means true (the official plugin forces it at load).
+    fail = chosen.failRequestsGreaterThanOne
     return Sharing(
-        fail_requests_greater_than_one=bool(ts.failRequestsGreaterThanOne),
+        fail_requests_greater_than_one=mps if fail is None else fail,
         resources=tuple(resources),
+        mps=mps,
     )

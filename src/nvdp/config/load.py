@@ -24,12 +24,15 @@ def load(
     environ: Mapping[str, str],
     read_text: Callable[[str], str] = lambda p: open(p, encoding="utf-8").read(),  # noqa: SIM115
     options: Sequence[Option] = OPTIONS,
+    require_mps_root: bool = True,
 ) -> Config:
     """Resolve the configuration: CLI > env > config file > default, then validate.
 
     `cli` maps Config field names to what the command line gave: None when not given, a string
     (or a sequence of strings for list options) otherwise. `options` is the command's table
     (`GFD_OPTIONS` for GPU feature discovery); fields outside it keep `Config`'s defaults.
+    `require_mps_root=False`: the MPS control daemon, which works in its own /mps and never names
+    host paths.
     """
     values: dict[str, Any] = {}
     for opt in options:
@@ -54,7 +57,21 @@ def load(
         values["dev_root"] = values["driver_root"]
     cfg = Config(**values, sharing=sharing)
     validate(cfg, options)
+    # The plugin's MPS flag rules, for the commands that take its MPS flags (the plugin and the MPS
+    # daemon). Upstream GFD checks neither: its MPS errors come from the node (core/labels.py).
+    if any(opt.field == "mps_root" for opt in options):
+        validate_mps(cfg, require_mps_root)
     return cfg
+
+
+def validate_mps(cfg: Config, require_mps_root: bool = True) -> None:
+    """The official plugin's MPS rules that need no GPU (the rest depend on the node: core/mps.py)."""
+    if cfg.sharing.strategy != "mps":
+        return
+    if cfg.mig_strategy == "mixed":
+        raise ConfigError("--mig-strategy", "using --mig-strategy=mixed is not supported with MPS")
+    if require_mps_root and not cfg.mps_root:
+        raise ConfigError("--mps-root", "using MPS requires --mps-root to be specified")
 
 
 class _Unset:
@@ -85,7 +102,7 @@ def validate(cfg: Config, options: Sequence[Option] = OPTIONS) -> None:
             continue
         value = getattr(cfg, opt.field)
         items = value if isinstance(value, tuple) else (value,)
-        if not items:  # e.g. DEVICE_LIST_STRATEGY="": no device list would reach the container runtime
+        if not items and opt.default:  # e.g. DEVICE_LIST_STRATEGY="": no device list would reach the runtime
             raise ConfigError(_flag_name(opt), f"empty; give at least one of: {', '.join(opt.choices)}")
         # "invalid strategy" is the official wording for the strategy flags; other choices are values.
         what = "strategy" if opt.flag.endswith("-strategy") else "value"

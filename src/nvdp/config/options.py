@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
+from nvdp.config import cdi as cdi_names
+
 # "duration": a Go duration ("60s", "1m30s"), or "infinite"; held as seconds (math.inf).
 Kind = Literal["bool", "str", "list", "intlist", "float", "int", "duration"]
 
@@ -86,8 +88,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("kubelet_socket", "kubelet-socket", "str", "/var/lib/kubelet/device-plugins/kubelet.sock",
            ("KUBELET_SOCKET",), help="the kubelet's registration socket; empty: do not register"),
     Option("config_file", "config-file", "str", None, ("CONFIG_FILE",), help="config file (schema v1)"),
-    Option("cdi_feature_flags", "cdi-feature-flags", "list", (), ("CDI_FEATURE_FLAGS",)),
-    Option("cdi_disable_hooks", "cdi-disable-hooks", "list", (), ("CDI_DISABLE_HOOKS",)),
+    Option("cdi_feature_flags", "cdi-feature-flags", "list", (), ("CDI_FEATURE_FLAGS",),
+           choices=cdi_names.FEATURE_FLAGS, help="CDI spec generator feature flags (docs/cdi.md)"),
+    Option("cdi_disable_hooks", "cdi-disable-hooks", "list", (), ("CDI_DISABLE_HOOKS",),
+           help="hooks left out of the CDI spec: 'all' or names such as update-ldcache (docs/cdi.md)"),
     # nvdp's own options.
     Option("metrics_address", "metrics-address", "str", "", ("NVDP_METRICS_ADDRESS",), "flags.nvdp.metricsAddress",
            help="HOST:PORT serving /metrics, /healthz and /readyz (e.g. :9401); empty: off"),
@@ -114,6 +118,16 @@ OPTIONS: tuple[Option, ...] = (
            help="consecutive NVML event-wait failures before every device is marked unhealthy"),
     Option("simulate_control", "simulate-control", "str", None, ("NVDP_SIMULATE_CONTROL",),
            "flags.nvdp.simulateControl", help="unix socket for fault injection into the simulated node"),
+    Option("cdi_spec_dir", "cdi-spec-dir", "str", "/var/run/cdi", ("NVDP_CDI_SPEC_DIR",), "flags.nvdp.cdiSpecDir",
+           help="folder the CDI specs are written to with a cdi-* list strategy; empty: nvdp writes none"),
+    # MPS (docs/sharing.md): the programs, as a path or a command line, and where this container
+    # sees the MPS root (the chart mounts mps.root at /mps).
+    Option("mps_control", "mps-control", "str", "nvidia-cuda-mps-control", ("NVDP_MPS_CONTROL",),
+           "flags.nvdp.mps.control", help="the MPS control program (path or command line)"),
+    Option("mps_dir", "mps-dir", "str", "/mps", ("NVDP_MPS_DIR",), "flags.nvdp.mps.dir",
+           help="where this container sees the MPS root (pipe and log folders per resource)"),
+    Option("nvidia_smi", "nvidia-smi", "str", "nvidia-smi", ("NVDP_NVIDIA_SMI",), "flags.nvdp.mps.nvidiaSmi",
+           help="nvidia-smi (path or command line), for the MPS daemon's compute mode"),
 )
 
 OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in OPTIONS}
@@ -168,20 +182,46 @@ GFD_OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in GFD_OPTIONS}
 ALL_OPTIONS_BY_FIELD: Mapping[str, Option] = {**GFD_OPTIONS_BY_FIELD, **OPTIONS_BY_FIELD}
 
 
+SharingStrategy = Literal["none", "time-slicing", "mps"]
+# `devices` of a shared resource: "all", a count (the first N devices of the resource) or device
+# references (GPU index "0", MIG index "0:1", GPU-/MIG- UUIDs, MIG-GPU-<uuid>/<gi>/<ci>).
+DeviceSelection = Literal["all"] | int | tuple[str, ...]
+
+
 @dataclass(frozen=True)
-class TimeSlicingResource:
+class SharedResource:
+    """One entry of `sharing.timeSlicing.resources` or `sharing.mps.resources`, names resolved."""
+
     name: str
     replicas: int
     rename: str | None = None
+    devices: DeviceSelection = "all"
+    where: str = ""  # the entry's config-file field, e.g. "sharing.mps.resources.0", for errors
+    rename_by_default: bool = False  # the block's renameByDefault (what the official plugin would serve)
+
+    @property
+    def target(self) -> str:
+        """The resource the replicas are served under."""
+        return self.rename or self.name
+
+
+TimeSlicingResource = SharedResource  # the name from before MPS
 
 
 @dataclass(frozen=True)
 class Sharing:
-    """Time-slicing from the config file, names already resolved (`configfile.py`); no resources:
-    no sharing. A `sharing.mps` block is rejected at load time."""
+    """The active sharing block from the config file (`config/file.py`); no resources: no sharing.
+    As the official plugin: with both blocks present, `mps` wins."""
 
     fail_requests_greater_than_one: bool = False
-    resources: tuple[TimeSlicingResource, ...] = ()
+    resources: tuple[SharedResource, ...] = ()
+    mps: bool = False  # the resources come from `sharing.mps`
+
+    @property
+    def strategy(self) -> SharingStrategy:
+        if not self.resources:
+            return "none"
+        return "mps" if self.mps else "time-slicing"
 
 
 def _default(name: str) -> Any:
@@ -226,6 +266,10 @@ class Config:
     health_probe_interval: float = _default("health_probe_interval")
     health_wait_error_threshold: int = _default("health_wait_error_threshold")
     simulate_control: str | None = _default("simulate_control")
+    cdi_spec_dir: str = _default("cdi_spec_dir")
+    mps_control: str = _default("mps_control")
+    mps_dir: str = _default("mps_dir")
+    nvidia_smi: str = _default("nvidia_smi")
     # GPU feature discovery only (GFD_OPTIONS).
     oneshot: bool = _default("oneshot")
     no_timestamp: bool = _default("no_timestamp")

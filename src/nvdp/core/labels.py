@@ -18,9 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-from nvdp.config.options import Config, Sharing, TimeSlicingResource
+from nvdp.config.options import Config, SharedResource, Sharing, SharingStrategy
 from nvdp.core import mig, pci
 from nvdp.core.devices import GpuInfo, MigInfo, Node
 from nvdp.errors import LabelError
@@ -30,18 +29,18 @@ GPU_RESOURCE = "nvidia.com/gpu"
 TIMESTAMP = PREFIX + "gfd.timestamp"
 UNKNOWN = "unknown"
 
-SharingStrategy = Literal["none", "time-slicing", "mps"]
-
 
 @dataclass(frozen=True)
 class SharingView:
     """What the labels need of the sharing config: the active strategy and its resources (names
-    already resolved; `rename` set only with renameByDefault, as the plugin serves them)."""
+    resolved; each entry keeps its block's renameByDefault, which alone decides `-SHARED`)."""
 
     strategy: SharingStrategy = "none"
-    resources: tuple[TimeSlicingResource, ...] = ()
+    resources: tuple[SharedResource, ...] = ()
 
-    def resource(self, name: str) -> TimeSlicingResource | None:
+    def resource(self, name: str) -> SharedResource | None:
+        """The first entry naming the resource (nvdp lets several entries share one resource
+        between disjoint device selections; the labels describe the first, see docs/labels.md)."""
         return next((r for r in self.resources if r.name == name), None)
 
 
@@ -224,7 +223,7 @@ class _Resource:
         return f"{self.name}.{suffix}"
 
     @property
-    def _shared(self) -> TimeSlicingResource | None:
+    def _shared(self) -> SharedResource | None:
         return None if self.sharing is None else self.sharing.resource(self.name)
 
     def replicas(self) -> int:
@@ -247,9 +246,10 @@ class _Resource:
     def product(self, *parts: str) -> str:
         words = [sanitise(p) for p in parts if p]
         shared = self._shared
-        # An explicit `rename` never reaches here (the config drops it, as upstream), so only
-        # renameByDefault keeps a shared product from its -SHARED suffix.
-        if shared is not None and shared.replicas > 1 and not shared.rename:
+        # Only renameByDefault keeps a shared product from its -SHARED suffix: the official GFD
+        # drops an explicit `rename` when it loads the config, so it never counts here, even
+        # though nvdp's plugin serves the renamed resource (docs/labels.md, "Sharing").
+        if shared is not None and shared.replicas > 1 and not shared.rename_by_default:
             words.append("SHARED")
         return "-".join(words)
 

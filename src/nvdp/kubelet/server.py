@@ -40,6 +40,7 @@ class ServingContext:
     config: Config
     topology: Topology
     control_devices: tuple[str, ...]
+    cdi_classes: frozenset[str] | None = None  # CDI specs nvdp wrote (None: none; see container.edits_for)
 
 
 def socket_name(resource: str) -> str:
@@ -229,7 +230,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         requested = [list(req.devices_ids) for req in request.container_requests]
         for ids in requested:
             try:
-                edits = edits_for(self.resource, ids, self.context.config, self.context.control_devices)
+                edits = edits_for(self.resource, ids, self.context.config, self.context.control_devices,
+                                  cdi_classes=self.context.cdi_classes)
             except AllocationError as exc:
                 self._report_allocation(ids, exc)
                 log.warning("allocation refused", extra={"resource": self.name, "error": str(exc)})

@@ -11,6 +11,7 @@ What it does, as the kubelet does it:
 - GetPreferredAllocation (only when the options advertise it) and Allocate send exactly one
   container per call and check the answer: exactly one container response, preferred IDs a
   subset of the available ones, no duplicates, must-include IDs kept, at most the size asked;
+- admit: a pod's devices chosen as the device manager chooses them, then Allocate;
 - restart: stop serving, delete every non-directory file in the folder (its own socket and the
   plugins' sockets; the checkpoint file survives), then serve a new kubelet.sock.
 """
@@ -91,6 +92,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         self.errors: list[str] = []  # protocol violations seen in plugin answers
         self.refuse_with: str | None = None  # make Register fail with this message
         self.register_delay: float = 0.0  # make Register hang this long
+        self.allocated: dict[str, set[str]] = {}  # resource -> device IDs given to pods by admit()
         self._server: grpc.aio.Server | None = None
         self._changed = asyncio.Condition()
 
@@ -255,6 +257,23 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         except grpc.aio.AioRpcError as exc:
             return f"{exc.code().name}: {exc.details()}"
         return None
+
+    async def admit(self, resource: str, count: int) -> tuple[list[str], pb.ContainerAllocateResponse]:
+        """Admit a pod asking for `count` devices, as the device manager does: choose among the
+        healthy devices no admitted pod holds (GetPreferredAllocation when offered, the first free
+        ones when its answer does not fit), then Allocate them; gRPC errors propagate."""
+        plugin = self.plugin(resource)
+        taken = self.allocated.setdefault(resource, set())
+        free = [i for i in plugin.healthy if i not in taken]
+        if len(free) < count:
+            raise KubeletError(f"{resource}: {count} requested, {len(free)} allocatable")
+        chosen = free[:count]
+        if plugin.options.get_preferred_allocation_available:
+            preferred = await self.preferred_allocation(resource, free, [], count)
+            chosen = preferred if len(preferred) == count else chosen
+        response = await self.allocate(resource, chosen)
+        taken.update(chosen)
+        return chosen, response
 
     async def allocate(self, resource: str, device_ids: Sequence[str]) -> pb.ContainerAllocateResponse:
         """Allocate for one container; gRPC errors propagate (grpc.aio.AioRpcError)."""

@@ -28,14 +28,13 @@ from nvdp.backends.base import GpuBackend
 from nvdp.backends.nvml.library import LIBRARY, LIBRARY_DIRS
 from nvdp.config.options import Config
 from nvdp.core import mig
-from nvdp.core.container import CDI_STRATEGIES, CDI_VENDOR
+from nvdp.core.container import CDI_STRATEGIES
 from nvdp.core.devices import DeviceTree, GpuInfo, Node
 from nvdp.core.resources import plan_tree
 from nvdp.core.topology import bus_key
 from nvdp.errors import DiscoveryError, NvmlUnavailable
 from nvdp.kubelet.registration import kubelet_answers
 from nvdp.tools.nodefacts import (
-    cdi_specs,
     inotify_in_use,
     kernel_gpus,
     kernel_module_version,
@@ -399,27 +398,15 @@ class Doctor:
                       files, fix=CONFIGURE[c.runtime])
 
     def cdi_specs(self) -> Verdict:
-        folders = [self.layout.etc / "cdi", self.layout.run / "cdi"]
-        kinds = cdi_specs(folders)
-        details = tuple(f"{kind}: {len(names)} device(s)" for kind, names in sorted(kinds.items()))
-        strategies = set(self.cfg.device_list_strategy)
-        if not strategies & CDI_STRATEGIES:
-            return Verdict(Status.SKIP, f"not used with --device-list-strategy={','.join(sorted(strategies))}",
-                          details)
-        kind = f"{CDI_VENDOR}/gpu"
-        fix = (f"generate it: nvidia-ctk cdi generate --vendor={CDI_VENDOR} --class=gpu "
-               f"--device-name-strategy={'uuid' if self.cfg.device_id_strategy == 'uuid' else 'index'} "
-               f"--output=/var/run/cdi/{CDI_VENDOR}-gpu.yaml")
-        if kind not in kinds:
-            return Verdict(Status.FAIL, f"no CDI spec of kind {kind} in {', '.join(map(str, folders))}: the "
-                          "runtime cannot resolve the device names the plugin returns", details, fix)
-        if self.node is not None:
-            wanted = {g.uuid if self.cfg.device_id_strategy == "uuid" else str(g.index) for g in self.node.gpus}
-            missing = sorted(wanted - kinds[kind])
-            if missing:
-                return Verdict(Status.FAIL, f"the {kind} spec lacks {len(missing)} GPU(s): "
-                              f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}", details, fix)
-        return Verdict(Status.PASS, f"{kind} spec found with {len(kinds[kind])} device(s)", details)
+        """The gpu CDI spec defines every name the plugin hands out (tools/cdi.py)."""
+        from nvdp.backends.driver_root import Roots
+        from nvdp.tools.cdi import doctor_check
+
+        roots = Roots(scan_driver=str(self.layout.driver_root), scan_dev=str(self.layout.dev_root),
+                      host_driver=self.cfg.driver_root, host_dev=self.cfg.dev_root, sys=str(self.layout.sys))
+        found = doctor_check(self.cfg, self.node, self.found.tree, roots, self.layout.run, self.layout.etc,
+                             self.simulated)
+        return Verdict(Status(found.status), found.summary, found.details, found.fix)
 
     # --- the host ---------------------------------------------------------------------------------
 

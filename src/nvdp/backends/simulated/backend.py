@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from nvdp.backends.driver_root import Roots
+from nvdp.backends.simulated.driver_root import SimulatedDriverRoot
 from nvdp.backends.simulated.expand import build_node, simulated_mig_minors, with_mig_layout
 from nvdp.backends.simulated.profile import MigSpec, builtin_profiles, load_profile
 from nvdp.core.devices import GpuInfo, Node
@@ -53,7 +55,9 @@ class SimulatedBackend:
 
     name = "simulated"
 
-    def __init__(self, profile: str) -> None:
+    def __init__(self, profile: str, driver_root: str | None = None) -> None:
+        self._driver_root_folder = driver_root  # None: a temporary folder, made when first asked for
+        self._driver_root: SimulatedDriverRoot | None = None
         self.profile_name, self.profile = load_profile(profile)
         self.node = build_node(self.profile_name, self.profile)
         self._lock = threading.Lock()
@@ -66,6 +70,15 @@ class SimulatedBackend:
 
     def close(self) -> None:
         self._events.put(None)  # wake a waiter, if any
+        if self._driver_root is not None:
+            self._driver_root.close()
+
+    def driver_roots(self, node: Node) -> Roots:
+        """The simulated driver root and dev root for this node (see `simulated.driver_root`)."""
+        with self._lock:
+            if self._driver_root is None:
+                self._driver_root = SimulatedDriverRoot(self._driver_root_folder)
+            return self._driver_root.sync(node)
 
     # --- health source ---------------------------------------------------------------------
 
