@@ -14,8 +14,11 @@ import pytest
 import yaml
 
 from nvdp import __version__
+from nvdp.backends.simulated.expand import build_node
+from nvdp.backends.simulated.profile import load_profile
 from nvdp.config.load import load
 from nvdp.config.options import GFD_OPTIONS, GFD_OUTPUT_FILE
+from nvdp.core.labels import node_labels
 from tests.deploy.deploy_tools import (
     CHART,
     HELMS,
@@ -45,6 +48,8 @@ OFFICIAL_AFFINITY = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExec
 ]}}}
 
 ON: dict[str, Any] = {"gfd": {"enabled": True}}
+MPS_CONFIG = "version: v1\nsharing:\n  mps:\n    resources:\n    - {name: nvidia.com/gpu, replicas: 4}\n"
+MPS_DAEMON = f"{RELEASE}-nvidia-device-plugin-mps-control-daemon"
 CASES: dict[str, dict[str, Any]] = {
     "gfd": ON,
     "gfd-mig-mixed-timing": {"gfd": {"enabled": True, "noTimestamp": True, "sleepInterval": "5m"},
@@ -56,6 +61,8 @@ CASES: dict[str, dict[str, Any]] = {
                                   "logLevel": "debug", "deviceDiscoveryStrategy": "nvml"},
     "gfd-own-names": {"gfd": {"enabled": True, "nameOverride": "gfd", "namespaceOverride": "nfd",
                               "securityContext": {"privileged": True, "runAsUser": 0}}},
+    # With an MPS config the MPS control daemon's DaemonSet renders too (docs/deployment.md, "MPS").
+    "gfd-mps": {**ON, "config": {"map": {"default": MPS_CONFIG}}},
 }
 
 
@@ -102,7 +109,7 @@ def test_helm3_and_helm4_agree_and_lint_clean(case: str, tmp_path: Path) -> None
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_manifest_is_valid(helm: str, case: str, tmp_path: Path) -> None:
     docs = render(helm, CASES[case], tmp_path)
-    assert len(daemonsets(docs)) == 2
+    assert len(daemonsets(docs)) == (3 if case == "gfd-mps" else 2)
     for doc in docs:
         validate(doc)
 
@@ -175,6 +182,24 @@ def test_config_map_reaches_gfd(tmp_path: Path) -> None:
     assert resolved(ctr, files).mig_strategy == "single"
     assert {"name": "available-configs", "mountPath": "/available-configs", "readOnly": True} in ctr["volumeMounts"]
     assert "checksum/config" in gfd_of(docs)["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_gfd_labels_the_nodes_the_mps_daemon_selects(tmp_path: Path) -> None:
+    """The MPS control daemon runs where nvidia.com/mps.capable=true: GFD reads the plugin's config
+    file and, on a node it can share with MPS, writes exactly that label."""
+    docs = render("helm4", CASES["gfd-mps"], tmp_path)
+    sets = daemonsets(docs)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    files = {f"/available-configs/{k}": v for k, v in cm["data"].items()}
+    cfg = resolved(container(gfd_of(docs)), files)
+    assert cfg.sharing.strategy == "mps"
+    plugin_file = env_of(container(sets[f"{RELEASE}-nvidia-device-plugin"]))["CONFIG_FILE"]
+    assert cfg.config_file == plugin_file == env_of(container(sets[MPS_DAEMON]))["CONFIG_FILE"]
+    selector = sets[MPS_DAEMON]["spec"]["template"]["spec"]["nodeSelector"]
+    assert selector == {"nvidia.com/mps.capable": "true"}
+    labels = node_labels(build_node(*load_profile("dgx-h100")), cfg, None, None).labels
+    assert {key: labels[key] for key in selector} == selector
+    assert labels["nvidia.com/gpu.sharing-strategy"] == "mps"
 
 
 def test_placement_and_driver_root(tmp_path: Path) -> None:

@@ -139,6 +139,41 @@ def test_time_slicing_from_the_config_file(tmp_path: Path) -> None:
     assert labels[f"{P}gpu.product"] == "NVIDIA-H100-80GB-HBM3-SHARED"
 
 
+MPS_GPU = "version: v1\nsharing:\n  mps:\n    resources:\n      - {{name: nvidia.com/gpu, replicas: {}}}\n"
+
+
+def test_mps_from_the_config_file(tmp_path: Path) -> None:
+    """What the chart's MPS DaemonSet selects on (nvidia.com/mps.capable=true), from the same file
+    the plugin reads; GFD takes no --mps-root."""
+    config = tmp_path / "config.yaml"
+    config.write_text(MPS_GPU.format(4))
+    result = gfd(*STDOUT_ARGS, "--simulate", "dgx-h100", "--config-file", str(config))
+    assert result.returncode == 0, result.stderr
+    labels = lines_to_labels(result.stdout)
+    assert labels[f"{P}mps.capable"] == "true"
+    assert (labels[f"{P}gpu.replicas"], labels[f"{P}gpu.sharing-strategy"]) == ("4", "mps")
+    assert labels[f"{P}gpu.product"] == "NVIDIA-H100-80GB-HBM3-SHARED"
+    assert check(labels, NONE) == []
+
+
+def test_mps_on_a_node_with_a_mig_enabled_gpu_exits_1(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(MPS_GPU.format(4))
+    result = gfd(*STDOUT_ARGS, "--simulate", "h200-mig", "--config-file", str(config))
+    assert result.returncode == 1, result.stderr
+    assert "MPS sharing is not supported on MIG-enabled devices" in result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+
+
+def test_mps_with_one_replica_exits_2_naming_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(MPS_GPU.format(1))
+    result = gfd(*STDOUT_ARGS, "--simulate", "dgx-h100", "--config-file", str(config))
+    assert result.returncode == 2, result.stderr
+    assert "sharing.mps.resources.0.replicas" in result.stderr and "must be >= 2" in result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+
+
 def test_a_node_it_cannot_label_exits_1(tmp_path: Path) -> None:
     profile = tmp_path / "odd.yaml"
     profile.write_text("driver_version: '580'\ngpus:\n  - name: NVIDIA L40S\n")

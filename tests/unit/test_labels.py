@@ -203,6 +203,71 @@ def test_sharing_view_of_a_loaded_config() -> None:
     assert lb.sharing_view(Sharing()).strategy == "none"
     view = lb.sharing_view(Sharing(resources=(SharedResource(f"{P}gpu", 2),)))
     assert view.strategy == "time-slicing" and view.resource(f"{P}gpu") is not None
+    assert lb.sharing_view(Sharing(resources=(SharedResource(f"{P}gpu", 2),), mps=True)).strategy == "mps"
+
+
+# MPS through a real config file (config/file.py parses `sharing.mps`; GFD loads it with its own
+# table, so neither --mps-root nor the plugin's mixed-strategy rule applies, as upstream).
+
+def mps_file(entry: str = "{name: nvidia.com/gpu, replicas: 4}", block: str = "") -> str:
+    return f"version: v1\nsharing:\n  mps:\n{block}    resources:\n      - {entry}\n"
+
+
+def gfd_labels(profile: str, text: str, strategy: str = "none") -> dict[str, str]:
+    cfg = load({"config_file": "c", "mig_strategy": strategy}, {}, read_text=lambda _: text, options=GFD_OPTIONS)
+    return node_labels(node_of(profile), cfg, None, None).labels
+
+
+def test_mps_from_a_config_file() -> None:
+    labels = gfd_labels("dgx-h100", mps_file())
+    assert labels[f"{P}mps.capable"] == "true"
+    assert (labels[f"{P}gpu.replicas"], labels[f"{P}gpu.sharing-strategy"]) == ("4", "mps")
+    assert labels[f"{P}gpu.product"] == "NVIDIA-H100-80GB-HBM3-SHARED"
+    assert labels[f"{P}gpu.count"] == "8"
+    assert check(labels, NONE) == []
+
+
+def test_mps_from_a_config_file_suffix_rule() -> None:
+    by_default = gfd_labels("dgx-h100", mps_file(block="    renameByDefault: true\n"))
+    assert by_default[f"{P}gpu.product"] == "NVIDIA-H100-80GB-HBM3"  # served as nvidia.com/gpu.shared
+    # An explicit rename keeps -SHARED (upstream GFD drops the rename; nvdp's plugin serves it).
+    renamed = gfd_labels("dgx-h100", mps_file("{name: nvidia.com/gpu, replicas: 4, rename: gpu.mps}"))
+    assert renamed[f"{P}gpu.product"] == "NVIDIA-H100-80GB-HBM3-SHARED"
+    # With a selection of devices the labels are still the resource's, as upstream labels it.
+    some = gfd_labels("dgx-h100", mps_file("{name: nvidia.com/gpu, replicas: 2, devices: [6, 7], rename: gpu.mps}"))
+    assert (some[f"{P}gpu.replicas"], some[f"{P}gpu.count"], some[f"{P}mps.capable"]) == ("2", "8", "true")
+
+
+def test_mps_wins_over_time_slicing_in_a_config_file() -> None:
+    text = ("version: v1\nsharing:\n  timeSlicing:\n    resources:\n      - {name: nvidia.com/gpu, replicas: 8}\n"
+            "  mps:\n    resources:\n      - {name: nvidia.com/gpu, replicas: 3}\n")
+    labels = gfd_labels("h200", text)
+    assert (labels[f"{P}gpu.replicas"], labels[f"{P}gpu.sharing-strategy"], labels[f"{P}mps.capable"]) == (
+        "3", "mps", "true")
+
+
+def test_mps_needs_no_mps_root_and_no_plugin_strategy_rule_for_gfd() -> None:
+    # The plugin refuses both at load; upstream GFD checks neither, and labels a node without MIG.
+    labels = gfd_labels("dgx-h100", mps_file(), strategy="mixed")
+    assert (labels[f"{P}mig.strategy"], labels[f"{P}mps.capable"]) == ("mixed", "true")
+    from nvdp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--mps-root"):
+        load({"config_file": "c"}, {}, read_text=lambda _: mps_file())
+
+
+@pytest.mark.parametrize("profile", [p for p in builtin_profiles() if any(g.mig_enabled for g in node_of(p).gpus)])
+@pytest.mark.parametrize("strategy", ["none", "single", "mixed"])
+def test_mps_from_a_config_file_on_a_mig_enabled_node_is_an_error(profile: str, strategy: str) -> None:
+    with pytest.raises(LabelError, match="MPS sharing is not supported on MIG-enabled devices"):
+        gfd_labels(profile, mps_file(), strategy)
+
+
+def test_mps_replicas_below_two_in_a_config_file_are_refused_naming_the_field() -> None:
+    from nvdp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sharing\.mps\.resources\.0\.replicas.*must be >= 2"):
+        gfd_labels("dgx-h100", mps_file("{name: nvidia.com/gpu, replicas: 1}"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nvdp.backends.simulated.expand import build_node
 from nvdp.backends.simulated.profile import builtin_profiles, load_profile
-from nvdp.config.options import GFD_OPTIONS, Config, TimeSlicingResource, options_markdown
+from nvdp.config.options import GFD_OPTIONS, Config, SharedResource, options_markdown
 from nvdp.core.devices import FabricInfo, VgpuInfo
 from nvdp.core.labels import SharingView, node_labels
 
@@ -41,7 +41,7 @@ def documented() -> set[str]:
 
 def every_label() -> set[str]:
     keys: set[str] = set()
-    shared = SharingView("time-slicing", (TimeSlicingResource("nvidia.com/gpu", 2),))
+    shared = SharingView("time-slicing", (SharedResource("nvidia.com/gpu", 2),))
     for profile in builtin_profiles():
         node = build_node(*load_profile(profile))
         extra = replace(node, gpus=tuple(replace(g, fabric=FabricInfo("b2c1a3e5-0000-4000-8000-000000000001", 1),

@@ -45,11 +45,12 @@ class SharingView:
 
 
 def sharing_view(sharing: Sharing) -> SharingView:
-    """The active strategy of a loaded config, as upstream's SharingStrategy(): time-slicing when
-    a resource has more than one replica, else none. (MPS: `sharing.mps` is not loadable yet;
-    when it is, it wins over timeSlicing here, as upstream.)"""
-    shared = any(r.replicas > 1 for r in sharing.resources)
-    return SharingView("time-slicing" if shared else "none", sharing.resources)
+    """The active strategy of a loaded config, as upstream's SharingStrategy(): the block in use
+    (`sharing.mps` wins over `sharing.timeSlicing`, config/file.py) when one of its resources has
+    more than one replica, else none."""
+    if not any(r.replicas > 1 for r in sharing.resources):
+        return SharingView("none", sharing.resources)
+    return SharingView(sharing.strategy, sharing.resources)
 
 
 @dataclass(frozen=True)
