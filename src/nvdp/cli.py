@@ -536,3 +536,20 @@ def _config_or_exit_daemon(cli_values: dict[str, Any]) -> Config:
 
 main.add_command(mps_daemon_main)
 
+
+# The container image's binaries (deployments/container/install.sh), by their official names.
+IMAGE_PROGRAMS: dict[str, click.Command] = {
+    "nvidia-device-plugin": serve_main,
+    "gpu-feature-discovery": gfd_main,
+    "mps-control-daemon": mps_daemon_main,
+}
+
+
+def image_main() -> None:
+    """`python -m nvdp.entrypoint`: the program named by argv[0] as the image's wrapper exec'd it
+    (`sys.orig_argv`: the interpreter's own argv[0], which `-m` hides from `sys.argv`); the plugin
+    for any other name."""
+    name = os.path.basename(sys.orig_argv[0]) if sys.orig_argv else ""
+    if name not in IMAGE_PROGRAMS:
+        name = "nvidia-device-plugin"
+    IMAGE_PROGRAMS[name](prog_name=name)
