@@ -1,5 +1,6 @@
-"""Command line: `nvdp serve|devices|demo|doctor|cdi|mps-control-daemon|simulate|status|testing|version`, and
-the console scripts `nvidia-device-plugin` (= `nvdp serve`) and `mps-control-daemon`.
+"""Command line: `nvdp serve|labels|devices|demo|doctor|cdi|mps-control-daemon|simulate|status|testing|version`,
+and the console scripts `nvidia-device-plugin` (= `nvdp serve`), `gpu-feature-discovery` (= `nvdp labels`)
+and `mps-control-daemon`.
 
 The only module that reads argv and os.environ, sets up logging and decides exit codes:
 0 stopped cleanly; 1 initialisation failed (NVML, no devices) or an unexpected error;
@@ -13,15 +14,15 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
 from nvdp import __version__
 from nvdp.config.load import load
-from nvdp.config.options import OPTIONS, Config
-from nvdp.errors import ConfigError, DiscoveryError, ListenError, NvmlUnavailable, PluginError, ServeError
+from nvdp.config.options import GFD_OPTIONS, OPTIONS, Config, Option, flag_names, format_duration
+from nvdp.errors import ConfigError, DiscoveryError, LabelError, ListenError, NvmlUnavailable, PluginError, ServeError
 
 log = logging.getLogger("nvdp")
 
@@ -39,11 +40,22 @@ EXIT_INIT_ERROR = 1
 EXIT_CONFIG_ERROR = 2
 
 
-def _option_decorators(f: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed(OPTIONS):
-        names = [f"--{opt.flag}", *(f"--{a}" for a in opt.aliases), opt.field]
+def _options_of(table: Sequence[Option]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click options of a command's option table (OPTIONS: the plugin; GFD_OPTIONS: GFD)."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        return _add_options(f, table)
+
+    return decorate
+
+
+def _add_options(f: Callable[..., Any], table: Sequence[Option]) -> Callable[..., Any]:
+    for opt in reversed(table):
+        names = [*flag_names(opt), opt.field]
         envs = f" [env: {', '.join(opt.envs)}]" if opt.envs else ""
         default = ",".join(opt.default) if isinstance(opt.default, tuple) else opt.default
+        if opt.kind == "duration":
+            default = format_duration(opt.default)
         text = f"{opt.help or opt.flag.replace('-', ' ')}{envs} [default: {default}]"
         if opt.choices:
             text += f" [one of: {', '.join(opt.choices)}]"
@@ -58,18 +70,24 @@ def _option_decorators(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def resolve(cli_values: dict[str, Any]) -> Config:
+_option_decorators = _options_of(OPTIONS)
+_gfd_option_decorators = _options_of(GFD_OPTIONS)
+
+
+def resolve(cli_values: dict[str, Any], table: Sequence[Option] = OPTIONS) -> Config:
     given = {k: (None if v == () else v) for k, v in cli_values.items()}
-    return load(given, os.environ)
+    return load(given, os.environ, options=table)
 
 
-def _config_or_exit(cli_values: dict[str, Any], report: Callable[[str], None] | None = None) -> Config:
+def _config_or_exit(
+    cli_values: dict[str, Any], table: Sequence[Option] = OPTIONS, report: Callable[[str], None] | None = None
+) -> Config:
     """The config, with every input checked before anything starts (the simulated profile, the
     control socket path); exit 2 naming what is wrong."""
     from nvdp.app.discovery import check_inputs
 
     try:
-        cfg = resolve(cli_values)
+        cfg = resolve(cli_values, table)
         check_inputs(cfg)
         return cfg
     except ConfigError as exc:
@@ -133,6 +151,29 @@ def _serve(cli_values: dict[str, Any]) -> None:
         sys.exit(EXIT_INIT_ERROR)
 
 
+def _labels(cli_values: dict[str, Any]) -> None:
+    from nvdp.app.labeller import Labeller
+    from nvdp.ops import logs
+
+    _early_logging(cli_values)
+    cfg = _config_or_exit(cli_values, GFD_OPTIONS)
+    logs.setup(cfg.log_level, fmt=cfg.log_format)
+    labeller = Labeller(cfg, reload_config=lambda: resolve(cli_values, GFD_OPTIONS))
+    try:
+        asyncio.run(labeller.run(handle_signals=True))
+    except ConfigError as exc:  # e.g. the NodeFeature API without a client, found before any discovery
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except DiscoveryError as exc:
+        log.error("initialisation failed: %s", exc)
+        log.error("If this is a GPU node, check that the NVIDIA driver is installed and visible to this "
+                  "container; on a node without GPUs, set --fail-on-init-error=false.")
+        sys.exit(EXIT_INIT_ERROR)
+    except (LabelError, PluginError) as exc:
+        log.error("labelling failed: %s", exc)
+        sys.exit(EXIT_INIT_ERROR)
+
+
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="nvdp")
 def main() -> None:
@@ -152,6 +193,21 @@ def serve(**cli_values: Any) -> None:
 def serve_main(**cli_values: Any) -> None:
     """NVIDIA device plugin for Kubernetes (nvdp), with the official plugin's flags and env vars."""
     _serve(cli_values)
+
+
+@main.command()
+@_gfd_option_decorators
+def labels(**cli_values: Any) -> None:
+    """Run GPU feature discovery: label this node's GPUs for NFD (what `gpu-feature-discovery` runs)."""
+    _labels(cli_values)
+
+
+@click.command(name="gpu-feature-discovery")
+@click.version_option(__version__, prog_name="gpu-feature-discovery")
+@_gfd_option_decorators
+def gfd_main(**cli_values: Any) -> None:
+    """GPU feature discovery (nvdp): node labels for NFD, with the official GFD's flags and env vars."""
+    _labels(cli_values)
 
 
 @main.command()
@@ -536,3 +592,21 @@ def _config_or_exit_daemon(cli_values: dict[str, Any]) -> Config:
 
 
 main.add_command(mps_daemon_main)
+
+
+# The container image's binaries (deployments/container/install.sh), by their official names.
+IMAGE_PROGRAMS: dict[str, click.Command] = {
+    "nvidia-device-plugin": serve_main,
+    "gpu-feature-discovery": gfd_main,
+    "mps-control-daemon": mps_daemon_main,
+}
+
+
+def image_main() -> None:
+    """`python -m nvdp.entrypoint`: the program named by argv[0] as the image's wrapper exec'd it
+    (`sys.orig_argv`: the interpreter's own argv[0], which `-m` hides from `sys.argv`); the plugin
+    for any other name."""
+    name = os.path.basename(sys.orig_argv[0]) if sys.orig_argv else ""
+    if name not in IMAGE_PROGRAMS:
+        name = "nvidia-device-plugin"
+    IMAGE_PROGRAMS[name](prog_name=name)

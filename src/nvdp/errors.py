@@ -15,7 +15,8 @@
     ├── ServeError             a resource's socket could not be bound (folder missing or read-only)
     ├── ListenError            the metrics/probe listener could not be opened (address in use...)
     ├── CdiSpecError           a CDI spec could not be generated or written (names the path)
-    └── MpsError               an MPS program (control daemon, nvidia-smi, mount) failed or did not answer
+    ├── MpsError               an MPS program (control daemon, nvidia-smi, mount) failed or did not answer
+    └── LabelError             GPU feature discovery cannot label this node (MPS on a MIG GPU...)
 
 Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where they enter
 (`backends/nvml/seam.py`, `kubelet/registration.py`, `backends/mps.py`) and re-raised `from` the original.
@@ -184,5 +185,12 @@ class ListenError(PluginError):
 class CdiSpecError(PluginError):
     """A CDI spec could not be built (driver root without libraries, unreadable ld cache) or
     written (spec folder not writable); the message names the path."""
+
+
 class MpsError(PluginError):
     """An MPS program failed, could not be run, or did not answer in time; the message says which and why."""
+
+
+class LabelError(PluginError):
+    """GPU feature discovery cannot compute or publish the labels (e.g. MPS sharing configured on
+    a node with a MIG-enabled GPU, a driver version NVML gave in an unknown format)."""

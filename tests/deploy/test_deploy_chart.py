@@ -445,7 +445,7 @@ REJECTED = [
     pytest.param({"config": {"map": {"a": "x"}, "default": "b"}}, "not a key of config.map", id="config-bad-default"),
     pytest.param({"probes": {"enabled": True}}, "needs metrics.enabled", id="probes-without-metrics"),
     pytest.param({"legacyDaemonsetAPI": True}, "no longer serves", id="legacy-on-new-cluster"),
-    pytest.param({"gfd": {"enabled": True}}, "does not deploy GPU feature discovery", id="gfd"),
+    pytest.param({"nfd": {"enabled": True}}, "Install NFD yourself", id="nfd"),
 ]
 
 

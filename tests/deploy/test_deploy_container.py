@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from nvdp import __version__
+from nvdp.cli import IMAGE_PROGRAMS
 from nvdp.testing import eventually_sync
 from tests.deploy.deploy_tools import CONTAINER, ROOT
 
@@ -68,10 +69,15 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(source, src / rel)
     prefix = tmp / "opt-nvdp"
     env = {**os.environ, "PYTHON": getattr(sys, "_base_executable", sys.executable)}
-    result = subprocess.run([str(src / "deployments/container/install.sh"), str(prefix), str(src)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([str(src / "deployments/container/install.sh"), str(prefix), str(src),
+                             str(tmp / "usr-bin")], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return prefix
+
+
+def usr_bin(image_venv: Path) -> Path:
+    """install.sh's LINKDIR in the fixture: what the image copies to /usr/bin."""
+    return image_venv.parent / "usr-bin"
 
 
 def run_entrypoint(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -108,6 +114,42 @@ def test_the_image_ships_the_mps_control_daemon(image_venv: Path) -> None:
     assert result.stdout.strip() == f"mps-control-daemon, version {__version__}"
     help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60).stdout
     assert "mount-shm" in help_text and "--mps-dir" in help_text
+
+
+def install_binaries() -> list[str]:
+    match = re.search(r"^binaries=\(([^)]*)\)", (CONTAINER / "install.sh").read_text(), flags=re.MULTILINE)
+    assert match is not None
+    return match.group(1).split()
+
+
+def test_the_image_binaries_are_the_official_names_nvdp_has() -> None:
+    """Three of the official image's four (config-manager is another issue); each one is a program
+    of the entrypoint, so no name in the image starts the wrong program."""
+    assert install_binaries() == ["nvidia-device-plugin", "gpu-feature-discovery", "mps-control-daemon"]
+    assert sorted(IMAGE_PROGRAMS) == sorted(install_binaries())
+
+
+@pytest.mark.parametrize("name", install_binaries())
+def test_each_binary_is_the_argv0_wrapper_by_name_and_by_link(image_venv: Path, name: str) -> None:
+    installed = image_venv / "bin" / name
+    assert installed.read_bytes() == (CONTAINER / "argv0-wrapper").read_bytes()  # not pip's script
+    link = usr_bin(image_venv) / name
+    assert link.is_symlink() and link.resolve() == installed.resolve()
+    env = {"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", "HOME": str(image_venv)}
+    for argv in ([name], [str(link)]):  # by name on PATH, and as /usr/bin/<name> without the venv on PATH
+        result = subprocess.run([*argv, "--version"], capture_output=True, text=True, cwd="/", timeout=60,
+                                env=env if argv == [name] else {"PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"{name}, version {__version__}"
+
+
+def test_the_entrypoint_runs_the_plugin_for_another_argv0(image_venv: Path) -> None:
+    python = image_venv / "bin" / "python3"
+    result = subprocess.run(["bash", "-c", f'exec -a something-else "{python}" -m nvdp.entrypoint --version'],
+                            capture_output=True, text=True, cwd="/", timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONEXECUTABLE": str(python)})  # as the wrapper sets it
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"nvidia-device-plugin, version {__version__}"
 
 
 def test_entrypoint_help_lists_the_official_flags(image_venv: Path) -> None:
@@ -177,3 +219,49 @@ def test_argv0_is_exactly_the_plugin_name_and_sighup_reloads(
     wait_for(log, "reloaded")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0, log.read_text()
+
+
+def start_from_the_image(image_venv: Path, log: Path, *argv: str, **env: str) -> subprocess.Popen[str]:
+    with log.open("w") as out:
+        return subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, text=True, cwd="/",
+                                env={"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", **env})
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_gfd_argv0_is_exactly_its_name_and_sighup_reloads(image_venv: Path, tmp_path: Path) -> None:
+    """The official chart's GFD config-manager signals the process named `gpu-feature-discovery`."""
+    features = tmp_path / "features.d" / "gfd"
+    log = tmp_path / "gfd.log"
+    proc = start_from_the_image(image_venv, log, "gpu-feature-discovery", "--simulate", "h200",
+                                "--output-file", str(features), "--use-node-feature-api=false",
+                                "--sleep-interval", "infinite")
+    try:
+        eventually_sync(features.exists, "the feature file", timeout_s=30, poll_s=0.05, detail=log.read_text)
+        assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == b"gpu-feature-discovery"
+        assert proc.pid in pids_named("gpu-feature-discovery")
+        assert "nvidia.com/gpu.product=NVIDIA-H200" in features.read_text()
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for(log, "reloaded on SIGHUP")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()
+    finally:
+        stop(proc)
+
+
+def test_mps_daemon_argv0_is_exactly_its_name(image_venv: Path, tmp_path: Path) -> None:
+    log = tmp_path / "mps.log"
+    proc = start_from_the_image(image_venv, log, "mps-control-daemon", "--mps-dir", str(tmp_path / "mps"),
+                                NVDP_SIMULATE="h200")
+    try:
+        wait_for(log, "nothing to start")  # no sharing.mps in the (absent) config: it waits for SIGHUP
+        assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == b"mps-control-daemon"
+        assert proc.pid in pids_named("mps-control-daemon")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()
+    finally:
+        stop(proc)

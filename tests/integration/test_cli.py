@@ -223,6 +223,7 @@ def test_demo_runs() -> None:
     assert result.returncode == 0, result.stderr
     assert "registered again" in result.stdout
     assert "NVIDIA_VISIBLE_DEVICES=" in result.stdout
+    assert "    nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3\n" in result.stdout  # the node's GFD labels
 
 
 def test_bad_simulated_profile_exits_2(plugin_dir: Path, tmp_path: Path) -> None:

@@ -72,9 +72,10 @@ def told(sim: SimulatedMps, resource: str = SHARED) -> list[str]:
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (ProcessLookupError, FileNotFoundError):  # gone, or reaped between the two looks
         return False
-    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    return "zombie" not in status
 
 
 @asynccontextmanager

@@ -196,6 +196,7 @@ def test_only_the_cli_reads_argv_and_environ() -> None:
 LOGGER_NAMES = frozenset({
     "nvdp", "nvdp.app", "nvdp.manager", "nvdp.server", "nvdp.kubelet", "nvdp.nvml", "nvdp.healthwatch",
     "nvdp.configfile", "nvdp.simcontrol", "nvdp.web", "nvdp.config",
+    "nvdp.gfd",  # new with GPU feature discovery (app/labeller.py)
     "nvdp.cdi",  # new with the CDI spec writer (app/cdi.py)
     "nvdp.mps", "nvdp.mpsdaemon",  # new with MPS (app/mps.py, app/mps_daemon.py)
 })

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from nvdp.config.inputs import KUBELET_MAX_MESSAGE_BYTES, MAX_DEVICES, InputFileError, check_size
-from nvdp.config.options import OPTIONS, DeviceSelection, SharedResource, Sharing
+from nvdp.config.options import GFD_OPTIONS, OPTIONS, DeviceSelection, SharedResource, Sharing
 from nvdp.errors import ConfigError, config_error_from
 
 log = logging.getLogger("nvdp.configfile")  # stable name: operators filter on it
@@ -153,9 +153,9 @@ class _ConfigFile(_FileModel):
 
 
 def _struct_fields() -> dict[str, Any]:
-    """The schema's struct fields as a tree of names, from the option table plus the blocks."""
+    """The schema's struct fields as a tree of names, from the option tables plus the blocks."""
     tree: dict[str, Any] = {"version": {}, "flags": {}, "sharing": {"timeSlicing": {}, "mps": {}}, "imex": {}}
-    for opt in OPTIONS:
+    for opt in (*OPTIONS, *GFD_OPTIONS):
         node = tree
         for part in (opt.file_key or "").split(".") if opt.file_key else ():
             node = node.setdefault(part, {})

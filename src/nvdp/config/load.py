@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nvdp.config.inputs import MAX_INPUT_BYTES, read_text_file
-from nvdp.config.options import OPTIONS, Config, Option, Sharing
+from nvdp.config.options import OPTIONS, Config, Option, Sharing, flag_names
 from nvdp.config.parse import file_value, health_items, lookup, parse_text
 from nvdp.errors import ConfigError
 
@@ -24,31 +24,34 @@ MAX_CONFIG_BYTES = MAX_INPUT_BYTES
 
 
 def _flag_name(opt: Option) -> str:
-    return f"--{opt.flag}"
+    return flag_names(opt)[0]
 
 
 def load(
     cli: Mapping[str, Any],
     environ: Mapping[str, str],
     read_text: Callable[[str], str] = read_text_file,
+    options: Sequence[Option] = OPTIONS,
     require_mps_root: bool = True,
 ) -> Config:
     """Resolve the configuration: CLI > env > config file > default, then validate.
 
     `cli` maps Config field names to what the command line gave: None when not given, a string
-    (or a sequence of strings for list options) otherwise. `require_mps_root=False`: the MPS
-    control daemon, which works in its own /mps and never names host paths.
+    (or a sequence of strings for list options) otherwise. `options` is the command's table
+    (`GFD_OPTIONS` for GPU feature discovery); fields outside it keep `Config`'s defaults.
+    `require_mps_root=False`: the MPS control daemon, which works in its own /mps and never names
+    host paths.
     """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for opt in OPTIONS:
+    for opt in options:
         values[opt.field], source = _from_cli_or_env(opt, cli.get(opt.field), environ)
         if source:
             sources[opt.field] = source
 
     doc: Mapping[str, Any] = {}
     sharing = Sharing()
-    config_file = values["config_file"]
+    config_file = values.get("config_file", _UNSET)
     if config_file is not _UNSET and config_file:
         # Imported here: pydantic's import and model building cost start-up time that a plugin
         # run without a config file (the common DaemonSet case) need not pay.
@@ -56,7 +59,7 @@ def load(
 
         doc, sharing = read_config_file(config_file, read_text, sources["config_file"])
 
-    for opt in OPTIONS:
+    for opt in options:
         if values[opt.field] is _UNSET:
             raw = lookup(doc, opt.file_key) if opt.file_key else None
             if raw is None:
@@ -67,11 +70,14 @@ def load(
         if opt.case_insensitive and isinstance(values[opt.field], str):
             values[opt.field] = values[opt.field].lower()
 
-    if not values["dev_root"]:
+    if "dev_root" in values and not values["dev_root"]:
         values["dev_root"] = values["driver_root"]
     cfg = Config(**values, sharing=sharing, sources=sources)
-    validate(cfg)
-    validate_mps(cfg, require_mps_root)
+    validate(cfg, options)
+    # The plugin's MPS flag rules, for the commands that take its MPS flags (the plugin and the MPS
+    # daemon). Upstream GFD checks neither: its MPS errors come from the node (core/labels.py).
+    if any(opt.field == "mps_root" for opt in options):
+        validate_mps(cfg, require_mps_root)
     return cfg
 
 
@@ -108,9 +114,9 @@ def _from_cli_or_env(opt: Option, given: Any, environ: Mapping[str, str]) -> tup
     return _UNSET, ""
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, options: Sequence[Option] = OPTIONS) -> None:
     """Reject values outside the allowed sets, naming where the value came from and what is allowed."""
-    for opt in OPTIONS:
+    for opt in options:
         if opt.choices is None:
             continue
         value = getattr(cfg, opt.field)
@@ -129,6 +135,9 @@ def validate(cfg: Config) -> None:
                           f"{cfg.mig_rescan_interval} is not a number of seconds >= 0 (0 turns rescans off)")
     if cfg.metrics_address:
         parse_listen_address(cfg.metrics_address, cfg.source("metrics_address"))
+    if not cfg.sleep_interval > 0:  # 0 or less would relabel in a busy loop
+        raise ConfigError(cfg.source("sleep_interval"),
+                          f"{cfg.sleep_interval:g}s: give a positive duration (e.g. 60s) or infinite")
     if cfg.imex_channel_ids not in ((), (0,)):
         raise ConfigError(cfg.source("imex_channel_ids"),
                           f"channelIDs must be [] or [0]; found {list(cfg.imex_channel_ids)}")

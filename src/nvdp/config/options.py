@@ -3,19 +3,23 @@
 Every option of the official plugin is a row of `OPTIONS` (flag, aliases, env vars, config-file
 key, default, allowed values). The CLI, the env lookup, the file lookup, validation, the README
 table and `Config`'s own defaults all read that one table, so adding an option is one row and one
-`Config` field. Loading lives in `load.py`, value parsing in `parse.py`, the file schema in `file.py`.
+`Config` field. GPU feature discovery (`gpu-feature-discovery`) reads `GFD_OPTIONS`: the plugin's
+rows it shares (under its own env names where upstream gives GFD_* ones first) plus its own.
+Loading lives in `load.py`, value parsing in `parse.py`, the file schema in `file.py`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from nvdp.config import cdi as cdi_names
 
-Kind = Literal["bool", "str", "list", "intlist", "float", "int"]
+# "duration": a Go duration ("60s", "1m30s"), or "infinite"; held as seconds (math.inf).
+Kind = Literal["bool", "str", "list", "intlist", "float", "int", "duration"]
 
 # The allowed values of the choice options, as types: `Config` fields carry them, and the table's
 # `choices` are read from them, so a value and its type cannot disagree.
@@ -41,7 +45,7 @@ class Option:
     default: Any
     envs: tuple[str, ...] = ()
     file_key: str | None = None  # dotted path in the config file, e.g. "flags.plugin.passDeviceSpecs"
-    aliases: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # more long names; a one-letter alias is a short flag (-o)
     choices: tuple[str, ...] | None = None
     help: str = ""
     # Choices matched in any case (nvdp's own log options); the official ones stay exact, as upstream.
@@ -141,6 +145,55 @@ OPTIONS: tuple[Option, ...] = (
 OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in OPTIONS}
 
 
+def _shared(name: str, *envs: str, help: str = "") -> Option:
+    """A plugin row GPU feature discovery takes too, with its own env names and help when given."""
+    row = OPTIONS_BY_FIELD[name]
+    return replace(row, envs=envs or row.envs, help=help or row.help)
+
+
+GFD_OUTPUT_FILE = "/etc/kubernetes/node-feature-discovery/features.d/gfd"
+
+# GPU feature discovery's options, as upstream's gpu-feature-discovery (upstream-behaviour.md
+# section 8): GFD_* env names first, then the plugin's; the config file is the plugin's schema
+# (flags.gfd.*, flags.useNodeFeatureAPI).
+GFD_OPTIONS: tuple[Option, ...] = (
+    _shared("mig_strategy", "GFD_MIG_STRATEGY", "MIG_STRATEGY"),
+    _shared("fail_on_init_error", "GFD_FAIL_ON_INIT_ERROR", "FAIL_ON_INIT_ERROR",
+            help="exit 1 when NVML cannot start (else label without GPU labels)"),
+    Option("oneshot", "oneshot", "bool", False, ("GFD_ONESHOT",), "flags.gfd.oneshot",
+           help="label once and exit"),
+    Option("no_timestamp", "no-timestamp", "bool", False, ("GFD_NO_TIMESTAMP",), "flags.gfd.noTimestamp",
+           help="leave out the nvidia.com/gfd.timestamp label"),
+    Option("sleep_interval", "sleep-interval", "duration", 60.0, ("GFD_SLEEP_INTERVAL",), "flags.gfd.sleepInterval",
+           help="time between labelling runs (a Go duration such as 60s or 5m, or infinite)"),
+    Option("output_file", "output-file", "str", GFD_OUTPUT_FILE, ("GFD_OUTPUT_FILE",), "flags.gfd.outputFile",
+           aliases=("output", "o"), help="the NFD local feature file to write; empty or - : stdout"),
+    Option("machine_type_file", "machine-type-file", "str", "/sys/class/dmi/id/product_name",
+           ("GFD_MACHINE_TYPE_FILE",), "flags.gfd.machineTypeFile", help="file holding the machine type"),
+    _shared("config_file", "GFD_CONFIG_FILE", "CONFIG_FILE"),
+    Option("use_node_feature_api", "use-node-feature-api", "bool", True,
+           ("GFD_USE_NODE_FEATURE_API", "USE_NODE_FEATURE_API"), "flags.useNodeFeatureAPI",
+           help="publish the labels as an NFD NodeFeature object instead of writing the file"),
+    _shared("device_discovery_strategy"),
+    _shared("container_driver_root"),
+    Option("kubeconfig", "kubeconfig", "str", "", ("KUBECONFIG",),
+           help="kubeconfig for the NodeFeature API; empty: the in-cluster service account"),
+    Option("kube_api_qps", "kube-api-qps", "float", 5.0, ("KUBE_API_QPS",), help="Kubernetes API requests per second"),
+    Option("kube_api_burst", "kube-api-burst", "int", 10, ("KUBE_API_BURST",), help="Kubernetes API request burst"),
+    Option("namespace", "namespace", "str", "default", ("NAMESPACE",), help="namespace of the NodeFeature object"),
+    Option("node_name", "node-name", "str", "", ("NODE_NAME",), help="this node's name (NodeFeature API)"),
+    Option("pod_name", "pod-name", "str", "", ("POD_NAME",), help="this pod's name (NodeFeature owner references)"),
+    # nvdp's own, as for the plugin.
+    _shared("simulate"),
+    _shared("log_format"),
+    _shared("log_level"),
+)
+
+GFD_OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in GFD_OPTIONS}
+# Every row of either table, by Config field (the defaults of `Config` come from here).
+ALL_OPTIONS_BY_FIELD: Mapping[str, Option] = {**GFD_OPTIONS_BY_FIELD, **OPTIONS_BY_FIELD}
+
+
 SharingStrategy = Literal["none", "time-slicing", "mps"]
 # `devices` of a shared resource: "all", a count (the first N devices of the resource) or device
 # references (GPU index "0", MIG index "0:1", GPU-/MIG- UUIDs, MIG-GPU-<uuid>/<gi>/<ci>).
@@ -186,7 +239,7 @@ class Sharing:
 
 def _default(name: str) -> Any:
     """A `Config` field's default: the table's (tuples and scalars only, so no sharing between instances)."""
-    return OPTIONS_BY_FIELD[name].default
+    return ALL_OPTIONS_BY_FIELD[name].default
 
 
 @dataclass(frozen=True)
@@ -230,6 +283,19 @@ class Config:
     mps_control: str = _default("mps_control")
     mps_dir: str = _default("mps_dir")
     nvidia_smi: str = _default("nvidia_smi")
+    # GPU feature discovery only (GFD_OPTIONS).
+    oneshot: bool = _default("oneshot")
+    no_timestamp: bool = _default("no_timestamp")
+    sleep_interval: float = _default("sleep_interval")  # seconds; math.inf for "infinite"
+    output_file: str = _default("output_file")
+    machine_type_file: str = _default("machine_type_file")
+    use_node_feature_api: bool = _default("use_node_feature_api")
+    kubeconfig: str = _default("kubeconfig")
+    kube_api_qps: float = _default("kube_api_qps")
+    kube_api_burst: int = _default("kube_api_burst")
+    namespace: str = _default("namespace")
+    node_name: str = _default("node_name")
+    pod_name: str = _default("pod_name")
     sharing: Sharing = field(default_factory=Sharing)
     # Where each value came from, for error messages: "--mig-strategy", "MIG_STRATEGY" or
     # "flags.migStrategy in /etc/nvdp/config.yaml" (`load.load` fills it; defaults are absent).
@@ -239,23 +305,25 @@ class Config:
         """What the operator used to set a field: its flag, env var or config-file key and file."""
         return self.sources.get(name) or f"--{OPTIONS_BY_FIELD[name].flag}"
 
-    def to_v1(self) -> dict[str, Any]:
+    def to_v1(self, table: Sequence[Option] | None = None) -> dict[str, Any]:
         """The config as the official plugin prints it ("Running with config"): schema v1 names
         (`flags.migStrategy`, `flags.plugin.passDeviceSpecs`, ...); nvdp's own settings under
         `flags.nvdp`, command-line-only ones under `commandLine`."""
         doc: dict[str, Any] = {"version": "v1", "flags": {}}
-        for opt in OPTIONS:
+        for opt in OPTIONS if table is None else table:
             node = doc
             *parents, leaf = opt.v1_key.split(".")
             for part in parents:
                 node = node.setdefault(part, {})
             value = getattr(self, opt.field)
             node[leaf] = list(value) if isinstance(value, tuple) else value
-        doc["sharing"] = {"timeSlicing": _sharing_v1(self.sharing)}
+        doc["sharing"] = {"mps" if self.sharing.strategy == "mps" else "timeSlicing": _sharing_v1(self.sharing)}
         return doc
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_v1(), indent=2)
+    def to_json(self, table: Sequence[Option] | None = None) -> str:
+        """The config as the official plugin prints it (v1 names): a command's options (the
+        plugin's by default) and the sharing."""
+        return json.dumps(self.to_v1(table), indent=2)
 
 
 def _sharing_v1(sharing: Sharing) -> dict[str, Any]:
@@ -269,24 +337,38 @@ def _sharing_v1(sharing: Sharing) -> dict[str, Any]:
 
 
 def changed_settings(old: Config, new: Config) -> list[str]:
-    """The v1 names of the settings that differ between two configs (`sharing.timeSlicing` as one)."""
+    """The v1 names of the settings that differ between two configs (the sharing block as one)."""
     changed = [opt.v1_key for opt in OPTIONS if getattr(old, opt.field) != getattr(new, opt.field)]
     if old.sharing != new.sharing:
-        changed.append("sharing.timeSlicing")
+        mps = "mps" in (old.sharing.strategy, new.sharing.strategy)
+        changed.append("sharing.mps" if mps else "sharing.timeSlicing")
     return sorted(changed)
 
 
-def options_markdown() -> str:
-    """The flag / env var / config-file table for the README (a test keeps the README in sync)."""
+def flag_names(opt: Option) -> list[str]:
+    """The option's command-line names: `--name` for each long name, `-x` for a one-letter alias."""
+    return [f"--{n}" if len(n) > 1 else f"-{n}" for n in (opt.flag, *opt.aliases)]
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as the docs and logs show it: "60s", "1.5s" or "infinite"."""
+    return "infinite" if math.isinf(seconds) else f"{seconds:g}s"
+
+
+def options_markdown(table: Sequence[Option] = OPTIONS) -> str:
+    """The flag / env var / config-file table for the README (a test keeps the README in sync);
+    `GFD_OPTIONS` gives docs/labels.md's."""
     rows = ["| Flag (aliases) | Env var(s) | Config-file key | Default | Allowed |", "|---|---|---|---|---|"]
-    for opt in OPTIONS:
-        flags = ", ".join(f"`--{n}`" for n in (opt.flag, *opt.aliases))
+    for opt in table:
+        flags = ", ".join(f"`{n}`" for n in flag_names(opt))
         envs = ", ".join(f"`{e}`" for e in opt.envs) or "—"
         key = f"`{opt.file_key}`" if opt.file_key else "—"
         default = ",".join(str(d) for d in opt.default) if isinstance(opt.default, tuple) else opt.default
         shown = "unset" if default is None else (f"`{default}`" if default != "" else '`""`')
         if isinstance(opt.default, bool):
             shown = f"`{str(opt.default).lower()}`"
+        if opt.kind == "duration":
+            shown = f"`{format_duration(opt.default)}`"
         allowed = ", ".join(opt.choices) if opt.choices else ""
         rows.append(f"| {flags} | {envs} | {key} | {shown} | {allowed} |")
     return "\n".join(rows)

@@ -5,6 +5,8 @@ split on "," and trimmed; config-file values arrive typed (YAML), not as text.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,32 @@ def parse_go_bool(name: str, raw: str) -> bool:
     if raw in _GO_FALSE:
         return False
     raise ConfigError(name, f"{raw!r} is not a boolean (use true/false, 1/0, t/f)")
+
+
+# Go's time.ParseDuration: a sequence of decimal numbers, each with a unit, optionally signed.
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+INFINITE = "infinite"
+
+
+def parse_go_duration(name: str, raw: str) -> float:
+    """A Go duration ("60s", "1m30s", "1.5h", "300ms") or "infinite", in seconds."""
+    text = raw.strip()
+    if text == INFINITE:
+        return math.inf
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.removeprefix("+"))
+    if body == "0":
+        return 0.0
+    total, pos = 0.0, 0
+    while pos < len(body):
+        match = _GO_PART.match(body, pos)
+        if match is None:
+            break
+        total += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        pos = match.end()
+    if not body or pos != len(body):
+        raise ConfigError(name, f"{raw!r} is not a duration (e.g. 60s, 5m, 1h30m, or {INFINITE})")
+    return sign * total
 
 
 def split_list(raw: str) -> tuple[str, ...]:
@@ -50,6 +78,8 @@ def parse_text(opt: Option, name: str, raw: str) -> Any:
                 return float(raw)
             except ValueError:
                 raise ConfigError(name, f"{raw!r} is not a number") from None
+        case "duration":
+            return parse_go_duration(name, raw)
         case _:
             return raw
 
@@ -92,6 +122,13 @@ def file_value(opt: Option, raw: Any, key: str) -> Any:
             if isinstance(raw, bool) or not isinstance(raw, int | float):
                 raise ConfigError(key, f"{raw!r} is not a number")
             return raw if opt.kind == "float" else int(raw)
+        case "duration":
+            # As the official schema: a number is nanoseconds, a string a Go duration or "infinite".
+            if isinstance(raw, str):
+                return parse_go_duration(key, raw)
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                raise ConfigError(key, f"{raw!r} is not a duration (e.g. 60s, or a number of nanoseconds)")
+            return raw / 1e9
         case _:
             if not isinstance(raw, str):
                 raise ConfigError(key, f"{raw!r} is not a string")

@@ -3,11 +3,13 @@
 `FakeNvml` is a module-like object with pynvml's names (functions, constants with pynvml's
 numeric values, an `NVMLError` with `.value` and pynvml's `str()`), so it can stand in for the
 module wherever nvdp takes one: `NvmlBackend(nvml=FakeNvml(...))`. It covers discovery (GPUs,
-versions, NVLinks, PCIe ancestors), MIG (MIG devices, GPU instances, GPU-instance profiles),
-health events (a queue that `nvmlEventSetWait_v2` takes from, blocking up to its timeout) and the
-probe's counters (ECC, remapped rows, retired pages). Any call can be made to fail with an NVML
-return code, for every GPU or for one (`fail`). It only answers queries: a call that would
-change a GPU or MIG setting does not exist on it, so code that tries one fails loudly.
+driver and CUDA versions, NVLinks, PCIe ancestors, fabric cliques; `write_node_files` writes the
+sysfs files beside it: NUMA node, PCI class, PCI config space), MIG (MIG devices, GPU
+instances, GPU-instance profiles), health events (a queue that `nvmlEventSetWait_v2` takes
+from, blocking up to its timeout) and the probe's counters (ECC, remapped rows, retired
+pages). Any call can be made to fail with an NVML return code, for every GPU or for one
+(`fail`). It only answers queries: a call that would change a GPU or MIG setting does not exist
+on it, so code that tries one fails loudly.
 
     fake = h200_node()                      # 8 x H200, as on an HGX H200 board
     fake.fail("nvmlDeviceGetUUID", "GPU_IS_LOST", gpu=3)
@@ -113,6 +115,16 @@ class FakeNvLink:
 
 
 @dataclass
+class FakeFabric:
+    """A GPU's NVLink fabric registration (`nvmlDeviceGetGpuFabricInfoV`)."""
+
+    cluster_uuid: bytes  # 16 bytes
+    clique_id: int
+    state: int = 3  # NVML_GPU_FABRIC_STATE_COMPLETED
+    status: int = 0  # NVML_SUCCESS
+
+
+@dataclass
 class FakeGpu:
     """One physical GPU. A counter left None is one the GPU does not report (NOT_SUPPORTED)."""
 
@@ -134,6 +146,9 @@ class FakeGpu:
     remapped_rows: tuple[int, int, int, int] | None = (0, 0, 0, 0)  # corrected, uncorrected, pending, failed
     retired_pending: int | None = 0  # NVML_FEATURE_ENABLED (1) when pages wait to be retired
     lost: bool = False  # fallen off the bus: every call about it answers GPU_IS_LOST
+    fabric: FakeFabric | None = None  # None: the fabric info calls answer NOT_SUPPORTED
+    pci_class: int | None = 0x030200  # sysfs `class` (see `write_node_files`); None: no file
+    pci_config: bytes | None = None  # sysfs `config` (see `write_node_files`); None: no file
 
 
 @dataclass(frozen=True)
@@ -216,6 +231,16 @@ class EventData:
     computeInstanceId: int
 
 
+class GpuFabricInfo:
+    """pynvml's c_nvmlGpuFabricInfo_t / c_nvmlGpuFabricInfoV_t, filled by the fabric info calls."""
+
+    def __init__(self) -> None:
+        self.clusterUuid = bytes(16)
+        self.status = 0
+        self.cliqueId = 0
+        self.state = 0  # NVML_GPU_FABRIC_STATE_NOT_SUPPORTED
+
+
 @dataclass(frozen=True, eq=False)
 class MigHandle:
     gpu: FakeGpu
@@ -292,6 +317,12 @@ class FakeNvml:
     NVML_TOPOLOGY_HOSTBRIDGE = 30
     NVML_TOPOLOGY_NODE = 40
     NVML_TOPOLOGY_SYSTEM = 50
+    NVML_GPU_FABRIC_STATE_NOT_SUPPORTED = 0
+    NVML_GPU_FABRIC_STATE_NOT_STARTED = 1
+    NVML_GPU_FABRIC_STATE_IN_PROGRESS = 2
+    NVML_GPU_FABRIC_STATE_COMPLETED = 3
+    c_nvmlGpuFabricInfo_t = GpuFabricInfo
+    c_nvmlGpuFabricInfoV_t = GpuFabricInfo
 
     nvmlEventTypeSingleBitEccError = 0x1
     nvmlEventTypeDoubleBitEccError = 0x2
@@ -359,15 +390,19 @@ class FakeNvml:
         return [c for c in self.calls if c.name == name]
 
     def write_node_files(self, root: Path) -> None:
-        """The node files discovery reads beside NVML, under `root`: each GPU's NUMA node in
-        sysfs (`sysfs_root=root`) and, when a GPU has MIG enabled, the driver's mig-minors
-        (`driver_root=root`), numbered as the driver does (15 GPU instances of 8 compute
-        instances each per GPU minor)."""
+        """The node files discovery reads beside NVML, under `root`: each GPU's NUMA node, PCI
+        class and PCI config space in sysfs (`sysfs_root=root`) and, when a GPU has MIG enabled,
+        the driver's mig-minors (`driver_root=root`), numbered as the driver does (15 GPU
+        instances of 8 compute instances each per GPU minor)."""
         for gpu in self.gpus:
+            folder = root / "bus/pci/devices" / bus_key(gpu.bus_id)
+            folder.mkdir(parents=True, exist_ok=True)
             if gpu.numa_node is not None:
-                folder = root / "bus/pci/devices" / bus_key(gpu.bus_id)
-                folder.mkdir(parents=True, exist_ok=True)
                 (folder / "numa_node").write_text(f"{gpu.numa_node}\n")
+            if gpu.pci_class is not None:
+                (folder / "class").write_text(f"0x{gpu.pci_class:06x}\n")
+            if gpu.pci_config is not None:
+                (folder / "config").write_bytes(gpu.pci_config)
         if any(g.mig_enabled for g in self.gpus):
             path = root / mig.MIG_MINORS_PATH.lstrip("/")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -498,6 +533,25 @@ class FakeNvml:
             raise NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
         mode = self.NVML_DEVICE_MIG_ENABLE if gpu.mig_enabled else self.NVML_DEVICE_MIG_DISABLE
         return (mode, mode)
+
+    def _fabric_info(self, call: str, handle: object, info: object) -> int:
+        gpu = self._gpu_of(handle)
+        self._enter(call, gpu)
+        if gpu.fabric is None:
+            raise NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+        if not isinstance(info, GpuFabricInfo):
+            raise NVMLError(self.NVML_ERROR_INVALID_ARGUMENT)
+        info.clusterUuid = gpu.fabric.cluster_uuid
+        info.cliqueId = gpu.fabric.clique_id
+        info.state = gpu.fabric.state
+        info.status = gpu.fabric.status
+        return self.NVML_SUCCESS
+
+    def nvmlDeviceGetGpuFabricInfoV(self, handle: object, info: object) -> int:
+        return self._fabric_info("nvmlDeviceGetGpuFabricInfoV", handle, info)
+
+    def nvmlDeviceGetGpuFabricInfo(self, handle: object, info: object) -> int:
+        return self._fabric_info("nvmlDeviceGetGpuFabricInfo", handle, info)
 
     def nvmlDeviceGetTopologyCommonAncestor(self, a: object, b: object) -> int:
         gpu_a, gpu_b = self._gpu_of(a), self._gpu_of(b)

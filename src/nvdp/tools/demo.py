@@ -13,6 +13,7 @@ from nvdp.app.plugin import Plugin
 from nvdp.config.load import load
 from nvdp.core.cdi import uses_cdi
 from nvdp.core.devices import Node
+from nvdp.core.labels import label_lines, node_labels
 from nvdp.core.resources import GPU_RESOURCE
 from nvdp.core.scoring import pair_score, set_score
 from nvdp.testing import FakeKubelet
@@ -55,6 +56,10 @@ async def _narrate(plugin: Plugin, kubelet: FakeKubelet, say: Say) -> None:
         rows.append([device_id, d.health, numa, names.get(device_id, "")])
     say(f"kubelet: ListAndWatch holds {len(endpoint.devices)} devices:")
     say(_indent(table(rows)))
+    # The same discovered node, as `gpu-feature-discovery` labels it (no machine-type file here).
+    labelled = node_labels(plugin.node, plugin.cfg, machine_type=None, timestamp=None)
+    say(f"gpu-feature-discovery: {len(labelled.labels)} node labels for NFD (docs/labels.md):")
+    say(_indent(label_lines(labelled.labels)))
 
     available = endpoint.healthy
     size = min(2, len(available))

@@ -138,6 +138,46 @@ readOnlyRootFilesystem: true
 {{- end -}}
 {{- end -}}
 
+{{/* GPU feature discovery's selector (and pod) labels: its own name, so the two DaemonSets never
+     select each other's pods. */}}
+{{- define "nvidia-device-plugin.gfdSelectorLabels" -}}
+app.kubernetes.io/name: {{ (.Values.gfd | default dict).nameOverride | default "gpu-feature-discovery" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* A GFD setting: gfd.<key>, else the top-level <key> (the official chart's template reads only
+     the top-level one, so values files written for it keep their meaning); "" when neither is set. */}}
+{{- define "nvidia-device-plugin.gfdSetting" -}}
+{{- $values := index . 0 -}}
+{{- $key := index . 1 -}}
+{{- $gfd := $values.gfd | default dict -}}
+{{- if not (kindIs "invalid" (index $gfd $key)) -}}
+{{- index $gfd $key -}}
+{{- else if not (kindIs "invalid" (index $values $key)) -}}
+{{- index $values $key -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The official chart's GPU-node affinity: NFD saw an NVIDIA PCI device, or an NVIDIA CPU
+     (Tegra), or the node is labelled nvidia.com/gpu.present=true by hand. */}}
+{{- define "nvidia-device-plugin.gpuNodeAffinity" -}}
+nodeAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    nodeSelectorTerms:
+      - matchExpressions:
+          - key: feature.node.kubernetes.io/pci-10de.present
+            operator: In
+            values: ["true"]
+      - matchExpressions:
+          - key: feature.node.kubernetes.io/cpu-model.vendor_id
+            operator: In
+            values: ["NVIDIA"]
+      - matchExpressions:
+          - key: nvidia.com/gpu.present
+            operator: In
+            values: ["true"]
+{{- end -}}
+
 {{/* "true" when the plugin may share GPUs with MPS: only a config file can turn MPS on. An
      external ConfigMap cannot be inspected, so it counts; an inline file counts when it has a
      `mps:` key. The MPS control daemon DaemonSet, MPS_ROOT and the /mps and /dev/shm mounts

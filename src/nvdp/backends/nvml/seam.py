@@ -134,6 +134,27 @@ class Nvml:
             return DeviceError(gpu, f"{what}: {exc}")
         return DiscoveryError(f"{what}: {exc}")
 
+    def fabric_info(self, handle: Any) -> Any:
+        """The GPU's fabric info: nvmlDeviceGetGpuFabricInfoV, or the older call where the driver
+        lacks it, filled into the module's own structure (clusterUuid, status, cliqueId, state).
+        None where the bindings, the driver or the GPU have none: the fact is optional."""
+        for fn, struct in (("nvmlDeviceGetGpuFabricInfoV", "c_nvmlGpuFabricInfoV_t"),
+                           ("nvmlDeviceGetGpuFabricInfo", "c_nvmlGpuFabricInfo_t")):
+            make = getattr(self._module, struct, None)
+            if make is None or not self.has(fn):
+                continue
+            info = make()
+            # pynvml passes the pointer on to the C call; a fake fills the object it is given.
+            pointer = ctypes.byref(info) if isinstance(info, ctypes.Structure) else info
+            try:
+                getattr(self._module, fn)(handle, pointer)
+            except self._error as exc:
+                if self._name_of(exc) == "FUNCTION_NOT_FOUND":
+                    continue  # a driver older than this call: try the next one
+                return None
+            return info
+        return None
+
     # --- library state -------------------------------------------------------------------------
 
     def init(self, library: str, searched: tuple[str, ...] = ()) -> None:

@@ -1,5 +1,5 @@
-"""Node files the NVML backend reads beside NVML: a GPU's NUMA node from sysfs and the MIG
-capability minors from /proc."""
+"""Node files the NVML backend reads beside NVML: a GPU's NUMA node, PCI class and PCI config
+space (for the vGPU capability) from sysfs, and the MIG capability minors from /proc."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import logging
 import os
 from pathlib import Path
 
-from nvdp.core import mig
+from nvdp.core import mig, pci
+from nvdp.core.devices import VgpuInfo
 from nvdp.core.topology import bus_key
 from nvdp.errors import DiscoveryError
 
@@ -26,6 +27,29 @@ def read_numa_node(bus_id: str, sysfs_root: str = "/sys") -> int | None:
     except ValueError:
         raise DiscoveryError(f"{path}: numa_node is not an integer: {text!r}") from None
     return node if node >= 0 else None
+
+
+def read_pci_class(bus_id: str, sysfs_root: str = "/sys") -> int | None:
+    """The GPU's PCI class code from sysfs; None when the file is missing or unreadable."""
+    try:
+        text = Path(sysfs_root, "bus/pci/devices", bus_key(bus_id), "class").read_text()
+    except OSError:
+        return None
+    return pci.parse_class(text)
+
+
+def read_vgpu(bus_id: str, sysfs_root: str = "/sys") -> VgpuInfo | None:
+    """The vGPU host driver from the GPU's PCI config space; None when it is not a vGPU or the
+    config space cannot be read in full (only root reads past its first 64 bytes)."""
+    path = Path(sysfs_root, "bus/pci/devices", bus_key(bus_id), "config")
+    try:
+        config = path.read_bytes()
+    except OSError:
+        return None
+    if len(config) < pci.FULL_CONFIG:
+        log.debug("PCI config space not fully readable: vGPU not detectable", extra={"path": str(path)})
+        return None
+    return pci.vgpu_info(config)
 
 
 def mig_minors_candidates(driver_root: str) -> tuple[str, ...]:

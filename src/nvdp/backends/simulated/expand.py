@@ -12,7 +12,8 @@ from typing import Any
 
 from nvdp.backends.simulated.profile import GpuSpec, MigDeviceSpec, MigSpec, Profile
 from nvdp.core import mig as migrules
-from nvdp.core.devices import GpuInfo, MigInfo, Node, PcieLevel, Topology
+from nvdp.core import pci
+from nvdp.core.devices import FabricInfo, GpuInfo, MigInfo, Node, PcieLevel, Topology, VgpuInfo
 from nvdp.core.migprofiles import MODELS
 from nvdp.errors import ConfigError
 
@@ -88,7 +89,12 @@ def _gpu(label: str, index: int, f: dict[str, Any], where: str) -> GpuInfo:
         memory_bytes=int(memory),
         compute_capability=f.get("compute_capability") or "9.0",
         numa_node=f.get("numa_node"),
+        pci_class=f.get("pci_class", pci.CLASS_3D_CONTROLLER),
+        fabric=FabricInfo(**f["fabric"]) if f.get("fabric") else None,
+        vgpu=VgpuInfo(**f["vgpu"]) if f.get("vgpu") else None,
     )
+    capable = f.get("mig_capable")
+    gpu = replace(gpu, mig_capable=(gpu.name in MODELS or bool(f.get("mig"))) if capable is None else capable)
     spec = MigSpec.model_validate(f["mig"]) if f.get("mig") else MigSpec()
     return with_mig_layout(label, gpu, spec, f"{where}.mig")
 

@@ -8,6 +8,7 @@ names the field.
 from __future__ import annotations
 
 import re
+import uuid as uuidlib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -63,6 +64,25 @@ class MigSpec(_Strict):
         return value
 
 
+class FabricSpec(_Strict):
+    """A fabric-attached GPU's NVLink domain and clique (GB200 NVL72-like racks)."""
+
+    cluster_uuid: str
+    clique_id: int = Field(ge=0)
+
+    @field_validator("cluster_uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        return str(uuidlib.UUID(value))  # ValueError names a malformed UUID
+
+
+class VgpuSpec(_Strict):
+    """What a vGPU guest device's PCI capability says about the host's vGPU manager."""
+
+    host_driver_version: str
+    host_driver_branch: str
+
+
 class GpuSpec(_Strict):
     count: int = Field(default=1, ge=1, le=64)  # repeat this entry
     name: str | None = None
@@ -74,6 +94,23 @@ class GpuSpec(_Strict):
     compute_capability: str | None = None
     numa_node: int | None = None
     mig: MigSpec | None = None
+    # GPU feature discovery's facts (docs/labels.md). mig_capable: default, the model has a MIG
+    # profile table or a mig block is given; pci_class: the sysfs class, default a 3D controller.
+    mig_capable: bool | None = None
+    pci_class: Annotated[int, Field(ge=0, le=0xFFFFFF)] | None = None
+    fabric: FabricSpec | None = None
+    vgpu: VgpuSpec | None = None
+
+    @field_validator("pci_class", mode="before")
+    @classmethod
+    def _hex_class(cls, value: Any) -> Any:
+        # Written as sysfs shows it ("0x030200") or as a YAML number.
+        if isinstance(value, str):
+            try:
+                return int(value, 16)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a PCI class such as 0x030200") from None
+        return value
 
     @field_validator("pci_bus_id")
     @classmethod
