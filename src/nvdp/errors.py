@@ -13,10 +13,17 @@
     │   └── UnhealthyDevice    an ID that is currently Unhealthy
     ├── RegistrationError      the kubelet refused or did not answer Register
     ├── ServeError             a resource's socket could not be bound (folder missing or read-only)
-    └── ListenError            the metrics/probe listener could not be opened (address in use...)
+    ├── ListenError            the metrics/probe listener could not be opened (address in use...)
+    ├── KubeError              talking to the Kubernetes API failed
+    │   ├── KubeConfigError    no usable in-cluster or kubeconfig settings (also a ConfigError)
+    │   ├── KubeUnavailable    the API server could not be reached, or the connection dropped
+    │   └── KubeApiError       the API server answered with an error Status (code, reason)
+    │       └── ResourceExpired    410 Gone: the resourceVersion is too old; list again
+    └── NodeConfigError        config-manager: the config folder or the destination link is unusable
 
-Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where they enter
-(`backends/nvml/seam.py`, `kubelet/registration.py`) and re-raised `from` the original.
+Foreign errors (pynvml's NVMLError, grpc.RpcError, lightkube's and httpx's errors, OSError) are
+translated where they enter (`backends/nvml/seam.py`, `kubelet/registration.py`, `kube/client.py`)
+and re-raised `from` the original.
 """
 
 from __future__ import annotations
@@ -131,3 +138,35 @@ class ServeError(PluginError):
 
 class ListenError(PluginError):
     """The operations listener (--metrics-address) could not be opened."""
+
+
+class KubeError(PluginError):
+    """A call to the Kubernetes API failed."""
+
+
+class KubeConfigError(ConfigError, KubeError):
+    """No usable connection settings: names the env var or file that is missing or bad (a
+    ConfigError too, so the CLI exits 2 before doing anything)."""
+
+
+class KubeUnavailable(KubeError):
+    """The API server could not be reached, timed out, or dropped the connection (retried with back-off)."""
+
+
+class KubeApiError(KubeError):
+    """The API server answered with an error `Status`: its HTTP code, reason (NotFound, Forbidden...)
+    and message."""
+
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(f"{code} {reason}: {message}" if reason else f"{code}: {message}")
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+
+class ResourceExpired(KubeApiError):
+    """410 Gone (reason Expired): the resourceVersion asked for is older than the server keeps."""
+
+
+class NodeConfigError(PluginError):
+    """config-manager: the folder of configs or the destination link cannot be used; names the path."""

@@ -26,6 +26,7 @@ RANKS: Mapping[str, int] = {
     "backends": 3,
     "ops": 4,
     "kubelet": 5,
+    "kube": 5,  # the Kubernetes API edge, beside the kubelet edge
     "app": 6,
     "testing": 6,
     "tools": 7,
@@ -39,7 +40,9 @@ ONLY: Mapping[str, frozenset[str]] = {
     "grpc": frozenset({"kubelet", "testing"}),
     "nvdp.kubelet._proto": frozenset({"kubelet", "testing"}),
     "prometheus_client": frozenset({"ops", "tools"}),  # tools: `nvdp status` parses /metrics
-    "h11": frozenset({"ops"}),
+    "h11": frozenset({"ops", "testing"}),  # testing: the fake API server
+    "lightkube": frozenset({"kube"}),
+    "httpx2": frozenset({"kube"}),
     "inotify_simple": frozenset({"kubelet"}),
 }
 # The pure core: no servers, threads, sockets or subprocesses.
@@ -195,7 +198,7 @@ def test_only_the_cli_reads_argv_and_environ() -> None:
 # package's modules, kept when the modules moved into folders.
 LOGGER_NAMES = frozenset({
     "nvdp", "nvdp.app", "nvdp.manager", "nvdp.server", "nvdp.kubelet", "nvdp.nvml", "nvdp.healthwatch",
-    "nvdp.configfile", "nvdp.simcontrol", "nvdp.web",
+    "nvdp.configfile", "nvdp.simcontrol", "nvdp.web", "nvdp.kube",
 })
 
 
@@ -209,7 +212,7 @@ def logger_names(known: Mapping[str, Path]) -> dict[str, str]:
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "getLogger"
                     and node.args):
                 arg = node.args[0]
-                found[name] = arg.value if isinstance(arg, ast.Constant) else ast.unparse(arg)
+                found[name] = str(arg.value) if isinstance(arg, ast.Constant) else ast.unparse(arg)
     return found
 
 
