@@ -319,3 +319,61 @@ def inject_mig_layout(ctx: click.Context, gpu: str, devices: str, disable: bool,
 def inject_wait_errors(ctx: click.Context, count: int) -> None:
     """The next COUNT NVML event waits fail (a wedged NVML)."""
     _send(ctx, {"command": "wait-errors", "count": count})
+
+
+# ---------------------------------------------------------------------------------------------
+# config-manager (docs/configuration.md): the official config-manager's flags and env vars
+
+
+def _manager_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    from nvdp.config.manager import MANAGER_OPTIONS
+
+    for opt in reversed(MANAGER_OPTIONS):
+        default = ",".join(map(str, opt.default)) if isinstance(opt.default, tuple) else opt.default
+        text = f"{opt.help} [env: {opt.env}] [default: {default}]"
+        if opt.kind == "bool":  # `--oneshot` alone means true, `--oneshot=false` works too (urfave/cli)
+            f = click.option(f"--{opt.flag}", opt.field, is_flag=False, flag_value="true", default=None,
+                             metavar="BOOL", help=text)(f)
+        else:
+            f = click.option(f"--{opt.flag}", opt.field, default=None, metavar=opt.kind.upper(), help=text)(f)
+    return f
+
+
+def _config_manager(cli_values: dict[str, Any]) -> None:
+    from nvdp.app.config_manager import run_config_manager
+    from nvdp.config.manager import load_manager_settings
+    from nvdp.kube.connection import client_config
+    from nvdp.ops import logs
+
+    logs.setup(os.environ.get("NVDP_LOG_LEVEL") or "info", fmt=os.environ.get("NVDP_LOG_FORMAT") or "text")
+    try:
+        settings = load_manager_settings(cli_values, os.environ)
+        config = client_config(settings.kubeconfig, os.environ.get("KUBERNETES_SERVICE_HOST"),
+                               os.environ.get("KUBERNETES_SERVICE_PORT"))
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    try:
+        asyncio.run(run_config_manager(settings, config))
+    except ConfigError as exc:  # e.g. the chosen config file is invalid and there is no current one to keep
+        log.error("config-manager: %s", exc)
+        sys.exit(EXIT_INIT_ERROR)
+    except (PluginError, ListenError) as exc:  # a config folder or link it cannot use
+        log.error("config-manager: %s", exc)
+        sys.exit(EXIT_INIT_ERROR)
+
+
+@main.command(name="config-manager")
+@_manager_options
+def config_manager(**cli_values: Any) -> None:
+    """Point the plugin's config at the named config the node label selects (what the chart's
+    init container and sidecar run); see docs/configuration.md."""
+    _config_manager(cli_values)
+
+
+@click.command(name="config-manager")
+@click.version_option(__version__, prog_name="config-manager")
+@_manager_options
+def config_manager_main(**cli_values: Any) -> None:
+    """nvdp's config-manager, with the official config-manager's flags and env vars."""
+    _config_manager(cli_values)

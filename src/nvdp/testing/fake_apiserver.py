@@ -330,6 +330,7 @@ class FakeApiServer:
         self._port = port
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Condition()
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -361,6 +362,8 @@ class FakeApiServer:
             await server.wait_closed()
         for watcher in list(self._watchers):
             watcher.queue.put_nowait(None)
+        # Let every connection's handler see its connection cut and finish (none left pending).
+        await asyncio.gather(*self._handlers, return_exceptions=True)
 
     async def __aenter__(self) -> FakeApiServer:
         await self.start()
@@ -424,6 +427,15 @@ class FakeApiServer:
 
     def delete(self, rt: ResourceType, name: str, namespace: str = "") -> None:
         self._delete(rt, namespace, name)
+
+    def delete_node(self, name: str) -> None:
+        self._delete(NODES, "", name)
+
+    def node(self, name: str) -> Obj:
+        found = self.get(NODES, name)
+        if found is None:
+            raise KeyError(f"no node {name}")
+        return found
 
     def compact(self) -> None:
         """Forget every change so far (as etcd compaction): a watch from an older version gets 410."""
@@ -615,6 +627,10 @@ class FakeApiServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
         self._connections.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         try:
             while True:
                 request = await _read_request(conn, reader)
