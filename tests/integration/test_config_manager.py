@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -77,6 +78,12 @@ class HupCounter:
         if self.process is not None:
             self.process.kill()
             self.process.wait()
+
+
+@pytest.fixture(autouse=True)
+def every_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """Format every record (a bad `extra` key fails only when the line is really emitted)."""
+    caplog.set_level(logging.DEBUG)
 
 
 @pytest.fixture

@@ -179,13 +179,13 @@ class ConfigManager:
         if result is Signalled.NOT_RUNNING:
             self.state.signals_skipped += 1
             log.info("no process to signal; it reads the new config when it starts",
-                     extra={"process": s.process_to_signal})
+                     extra={"target": s.process_to_signal})
             return
         self.state.signals += 1
         level = logging.INFO if result is Signalled.SENT else logging.WARNING
         log.log(level, "signalled the plugin" if result is Signalled.SENT else
                 "signalled the plugin before it had a handler for the signal",
-                extra={"process": s.process_to_signal, "signal": s.signal})
+                extra={"target": s.process_to_signal, "signal": s.signal})
 
     # --- reporting --------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httpx2
+import yaml
 from lightkube import AsyncClient
 from lightkube.config.kubeconfig import KubeConfig
 from lightkube.config.models import Cluster, User
@@ -79,7 +80,7 @@ def _lightkube_config(config: ClientConfig) -> KubeConfig:
     assert isinstance(config, Kubeconfig)
     try:
         return KubeConfig.from_file(config.path)
-    except (ConfigError, OSError, ValueError) as exc:
+    except (ConfigError, OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
         raise KubeConfigError("KUBECONFIG", f"{config.path}: {exc}") from exc
 
 
@@ -117,7 +118,7 @@ class KubeClient:
                 _lightkube_config(config), timeout=httpx2.Timeout(timeout_s), field_manager=FIELD_MANAGER,
                 trust_env=False,  # the CLI is the only reader of the environment (no proxy variables)
             )
-        except ConfigError as exc:
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:  # e.g. a kubeconfig without its context
             raise KubeConfigError(config.source, str(exc)) from exc
         self._custom: dict[CustomType, Any] = {}
 
