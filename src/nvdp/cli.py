@@ -151,13 +151,20 @@ def devices(as_json: bool, **cli_values: Any) -> None:
 
 @main.command()
 @click.option("--profile", default="dgx-h100", show_default=True, help="simulated node profile")
-def demo(profile: str) -> None:
+@click.option("--node-config", is_flag=True,
+              help="show per-node configs instead: the node label, the config-manager and a switching plugin")
+def demo(profile: str, node_config: bool) -> None:
     """Run the plugin on a simulated node against a fake kubelet and narrate what it sees."""
     from nvdp.ops import logs
     from nvdp.tools.demo import run_demo
 
-    logs.setup("error")  # the narration says what happens; warnings about injected faults would repeat it
+    logs.setup("critical" if node_config else "error")  # the narration says what happens
     try:
+        if node_config:
+            from nvdp.tools.demo_nodeconfig import run_node_config_demo
+
+            asyncio.run(run_node_config_demo(click.echo, profile))
+            return
         asyncio.run(run_demo(profile, click.echo))
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -20,13 +20,17 @@ import yaml
 
 from nvdp import __version__
 from nvdp.config.load import load
+from nvdp.config.manager import MANAGER_OPTIONS, load_manager_settings
 from nvdp.config.options import OPTIONS
+from nvdp.core.nodeconfig import Chosen, choose
+from nvdp.kube.rbac import CONFIG_MANAGER_RULES
 from tests.deploy.deploy_tools import (
     CHART,
     HELMS,
     NAMESPACE,
     RELEASE,
     ROOT,
+    container,
     documents,
     env_of,
     only,
@@ -84,18 +88,18 @@ CASES = [
                       {"fail_on_init_error": False}), id="failOnInitError-false"),
     pytest.param(Case({"legacyDaemonsetAPI": True}, kube_version="1.15.0"), id="legacyDaemonsetAPI"),
     pytest.param(Case({"config": {"map": {"default": CONFIG_DEFAULT}}},
-                      {"CONFIG_FILE": "/available-configs/default", **MIG_ON}, SYS_ADMIN,
+                      {"CONFIG_FILE": "/config/config.yaml", **MIG_ON}, SYS_ADMIN,
                       {"mig_strategy": "mixed", "device_id_strategy": "index"}), id="config-map"),
     pytest.param(Case({"config": {"map": {"a": "version: v1\n",
                                           "b": {"version": "v1", "flags": {"migStrategy": "single"}}},
                                   "default": "b"}},
-                      {"CONFIG_FILE": "/available-configs/b", **MIG_ON}, SYS_ADMIN, {"mig_strategy": "single"}),
+                      {"CONFIG_FILE": "/config/config.yaml", **MIG_ON}, SYS_ADMIN, {"mig_strategy": "single"}),
                  id="config-map-default-key"),
     pytest.param(Case({"config": {"map": {"only": "version: v1\nflags:\n  failOnInitError: false\n"}}},
-                      {"CONFIG_FILE": "/available-configs/only", **MIG_ON}, SYS_ADMIN, {"fail_on_init_error": False}),
+                      {"CONFIG_FILE": "/config/config.yaml", **MIG_ON}, SYS_ADMIN, {"fail_on_init_error": False}),
                  id="config-map-single-entry"),
     pytest.param(Case({"config": {"name": "site-gpu-config", "default": "a100"}},
-                      {"CONFIG_FILE": "/available-configs/a100", **MIG_ON}, SYS_ADMIN), id="config-external"),
+                      {"CONFIG_FILE": "/config/config.yaml", **MIG_ON}, SYS_ADMIN), id="config-external"),
     pytest.param(Case({"compatWithCPUManager": True, "securityContext": {"privileged": False, "runAsUser": 0}},
                       {"PASS_DEVICE_SPECS": "true"}, {"privileged": False, "runAsUser": 0}),
                  id="explicit-securityContext"),
@@ -124,7 +128,7 @@ CASES = [
                               "driver_root": "/run/nvidia/driver", "pass_device_specs": False}),
                  id="seed-v0.9.0-values-file"),
     pytest.param(Case(files=("official-later-values.yaml",),
-                      env={"CONFIG_FILE": "/available-configs/mig-mixed", **MIG_ON,
+                      env={"CONFIG_FILE": "/config/config.yaml", **MIG_ON,
                            "NVIDIA_CDI_HOOK_PATH": "/usr/local/nvidia/toolkit/nvidia-cdi-hook"},
                       security=SYS_ADMIN, config={"mig_strategy": "mixed"}),
                  id="official-later-values-file"),
@@ -199,19 +203,29 @@ def test_container_security_and_env(render: Any, case: Case) -> None:
     assert ctr["command"] == ["nvidia-device-plugin"]
 
 
-def _rendered_files(docs: list[dict[str, Any]]) -> dict[str, str]:
+def _linked_config(docs: list[dict[str, Any]], label: str = "") -> dict[str, str]:
+    """What /config/config.yaml holds once the init container ran: the rendered config-manager env
+    and ConfigMap, resolved by nvdp's own selection (an external ConfigMap: a minimal file)."""
+    ds = only(docs, "DaemonSet")
+    if not ds["spec"]["template"]["spec"].get("initContainers"):
+        return {}
+    settings = load_manager_settings({}, env_of(container(ds, "nvidia-device-plugin-init", init=True)))
     maps = [d for d in docs if d["kind"] == "ConfigMap"]
-    return {f"/available-configs/{k}": v for m in maps for k, v in m["data"].items()}
+    if not maps:
+        return {settings.dst: "version: v1\n"}
+    data = maps[0]["data"]
+    chosen = choose(label, set(data), settings.default_config, settings.fallbacks)
+    assert isinstance(chosen, Chosen), chosen
+    return {settings.dst: data[chosen.name] if chosen.name else ""}
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_nvdp_reads_the_rendered_env_as_meant(render: Any, case: Case) -> None:
-    """The env (and inline config file) the chart renders, resolved by nvdp's own config loader."""
+    """The env (and the config the init container links) the chart renders, resolved by nvdp's
+    own config-manager selection and config loader."""
     docs = render("helm4", case)
     env = env_of(plugin_container(only(docs, "DaemonSet")))
-    files = _rendered_files(docs)
-    if "CONFIG_FILE" in env and env["CONFIG_FILE"] not in files:  # an external ConfigMap
-        files[env["CONFIG_FILE"]] = "version: v1\n"
+    files = _linked_config(docs)
     cfg = load({}, env, read_text=lambda p: files[p])
     for name, expected in case.config.items():
         assert getattr(cfg, name) == expected, name
@@ -333,6 +347,7 @@ def test_inline_config_map(render: Any) -> None:
     pod = only(docs, "DaemonSet")["spec"]["template"]
     assert re.fullmatch(r"[0-9a-f]{64}", pod["metadata"]["annotations"]["checksum/config"])
     assert {"name": "available-configs", "configMap": {"name": cm["metadata"]["name"]}} in pod["spec"]["volumes"]
+    assert {"name": "config", "emptyDir": {}} in pod["spec"]["volumes"]
 
 
 def test_config_change_rolls_the_pods(render: Any) -> None:
@@ -344,7 +359,8 @@ def test_config_change_rolls_the_pods(render: Any) -> None:
 
 def test_external_config_map_is_not_rendered(render: Any) -> None:
     docs = render("helm4", Case({"config": {"name": "site-gpu-config", "default": "a100"}}))
-    assert [d["kind"] for d in docs] == ["DaemonSet"]
+    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Role",
+                                               "RoleBinding", "ServiceAccount"]
     volumes = only(docs, "DaemonSet")["spec"]["template"]["spec"]["volumes"]
     assert {"name": "available-configs", "configMap": {"name": "site-gpu-config"}} in volumes
 
@@ -394,6 +410,10 @@ REJECTED = [
     pytest.param({"config": {"map": {"a": "x"}, "name": "cm"}}, "config.name and config.map", id="config-both"),
     pytest.param({"config": {"map": {"a": "version: v1", "b": "version: v1"}}}, "set config.default",
                  id="config-ambiguous"),
+    pytest.param({"config": {"map": {"default": "version: v1", "b": "version: v1"}, "fallbackStrategies": []}},
+                 "the fallbacks now are []", id="config-no-fallbacks"),
+    pytest.param({"config": {"map": {"a": "x"}, "fallbackStrategies": ["first"]}}, "fallbackStrategies",
+                 id="config-unknown-fallback"),
     pytest.param({"config": {"map": {"a": "x"}, "default": "b"}}, "not a key of config.map", id="config-bad-default"),
     pytest.param({"probes": {"enabled": True}}, "needs metrics.enabled", id="probes-without-metrics"),
     pytest.param({"legacyDaemonsetAPI": True}, "no longer serves", id="legacy-on-new-cluster"),
@@ -444,3 +464,127 @@ def test_seed_values_file_keeps_its_meaning(render: Any) -> None:
     assert "affinity" not in pod  # `affinity: {}` means none, as it did
     assert ctr["resources"] == seed["resources"]
     assert ds["spec"]["updateStrategy"] == seed["updateStrategy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-node configs: the config-manager init container and sidecar (docs/configuration.md)
+
+OFFICIAL_CONFIG = {"config": {"map": {"default": "version: v1\n", "sliced": CONFIG_DEFAULT}, "default": "",
+                              "fallbackStrategies": ["named", "single"]}}
+# The official chart's config-manager env (daemonset-device-plugin.yml), name for name.
+COMMON_ENV = {"KUBECONFIG": "", "NODE_NAME": "fieldRef:spec.nodeName", "NODE_LABEL": "nvidia.com/device-plugin.config",
+              "CONFIG_FILE_SRCDIR": "/available-configs", "CONFIG_FILE_DST": "/config/config.yaml",
+              "DEFAULT_CONFIG": "", "FALLBACK_STRATEGIES": "named,single"}
+INIT_ENV = {"ONESHOT": "true", **COMMON_ENV, "SEND_SIGNAL": "false", "SIGNAL": "", "PROCESS_TO_SIGNAL": ""}
+SIDECAR_ENV = {"ONESHOT": "false", **COMMON_ENV, "SEND_SIGNAL": "true", "SIGNAL": "1",
+               "PROCESS_TO_SIGNAL": "nvidia-device-plugin"}
+
+
+@pytest.mark.parametrize("helm_name", HELM_NAMES)
+def test_the_official_config_values_give_the_official_pod(render: Any, helm_name: str) -> None:
+    ds = only(render(helm_name, Case(OFFICIAL_CONFIG)), "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    init = container(ds, "nvidia-device-plugin-init", init=True)
+    sidecar = container(ds, "nvidia-device-plugin-sidecar")
+    assert pod["shareProcessNamespace"] is True
+    assert pod["serviceAccountName"] == f"{RELEASE}-nvidia-device-plugin-service-account"
+    assert [c["name"] for c in pod["containers"]] == ["nvidia-device-plugin-sidecar", "nvidia-device-plugin-ctr"]
+    assert init["command"] == sidecar["command"] == ["config-manager"]
+    assert init["image"] == sidecar["image"] == plugin_container(ds)["image"]
+    assert env_of(init) == INIT_ENV and env_of(sidecar) == SIDECAR_ENV
+    assert env_of(plugin_container(ds))["CONFIG_FILE"] == "/config/config.yaml"
+    mounts = {m["name"]: m["mountPath"] for m in plugin_container(ds)["volumeMounts"]}
+    assert (mounts["available-configs"], mounts["config"]) == ("/available-configs", "/config")
+    for c in (init, sidecar):
+        assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]} == {
+            "available-configs": "/available-configs", "config": "/config",
+            "kube-api-access": "/var/run/secrets/kubernetes.io/serviceaccount"}
+        assert c["securityContext"] == RESTRICTED and not c["securityContext"].get("privileged")
+    assert "kube-api-access" not in mounts  # the plugin itself gets no API token
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_nvdp_reads_the_config_manager_env_as_meant(render: Any) -> None:
+    ds = only(render("helm4", Case({**OFFICIAL_CONFIG, "config": {**OFFICIAL_CONFIG["config"],
+                                                                  "default": "sliced"}})), "DaemonSet")
+    for name, init, oneshot, signal in (("nvidia-device-plugin-init", True, True, False),
+                                        ("nvidia-device-plugin-sidecar", False, False, True)):
+        env = env_of(container(ds, name, init=init))
+        env["NODE_NAME"] = "gpu-node-1"  # the downward API's value
+        s = load_manager_settings({}, env)
+        assert (s.oneshot, s.send_signal, s.signal, s.process_to_signal) == (
+            oneshot, signal, 1, "nvidia-device-plugin")
+        assert (s.default_config, s.fallbacks, s.srcdir, s.dst, s.kubeconfig) == (
+            "sliced", ("named", "single"), "/available-configs", "/config/config.yaml", "")
+    known = {o.env for o in MANAGER_OPTIONS}
+    assert set(env_of(container(ds, "nvidia-device-plugin-sidecar"))) <= known
+
+
+def test_the_rbac_is_what_the_config_manager_needs_and_no_more(render: Any) -> None:
+    docs = render("helm4", Case(OFFICIAL_CONFIG))
+    granted = set()
+    for kind in ("ClusterRole", "Role"):
+        role = only(docs, kind)
+        namespace = role["metadata"].get("namespace")
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    granted.add((group, resource, frozenset(rule["verbs"]), namespace))
+    assert granted == {(r.group, r.resource, r.verbs, r.namespace) for r in CONFIG_MANAGER_RULES}
+    account = only(docs, "ServiceAccount")["metadata"]
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        binding = only(docs, kind)
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["name"],
+                                        "namespace": account["namespace"]}]
+        assert binding["roleRef"]["name"] == only(docs, kind.replace("Binding", ""))["metadata"]["name"]
+
+
+def test_no_config_no_config_manager(render: Any) -> None:
+    docs = render("helm4", Case())
+    pod = only(docs, "DaemonSet")["spec"]["template"]["spec"]
+    assert "initContainers" not in pod and "shareProcessNamespace" not in pod and "serviceAccountName" not in pod
+    assert [c["name"] for c in pod["containers"]] == ["nvidia-device-plugin-ctr"]
+    assert {d["kind"] for d in docs} == {"DaemonSet"}
+
+
+@pytest.mark.parametrize(
+    ("fallbacks", "keys", "renders"),
+    [
+        pytest.param(["named"], ["default", "b"], True, id="named finds default"),
+        pytest.param(["single"], ["only"], True, id="single finds the only key"),
+        pytest.param(["empty"], ["a", "b"], True, id="empty always resolves"),
+        pytest.param(["named", "single"], ["a", "b"], False, id="nothing resolves"),
+        pytest.param([], ["default"], False, id="no fallbacks, no default"),
+    ],
+)
+def test_the_official_default_rule(fallbacks: list[str], keys: list[str], renders: bool, tmp_path: Path) -> None:
+    values = {"config": {"map": {k: "version: v1\n" for k in keys}, "fallbackStrategies": fallbacks}}
+    result = template("helm4", values_args(tmp_path, values))
+    assert (result.returncode == 0) == renders, result.stderr
+    if not renders:
+        assert "set config.default" in result.stderr
+
+
+def test_the_linked_config_follows_the_label(render: Any) -> None:
+    docs = render("helm4", Case(OFFICIAL_CONFIG))
+    assert _linked_config(docs) == {"/config/config.yaml": "version: v1"}  # named: "default"
+    assert _linked_config(docs, "sliced") == {"/config/config.yaml": CONFIG_DEFAULT.rstrip("\n")}
+
+
+def test_config_manager_metrics(render: Any) -> None:
+    docs = render("helm4", Case({**OFFICIAL_CONFIG, "metrics": {"enabled": True, "serviceMonitor": {"enabled": True}}}))
+    sidecar = container(only(docs, "DaemonSet"), "nvidia-device-plugin-sidecar")
+    assert env_of(sidecar)["NVDP_CONFIG_MANAGER_METRICS_ADDRESS"] == "0.0.0.0:9402"
+    assert sidecar["ports"] == [{"name": "cm-metrics", "containerPort": 9402, "protocol": "TCP"}]
+    assert [p["name"] for p in only(docs, "Service")["spec"]["ports"]] == ["metrics", "cm-metrics"]
+    assert [e["port"] for e in only(docs, "ServiceMonitor")["spec"]["endpoints"]] == ["metrics", "cm-metrics"]
+    for doc in docs:
+        validate(doc)
+
+
+def test_notes_explain_the_label(tmp_path: Path) -> None:
+    result = run_helm("helm4", "install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
+                      *values_args(tmp_path, OFFICIAL_CONFIG))
+    assert result.returncode == 0, result.stderr
+    assert "kubectl label node NODE nvidia.com/device-plugin.config=NAME" in result.stdout
+    assert "nvdp has no config-manager" not in result.stdout

@@ -90,6 +90,18 @@ def test_entrypoint_version(image_venv: Path) -> None:
     assert result.stdout.strip() == f"nvidia-device-plugin, version {__version__}"
 
 
+def test_the_image_has_the_config_manager(image_venv: Path) -> None:
+    """The chart's init container and sidecar run `config-manager` from the same image."""
+    env = {"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", "HOME": str(image_venv)}
+    result = subprocess.run(["config-manager", "--version"], capture_output=True, text=True, env=env, cwd="/",
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"config-manager, version {__version__}"
+    check = subprocess.run([str(image_venv / "bin" / "python3"), "-c", "import lightkube, nvdp.kube.client"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+
+
 def test_entrypoint_by_path_without_the_venv_on_path(image_venv: Path) -> None:
     """E.g. a pod `command:` naming /opt/nvdp/bin/nvidia-device-plugin: Python cannot find its venv
     from the bare argv[0] then, so the wrapper names the interpreter (PYTHONEXECUTABLE)."""

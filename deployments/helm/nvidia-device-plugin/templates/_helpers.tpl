@@ -66,34 +66,67 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if kindIs "slice" $s }}{{ join "," $s }}{{ else }}{{ $s }}{{ end -}}
 {{- end -}}
 
-{{/* The config-map key the plugin reads, "" for none. Inline maps are resolved here, at render
-     time (config.default, then config.fallbackStrategies); an external ConfigMap cannot be
-     inspected, so config.default or else "default" is used. */}}
-{{- define "nvidia-device-plugin.configKey" -}}
+{{/* "true" when the pod runs the config-manager: a ConfigMap of named configs is in use
+     (inline `config.map` or an existing `config.name`), as in the official chart. */}}
+{{- define "nvidia-device-plugin.hasConfigMap" -}}
+{{- if or .Values.config.name .Values.config.map -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when a node without the label gets a config from an inline map: config.default, or a
+     fallback strategy that can resolve (the official chart's hasDefaultConfig). An external
+     ConfigMap cannot be inspected at render time: the config-manager checks it at run time. */}}
+{{- define "nvidia-device-plugin.hasDefaultConfig" -}}
 {{- $c := .Values.config -}}
 {{- if $c.default -}}
-{{- $c.default -}}
-{{- else if $c.name -}}
-default
+true
 {{- else if $c.map -}}
-{{- $key := "" -}}
-{{- $done := false -}}
-{{- range $c.fallbackStrategies -}}
-{{- if not $done -}}
-{{- if and (eq . "named") (hasKey $c.map "default") -}}
-{{- $key = "default" -}}{{- $done = true -}}
-{{- else if and (eq . "single") (eq (len $c.map) 1) -}}
-{{- $key = keys $c.map | first -}}{{- $done = true -}}
-{{- else if eq . "empty" -}}
-{{- $done = true -}}
+{{- if or (and (has "named" $c.fallbackStrategies) (hasKey $c.map "default")) (and (has "single" $c.fallbackStrategies) (eq (len $c.map) 1)) (has "empty" $c.fallbackStrategies) -}}
+true
 {{- end -}}
 {{- end -}}
 {{- end -}}
-{{- if not $done -}}
-{{- fail (printf "config.map has %d entries and none was chosen: set config.default to one of %s" (len $c.map) (keys $c.map | sortAlpha | join ", ")) -}}
+
+{{/* The config-manager's env, shared by the init container and the sidecar (as the official chart's). */}}
+{{- define "nvidia-device-plugin.configManagerEnv" -}}
+- name: KUBECONFIG
+  value: ""
+- name: NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+- name: NODE_LABEL
+  value: nvidia.com/device-plugin.config
+- name: CONFIG_FILE_SRCDIR
+  value: /available-configs
+- name: CONFIG_FILE_DST
+  value: /config/config.yaml
+- name: DEFAULT_CONFIG
+  value: {{ .Values.config.default | quote }}
+- name: FALLBACK_STRATEGIES
+  value: {{ join "," .Values.config.fallbackStrategies | quote }}
 {{- end -}}
-{{- $key -}}
+
+{{/* The config-manager's mounts: the named configs, the folder of the link, and the API token. */}}
+{{- define "nvidia-device-plugin.configManagerMounts" -}}
+- name: available-configs
+  mountPath: /available-configs
+  readOnly: true
+- name: config
+  mountPath: /config
+- name: kube-api-access
+  mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+  readOnly: true
 {{- end -}}
+
+{{/* The config-manager needs no privilege: it reads the API, writes a link into an emptyDir and
+     signals a process of the same user in the shared process namespace. */}}
+{{- define "nvidia-device-plugin.configManagerSecurityContext" -}}
+allowPrivilegeEscalation: false
+capabilities:
+  drop: ["ALL"]
+readOnlyRootFilesystem: true
 {{- end -}}
 
 {{- define "nvidia-device-plugin.configMapName" -}}
@@ -105,10 +138,10 @@ default
 {{- end -}}
 
 {{/* "true" when the plugin may run with a MIG strategy other than none: set in values, or
-     possibly in a config file. The NVIDIA runtime then needs NVIDIA_MIG_MONITOR_DEVICES=all and
+     possibly in one of the named configs. The NVIDIA runtime then needs NVIDIA_MIG_MONITOR_DEVICES=all and
      the container CAP_SYS_ADMIN to watch MIG devices (as with the official chart). */}}
 {{- define "nvidia-device-plugin.migMayBeOn" -}}
-{{- if or (and .Values.migStrategy (ne .Values.migStrategy "none")) (include "nvidia-device-plugin.configKey" .) -}}
+{{- if or (and .Values.migStrategy (ne .Values.migStrategy "none")) (include "nvidia-device-plugin.hasConfigMap" .) -}}
 true
 {{- end -}}
 {{- end -}}
