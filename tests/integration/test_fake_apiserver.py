@@ -405,3 +405,17 @@ def test_store_helpers_use_the_same_rules() -> None:
         api.create(NODES, {"metadata": {"name": "n1"}})
     api.create(EVENTS, an_event("e1"), "default")
     assert api.events_about("Node", "n1")[0]["metadata"]["namespace"] == "default"
+
+
+async def test_the_example_in_docs_testing_runs() -> None:
+    from pathlib import Path
+    from textwrap import indent
+
+    text = (Path(__file__).parents[2] / "docs" / "testing.md").read_text()
+    section = text.split("# Testing against a fake Kubernetes API server", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    imports = "\n".join(line for line in code.splitlines() if line.startswith("from "))
+    body = "\n".join(line for line in code.splitlines() if not line.startswith("from "))
+    namespace: dict[str, Any] = {}
+    exec(f"{imports}\nasync def example():\n{indent(body, '    ')}\n", namespace)  # the page's own example
+    await namespace["example"]()
