@@ -41,10 +41,11 @@ def test_dockerfile_facts() -> None:
                     "NVIDIA_DISABLE_REQUIRE=true", "PATH=/opt/nvdp/bin:"):
         assert setting in env
     labels = " ".join(arg for op, arg in instr if op == "LABEL")
-    for key in ("title", "description", "version", "licenses"):
+    for key in ("title", "description", "version", "source", "licenses"):
         assert f"org.opencontainers.image.{key}=" in labels
     assert ("ARG", f"VERSION={__version__}") in instr
-    assert ("RUN", "deployments/container/install.sh /opt/nvdp /src") in instr
+    assert ("RUN", "deployments/container/install.sh /opt/nvdp /src /opt/nvdp-usr-bin") in instr
+    assert ("COPY", "--from=build /opt/nvdp-usr-bin/ /usr/bin/") in instr
 
 
 def dockerfile_copies() -> list[str]:
@@ -109,6 +110,16 @@ def test_entrypoint_by_path_without_the_venv_on_path(image_venv: Path) -> None:
                             text=True, env={"PATH": "/usr/bin:/bin"}, cwd="/", timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"nvidia-device-plugin, version {__version__}"
+
+
+def test_the_image_ships_the_mps_control_daemon(image_venv: Path) -> None:
+    """The chart's MPS DaemonSet runs `mps-control-daemon` and `mps-control-daemon mount-shm` from PATH."""
+    script = image_venv / "bin" / "mps-control-daemon"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"mps-control-daemon, version {__version__}"
+    help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "mount-shm" in help_text and "--mps-dir" in help_text
 
 
 def test_entrypoint_help_lists_the_official_flags(image_venv: Path) -> None:

@@ -120,6 +120,89 @@ true
   readOnly: true
 {{- end -}}
 
+{{/* The config-manager as an init container (ONESHOT): points the link before the main container
+     starts. Takes (dict "root" $ "name" <container name>); the plugin's and the MPS control
+     daemon's pods use it alike, as the official chart does. */}}
+{{- define "nvidia-device-plugin.configManagerInit" -}}
+{{- $root := .root -}}
+# Points /config/config.yaml at the config the node label names, before the main container starts.
+- name: {{ .name }}
+  image: {{ include "nvidia-device-plugin.image" $root }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  command: ["config-manager"]
+  env:
+    - name: ONESHOT
+      value: "true"
+    {{- include "nvidia-device-plugin.configManagerEnv" $root | nindent 4 }}
+    - name: SEND_SIGNAL
+      value: "false"
+    - name: SIGNAL
+      value: ""
+    - name: PROCESS_TO_SIGNAL
+      value: ""
+  securityContext:
+    {{- include "nvidia-device-plugin.configManagerSecurityContext" $root | nindent 4 }}
+  volumeMounts:
+    {{- include "nvidia-device-plugin.configManagerMounts" $root | nindent 4 }}
+{{- end -}}
+
+{{/* The config-manager as a sidecar: follows the node label, re-points the link and signals the
+     process whose argv[0] is "process" (SIGHUP) when the config changes. Takes (dict "root" $
+     "name" <container name> "process" <argv[0] to signal> "metrics" <serve /metrics>). */}}
+{{- define "nvidia-device-plugin.configManagerSidecar" -}}
+{{- $root := .root -}}
+# Follows the node label; re-points the link and signals {{ .process }} when the config changes.
+- name: {{ .name }}
+  image: {{ include "nvidia-device-plugin.image" $root }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  command: ["config-manager"]
+  env:
+    - name: ONESHOT
+      value: "false"
+    {{- include "nvidia-device-plugin.configManagerEnv" $root | nindent 4 }}
+    - name: SEND_SIGNAL
+      value: "true"
+    - name: SIGNAL
+      value: "1" # SIGHUP
+    - name: PROCESS_TO_SIGNAL
+      value: {{ .process | quote }}
+    {{- if .metrics }}
+    - name: NVDP_CONFIG_MANAGER_METRICS_ADDRESS
+      value: "0.0.0.0:{{ $root.Values.metrics.configManagerPort }}"
+    {{- end }}
+  {{- if .metrics }}
+  ports:
+    - name: cm-metrics
+      containerPort: {{ $root.Values.metrics.configManagerPort }}
+      protocol: TCP
+  {{- end }}
+  securityContext:
+    {{- include "nvidia-device-plugin.configManagerSecurityContext" $root | nindent 4 }}
+  volumeMounts:
+    {{- include "nvidia-device-plugin.configManagerMounts" $root | nindent 4 }}
+{{- end -}}
+
+{{/* What automountServiceAccountToken would mount, as a volume for the config-manager's
+     containers only (the main containers never call the API). */}}
+{{- define "nvidia-device-plugin.kubeApiAccessVolume" -}}
+- name: kube-api-access
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3607
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                fieldPath: metadata.namespace
+{{- end -}}
+
 {{/* The config-manager needs no privilege: it reads the API, writes a link into an emptyDir and
      signals a process of the same user in the shared process namespace. */}}
 {{- define "nvidia-device-plugin.configManagerSecurityContext" -}}
@@ -169,4 +252,57 @@ capabilities:
   drop: ["ALL"]
 readOnlyRootFilesystem: true
 {{- end -}}
+{{- end -}}
+
+{{/* "true" when the plugin may share GPUs with MPS: only a config file can turn MPS on, and with
+     per-node configs any of the named configs may be chosen. An external ConfigMap cannot be
+     inspected, so it counts; an inline map counts when one of its files has a `mps:` key. The MPS
+     control daemon DaemonSet, MPS_ROOT and the /mps and /dev/shm mounts follow this. */}}
+{{- define "nvidia-device-plugin.mpsMayBeOn" -}}
+{{- $found := false -}}
+{{- if .Values.config.name -}}
+{{- $found = true -}}
+{{- else -}}
+{{- range $name, $file := .Values.config.map -}}
+{{- $text := ternary $file (toYaml $file) (kindIs "string" $file) -}}
+{{- if regexMatch "(^|[^A-Za-z0-9_])[\"']?mps[\"']?[ \t]*:" $text -}}
+{{- $found = true -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $found -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Labels of the MPS control daemon's pods: a name of their own, so that neither DaemonSet's
+     selector matches the other's pods. */}}
+{{- define "nvidia-device-plugin.mpsSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "nvidia-device-plugin.name" . }}-mps-control-daemon
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The MPS control daemon's env: the plugin's config file (the config-manager's link), MIG strategy and discovery settings,
+     so that both build the same resources from the same node. */}}
+{{- define "nvidia-device-plugin.mpsDaemonEnv" -}}
+{{- if not (kindIs "invalid" .Values.failOnInitError) }}
+- name: FAIL_ON_INIT_ERROR
+  value: {{ .Values.failOnInitError | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.migStrategy) }}
+- name: MIG_STRATEGY
+  value: {{ .Values.migStrategy | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.deviceDiscoveryStrategy) }}
+- name: DEVICE_DISCOVERY_STRATEGY
+  value: {{ .Values.deviceDiscoveryStrategy | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.logLevel) }}
+- name: NVDP_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+{{- end }}
+{{- if include "nvidia-device-plugin.hasConfigMap" . }}
+- name: CONFIG_FILE
+  value: /config/config.yaml
+{{- end }}
 {{- end -}}
