@@ -3,21 +3,24 @@
 # test tests/deploy/test_deploy_container.py, so both install the same way).
 #   1. a fresh virtual environment at PREFIX, from the python3 on PATH (or $PYTHON);
 #   2. the package from the source tree SRC (pyproject.toml, README.md, src/);
-#   3. the argv[0] wrapper as PREFIX/bin/nvidia-device-plugin, in place of pip's console script;
-#      then pip and setuptools leave the venv (nothing runs them, and the image has no installer);
+#   3. each binary's argv[0] wrapper (deployments/container/<name>) as PREFIX/bin/<name>, in place
+#      of pip's console script; then pip and setuptools leave the venv (nothing runs them, and the
+#      image has no installer);
 #   4. with LINKDIR: a symlink LINKDIR/<name> -> PREFIX/bin/<name> for each of the official image's
 #      binaries that nvdp has (the image copies them to /usr/bin, where the official image keeps them).
 set -euo pipefail
 prefix=$1
 src=$2
 linkdir=${3:-}
-# The official image's binaries, by the names operators' manifests use. nvdp has the first one;
-# gpu-feature-discovery, config-manager and mps-control-daemon are not written yet: add each
-# name here (with its wrapper) when it lands, and tests/image/test_image.py checks it in the image.
-binaries=(nvidia-device-plugin)
+# The official image's binaries, by the names operators' manifests use, each with its wrapper in
+# this folder. gpu-feature-discovery is not written yet: add it here (with its wrapper) when it
+# lands, and tests/image/test_image.py checks it in the image.
+binaries=(nvidia-device-plugin mps-control-daemon config-manager)
 "${PYTHON:-python3}" -m venv "$prefix"
 "$prefix/bin/pip" install --quiet --disable-pip-version-check "$src"
-install -m 0755 "$src/deployments/container/nvidia-device-plugin" "$prefix/bin/nvidia-device-plugin"
+for name in "${binaries[@]}"; do
+  install -m 0755 "$src/deployments/container/$name" "$prefix/bin/$name"
+done
 "$prefix/bin/python3" -m pip uninstall --quiet --yes setuptools pip
 if [ -n "$linkdir" ]; then
   mkdir -p "$linkdir"

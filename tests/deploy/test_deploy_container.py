@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from nvdp import __version__
+from nvdp.app.procsignal import Signalled, signal_process
 from nvdp.testing import eventually_sync
 from tests.deploy.deploy_tools import CONTAINER, ROOT
 
@@ -189,3 +191,27 @@ def test_argv0_is_exactly_the_plugin_name_and_sighup_reloads(
     wait_for(log, "reloaded")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0, log.read_text()
+
+
+def test_the_mps_daemon_is_found_by_the_official_process_name(image_venv: Path, tmp_path: Path) -> None:
+    """The chart's MPS sidecar signals PROCESS_TO_SIGNAL=/usr/bin/mps-control-daemon, as the official
+    chart's does: the wrapper gives the daemon exactly that argv[0], and nvdp's config-manager finds
+    it and its SIGHUP reaches the daemon (a node without MPS resources: it waits for SIGHUP)."""
+    env = {"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", "NVDP_SIMULATE": "h200"}
+    log = tmp_path / "mps.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["mps-control-daemon", "--mps-dir", str(tmp_path / "mps")], stdout=out,
+                                stderr=subprocess.STDOUT, text=True, env=env, cwd="/")
+    try:
+        wait_for(log, "waiting for SIGHUP")
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[0] == b"/usr/bin/mps-control-daemon"
+        assert proc.pid in pids_named("/usr/bin/mps-control-daemon")
+        assert asyncio.run(signal_process("/usr/bin/mps-control-daemon", signal.SIGHUP)) is Signalled.SENT
+        wait_for(log, "SIGHUP: restarting")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
