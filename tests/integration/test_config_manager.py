@@ -346,10 +346,23 @@ async def test_no_process_to_signal_is_not_an_error(api: FakeApiServer, client: 
     assert target(settings) == "b" and manager.state.signals_skipped == 2
 
 
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        pytest.param("version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - name: nvidia.com/gpu\n"
+                     "      replicas: 0\n", "invalid sharing.timeSlicing.resources.0.replicas in ",
+                     id="the schema refuses it"),
+        # The schema takes any string here; the plugin's loader refuses it (and would exit 2).
+        pytest.param("version: v1\nflags:\n  migStrategy: dual\n", "invalid flags.migStrategy in ",
+                     id="the plugin's loader refuses it"),
+        pytest.param("version: v1\nflags:\n  migStrategy: mixed\nsharing:\n  mps:\n    resources:\n"
+                     "    - {name: nvidia.com/gpu, replicas: 2}\n", "not supported with MPS",
+                     id="the MPS rules refuse it"),
+    ],
+)
 async def test_an_invalid_config_is_not_applied(api: FakeApiServer, client: KubeClient, settings: ManagerSettings,
-                                                counter: HupCounter) -> None:
-    write_configmap(settings.srcdir, {**CONFIGS, "broken": "version: v1\nsharing:\n  timeSlicing:\n    "
-                                      "resources:\n    - name: nvidia.com/gpu\n      replicas: 0\n"})
+                                                counter: HupCounter, text: str, fragment: str) -> None:
+    write_configmap(settings.srcdir, {**CONFIGS, "broken": text})
     api.put_node(NODE, {LABEL: "a"})
     counter.start()
     await counter.ready()
@@ -359,7 +372,8 @@ async def test_an_invalid_config_is_not_applied(api: FakeApiServer, client: Kube
         await api.wait_for(lambda: api.watch_count == 1)
         api.label_node(NODE, LABEL, "broken")
         await eventually(lambda: manager.state.problem != "", "the invalid config refused")
-        assert "broken" in manager.state.problem and "replicas" in manager.state.problem
+        assert manager.state.problem.startswith("config 'broken' is not valid: "), manager.state.problem
+        assert fragment in manager.state.problem
         assert target(settings) == "a" and counter.hups == 1
         [event] = api.events_about("Node", NODE)
         assert event["reason"] == "InvalidConfig"

@@ -14,7 +14,9 @@ Where nvdp differs from the official config-manager (docs/configuration.md):
   is logged once, shown in the metrics and posted as an Event on the node; the sidecar keeps
   running (the official one exits 1). With no current config to keep (the init container), an
   unknown label starts the plugin on the default config instead.
-- A new config is validated with the plugin's own config-file schema before the link moves.
+- A new config is validated before the link moves, as the plugin loads it (config/load.py: the
+  config-file schema, every flag's value, the MPS rules that need no GPU), so a config the plugin
+  would refuse is never linked.
 - The API server away: the current config stays; the watch resumes with back-off. ONESHOT waits
   `--api-wait` seconds, then starts the plugin on the default (the sidecar corrects it later).
 - No process to signal: nothing to do (it reads the new link when it starts); not an error.
@@ -155,12 +157,14 @@ class ConfigManager:
             return False
         if chosen.name != EMPTY:
             # Imported here: pydantic and YAML only when a file is validated.
-            from nvdp.config.file import read_config_file
+            from nvdp.config.load import load
 
             try:
-                read_config_file(src, read_config)
-            except ConfigError as exc:  # names the field; add which file
-                raise NodeConfigError(f"config {chosen.name!r} ({src}) is not valid: {exc}") from exc
+                # As the chart's plugin gets it: CONFIG_FILE and nothing else (the plugin's own
+                # flags and env are not ours to know). The MPS root is the plugin's to check.
+                load({}, {"CONFIG_FILE": src}, read_config, require_mps_root=False)
+            except ConfigError as exc:  # "invalid <key> in <file>: ...": add which config
+                raise NodeConfigError(f"config {chosen.name!r} is not valid: {exc}") from exc
         changed = point(s.dst, src)
         self.state.config, self.state.source = chosen.name, chosen.why
         if changed:

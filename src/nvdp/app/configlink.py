@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from nvdp.config.inputs import InputFileError, read_text_file
 from nvdp.core.nodeconfig import EMPTY
 from nvdp.errors import NodeConfigError
 
@@ -48,14 +49,14 @@ def source_path(srcdir: str, name: str) -> str:
 
 
 def read_config(path: str) -> str:
-    """The text of a config file, to validate it before switching."""
+    """The text of a config file, to validate it before switching: read as the plugin reads its
+    config file (config/inputs.py: at most 1 MiB, UTF-8), so what passes here loads there too."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return read_text_file(path)
     except OSError as exc:
         raise NodeConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise NodeConfigError(f"config file {path} is not UTF-8 text: {exc}") from None
+    except InputFileError as exc:  # names the file: too large, or not UTF-8 text
+        raise NodeConfigError(f"config file {exc}") from None
 
 
 def _check_ours(dst: str) -> bool:
