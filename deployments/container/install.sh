@@ -12,10 +12,9 @@ set -euo pipefail
 prefix=$1
 src=$2
 linkdir=${3:-}
-# The official image's binaries, by the names operators' manifests use. nvdp has three of the
-# four; config-manager is not written yet: add it here (and to nvdp.cli.IMAGE_PROGRAMS) when it
-# lands, and tests/image/test_image.py checks it in the image.
-binaries=(nvidia-device-plugin gpu-feature-discovery mps-control-daemon)
+# The official image's binaries, by the names operators' manifests use. All four; each is
+# also a key of nvdp.cli.IMAGE_PROGRAMS, and tests/image/test_image.py checks them in the image.
+binaries=(nvidia-device-plugin gpu-feature-discovery mps-control-daemon config-manager)
 "${PYTHON:-python3}" -m venv "$prefix"
 "$prefix/bin/pip" install --quiet --disable-pip-version-check "$src"
 for name in "${binaries[@]}"; do

@@ -241,15 +241,24 @@ def devices(as_json: bool, **cli_values: Any) -> None:
               help="e.g. cdi-cri: also show the CDI names and the spec the plugin writes for them")
 @click.option("--sharing", type=click.Choice(["none", "mps"]), default="none", show_default=True,
               help="mps: two GPUs shared with MPS, with the simulated MPS control daemon (docs/sharing.md)")
-def demo(profile: str, device_list_strategy: str | None, sharing: str) -> None:
+@click.option("--node-config", is_flag=True,
+              help="show per-node configs instead: the node label, the config-manager and a switching plugin")
+def demo(profile: str, device_list_strategy: str | None, sharing: str, node_config: bool) -> None:
     """Run the plugin on a simulated node against a fake kubelet and narrate what it sees."""
     from nvdp.ops import logs
     from nvdp.tools.demo import run_demo
     from nvdp.tools.demo_mps import run_mps_demo
 
-    logs.setup("error")  # the narration says what happens; warnings about injected faults would repeat it
+    logs.setup("critical" if node_config else "error")  # the narration says what happens
     try:
-        if sharing == "mps":
+        if node_config:
+            if sharing != "none" or device_list_strategy is not None:
+                raise click.UsageError("--node-config shows its own scenario: drop --sharing and "
+                                       "--device-list-strategy")
+            from nvdp.tools.demo_nodeconfig import run_node_config_demo
+
+            asyncio.run(run_node_config_demo(click.echo, profile))
+        elif sharing == "mps":
             asyncio.run(run_mps_demo(profile, click.echo))
         else:
             asyncio.run(run_demo(profile, click.echo, device_list_strategy))
@@ -594,11 +603,70 @@ def _config_or_exit_daemon(cli_values: dict[str, Any]) -> Config:
 main.add_command(mps_daemon_main)
 
 
+# ---------------------------------------------------------------------------------------------
+# config-manager (docs/configuration.md): the official config-manager's flags and env vars
+
+
+def _manager_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    from nvdp.config.manager import MANAGER_OPTIONS
+
+    for opt in reversed(MANAGER_OPTIONS):
+        default = ",".join(map(str, opt.default)) if isinstance(opt.default, tuple) else opt.default
+        text = f"{opt.help} [env: {opt.env}] [default: {default}]"
+        if opt.kind == "bool":  # `--oneshot` alone means true, `--oneshot=false` works too (urfave/cli)
+            f = click.option(f"--{opt.flag}", opt.field, is_flag=False, flag_value="true", default=None,
+                             metavar="BOOL", help=text)(f)
+        else:
+            f = click.option(f"--{opt.flag}", opt.field, default=None, metavar=opt.kind.upper(), help=text)(f)
+    return f
+
+
+def _config_manager(cli_values: dict[str, Any]) -> None:
+    from nvdp.app.config_manager import run_config_manager
+    from nvdp.config.manager import load_manager_settings
+    from nvdp.kube.connection import client_config
+    from nvdp.ops import logs
+
+    logs.setup(os.environ.get("NVDP_LOG_LEVEL") or "info", fmt=os.environ.get("NVDP_LOG_FORMAT") or "text")
+    try:
+        settings = load_manager_settings(cli_values, os.environ)
+        config = client_config(settings.kubeconfig, os.environ.get("KUBERNETES_SERVICE_HOST"),
+                               os.environ.get("KUBERNETES_SERVICE_PORT"))
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    try:
+        asyncio.run(run_config_manager(settings, config))
+    except ConfigError as exc:  # e.g. the chosen config file is invalid and there is no current one to keep
+        log.error("config-manager: %s", exc)
+        sys.exit(EXIT_INIT_ERROR)
+    except (PluginError, ListenError) as exc:  # a config folder or link it cannot use
+        log.error("config-manager: %s", exc)
+        sys.exit(EXIT_INIT_ERROR)
+
+
+@main.command(name="config-manager", context_settings=CONTEXT)
+@_manager_options
+def config_manager(**cli_values: Any) -> None:
+    """Point the plugin's config at the named config the node label selects (what the chart's
+    init container and sidecar run); see docs/configuration.md."""
+    _config_manager(cli_values)
+
+
+@click.command(name="config-manager", context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="config-manager")
+@_manager_options
+def config_manager_main(**cli_values: Any) -> None:
+    """nvdp's config-manager, with the official config-manager's flags and env vars."""
+    _config_manager(cli_values)
+
+
 # The container image's binaries (deployments/container/install.sh), by their official names.
 IMAGE_PROGRAMS: dict[str, click.Command] = {
     "nvidia-device-plugin": serve_main,
     "gpu-feature-discovery": gfd_main,
     "mps-control-daemon": mps_daemon_main,
+    "config-manager": config_manager_main,
 }
 
 

@@ -16,10 +16,17 @@
     ├── ListenError            the metrics/probe listener could not be opened (address in use...)
     ├── CdiSpecError           a CDI spec could not be generated or written (names the path)
     ├── MpsError               an MPS program (control daemon, nvidia-smi, mount) failed or did not answer
-    └── LabelError             GPU feature discovery cannot label this node (MPS on a MIG GPU...)
+    ├── LabelError             GPU feature discovery cannot label this node (MPS on a MIG GPU...)
+    ├── KubeError              talking to the Kubernetes API failed
+    │   ├── KubeConfigError    no usable in-cluster or kubeconfig settings (also a ConfigError)
+    │   ├── KubeUnavailable    the API server could not be reached, or the connection dropped
+    │   └── KubeApiError       the API server answered with an error Status (code, reason)
+    │       └── ResourceExpired    410 Gone: the resourceVersion is too old; list again
+    └── NodeConfigError        config-manager: the config folder or the destination link is unusable
 
-Foreign errors (pynvml's NVMLError, grpc.RpcError, OSError) are translated where they enter
-(`backends/nvml/seam.py`, `kubelet/registration.py`, `backends/mps.py`) and re-raised `from` the original.
+Foreign errors (pynvml's NVMLError, grpc.RpcError, lightkube's and httpx's errors, OSError) are
+translated where they enter (`backends/nvml/seam.py`, `kubelet/registration.py`, `backends/mps.py`,
+`kube/client.py`) and re-raised `from` the original.
 """
 
 from __future__ import annotations
@@ -194,3 +201,35 @@ class MpsError(PluginError):
 class LabelError(PluginError):
     """GPU feature discovery cannot compute or publish the labels (e.g. MPS sharing configured on
     a node with a MIG-enabled GPU, a driver version NVML gave in an unknown format)."""
+
+
+class KubeError(PluginError):
+    """A call to the Kubernetes API failed."""
+
+
+class KubeConfigError(ConfigError, KubeError):
+    """No usable connection settings: names the env var or file that is missing or bad (a
+    ConfigError too, so the CLI exits 2 before doing anything)."""
+
+
+class KubeUnavailable(KubeError):
+    """The API server could not be reached, timed out, or dropped the connection (retried with back-off)."""
+
+
+class KubeApiError(KubeError):
+    """The API server answered with an error `Status`: its HTTP code, reason (NotFound, Forbidden...)
+    and message."""
+
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(f"{code} {reason}: {message}" if reason else f"{code}: {message}")
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+
+class ResourceExpired(KubeApiError):
+    """410 Gone (reason Expired): the resourceVersion asked for is older than the server keeps."""
+
+
+class NodeConfigError(PluginError):
+    """config-manager: the folder of configs or the destination link cannot be used; names the path."""

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from nvdp import __version__
+from nvdp.app.procsignal import Signalled, signal_process
 from nvdp.cli import IMAGE_PROGRAMS
 from nvdp.testing import eventually_sync
 from tests.deploy.deploy_tools import CONTAINER, ROOT
@@ -95,6 +97,18 @@ def test_entrypoint_version(image_venv: Path) -> None:
     result = run_entrypoint(image_venv, "--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"nvidia-device-plugin, version {__version__}"
+
+
+def test_the_image_has_the_config_manager(image_venv: Path) -> None:
+    """The chart's init container and sidecar run `config-manager` from the same image."""
+    env = {"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", "HOME": str(image_venv)}
+    result = subprocess.run(["config-manager", "--version"], capture_output=True, text=True, env=env, cwd="/",
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"config-manager, version {__version__}"
+    check = subprocess.run([str(image_venv / "bin" / "python3"), "-c", "import lightkube, nvdp.kube.client"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
 
 
 def test_entrypoint_by_path_without_the_venv_on_path(image_venv: Path) -> None:
@@ -253,15 +267,25 @@ def test_gfd_argv0_is_exactly_its_name_and_sighup_reloads(image_venv: Path, tmp_
         stop(proc)
 
 
-def test_mps_daemon_argv0_is_exactly_its_name(image_venv: Path, tmp_path: Path) -> None:
+def test_the_mps_daemon_is_found_by_the_official_process_name(image_venv: Path, tmp_path: Path) -> None:
+    """The chart's MPS sidecar signals PROCESS_TO_SIGNAL=/usr/bin/mps-control-daemon, as the official
+    chart's does: the wrapper gives the daemon exactly that argv[0], and nvdp's config-manager finds
+    it and its SIGHUP reaches the daemon (a node without MPS resources: it waits for SIGHUP)."""
+    env = {"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", "NVDP_SIMULATE": "h200"}
     log = tmp_path / "mps.log"
-    proc = start_from_the_image(image_venv, log, "mps-control-daemon", "--mps-dir", str(tmp_path / "mps"),
-                                NVDP_SIMULATE="h200")
+    with log.open("w") as out:
+        proc = subprocess.Popen(["mps-control-daemon", "--mps-dir", str(tmp_path / "mps")], stdout=out,
+                                stderr=subprocess.STDOUT, text=True, env=env, cwd="/")
     try:
-        wait_for(log, "nothing to start")  # no sharing.mps in the (absent) config: it waits for SIGHUP
-        assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == b"mps-control-daemon"
-        assert proc.pid in pids_named("mps-control-daemon")
+        wait_for(log, "waiting for SIGHUP")
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[0] == b"/usr/bin/mps-control-daemon"
+        assert proc.pid in pids_named("/usr/bin/mps-control-daemon")
+        assert asyncio.run(signal_process("/usr/bin/mps-control-daemon", signal.SIGHUP)) is Signalled.SENT
+        wait_for(log, "SIGHUP: restarting")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, log.read_text()
     finally:
-        stop(proc)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

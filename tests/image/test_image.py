@@ -33,10 +33,9 @@ GPU = "nvidia.com/gpu"
 DEVICE_PLUGINS = "/var/lib/kubelet/device-plugins"
 WAIT_S = 60.0  # start-up of a fresh container on a busy 2-core machine; reached only when broken
 
-# The official image's binaries. config-manager is a later issue: when it lands, move it to
-# PRESENT (install.sh lists it too) and this test runs it from the image.
-PRESENT = ("nvidia-device-plugin", "gpu-feature-discovery", "mps-control-daemon")
-NOT_YET = ("config-manager",)
+# The official image's binaries, all four (install.sh lists them; nvdp.cli.IMAGE_PROGRAMS runs them).
+PRESENT = ("nvidia-device-plugin", "gpu-feature-discovery", "mps-control-daemon", "config-manager")
+NOT_YET: tuple[str, ...] = ()
 
 
 def load_build_script() -> ModuleType:

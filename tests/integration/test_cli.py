@@ -242,6 +242,8 @@ def test_bad_simulated_profile_exits_2(plugin_dir: Path, tmp_path: Path) -> None
 
 OPTIONAL_IMPORTS = (
     "yaml", "pydantic", "prometheus_client", "h11", "nvdp.ops.web", "nvdp.ops.metrics", "nvdp.config.file",
+    # The Kubernetes API client: only the config-manager (and later API features) load it.
+    "lightkube", "httpx2", "nvdp.kube.client", "nvdp.app.config_manager",
 )
 IMPORT_PROBE = """
 import sys

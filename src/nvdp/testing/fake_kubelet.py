@@ -7,7 +7,8 @@ What it does, as the kubelet does it:
   GetDevicePluginOptions before answering (a plugin that cannot be dialled fails registration);
   a second Register for a name replaces the earlier endpoint;
 - then holds ListAndWatch open; every message replaces the device list (capacity = all devices,
-  allocatable = healthy ones); when the stream ends, every device of the resource is unhealthy;
+  allocatable = healthy ones); when the stream ends, every device of the resource is unhealthy
+  (`updates` records both, in order: what the node advertised after each);
 - GetPreferredAllocation (only when the options advertise it) and Allocate send exactly one
   container per call and check the answer: exactly one container response, preferred IDs a
   subset of the available ones, no duplicates, must-include IDs kept, at most the size asked;
@@ -73,6 +74,16 @@ class PluginEndpoint:
         return [i for i, d in self.devices.items() if d.health == "Healthy" and self.connected]
 
 
+@dataclass(frozen=True)
+class Update:
+    """One ListAndWatch message as the device manager applied it: what the node then advertises."""
+
+    at: float
+    resource: str
+    capacity: int  # every device in the message
+    allocatable: int  # the healthy ones
+
+
 @dataclass
 class Event:
     kind: str  # "serving" (kubelet.sock about to appear), "register", "rejected", "devices", "disconnected"
@@ -92,6 +103,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         self.plugins: dict[str, PluginEndpoint] = {}
         self.events: list[Event] = []
         self.errors: list[str] = []  # protocol violations seen in plugin answers
+        self.updates: list[Update] = []  # every ListAndWatch message and stream end, in order
         self.refuse_with: str | None = None  # make Register fail with this message
         self.register_delay: float = 0.0  # make Register hang this long
         self.allocated: dict[str, set[str]] = {}  # resource -> device IDs given to pods by admit()
@@ -192,6 +204,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
                 async with self._changed:
                     plugin.devices = devices
                     plugin.updates += 1
+                    self.updates.append(Update(time.monotonic(), plugin.resource, len(devices), len(plugin.healthy)))
                     self._changed.notify_all()
                 self._record("devices", plugin.resource, f"{len(devices)} devices")
         except grpc.aio.AioRpcError as exc:
@@ -199,6 +212,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         finally:
             async with self._changed:
                 plugin.connected = False
+                self.updates.append(Update(time.monotonic(), plugin.resource, len(plugin.devices), 0))
                 self._changed.notify_all()
             self._record("disconnected", plugin.resource, ended)
 

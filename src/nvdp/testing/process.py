@@ -62,8 +62,12 @@ class PluginProcess:
         args: Sequence[str] = ("--simulate", "dgx-h100"),
         env: Mapping[str, str] | None = None,
         log_path: str | None = None,
+        argv0: str | None = None,
     ) -> None:
         self.folder = folder
+        # Set: run `python -m nvdp.entrypoint` with this argv[0], as the image's wrapper does, so a
+        # config-manager looking for the process by name finds it.
+        self.argv0 = argv0
         self.args = [f"--kubelet-socket={os.path.join(folder, 'kubelet.sock')}", *args]
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path or os.path.join(folder, "plugin.log")
@@ -79,9 +83,17 @@ class PluginProcess:
     async def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.spawned_at = time.monotonic()
-            self.process = await asyncio.create_subprocess_exec(
-                console_script(), *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
-            )
+            if self.argv0 is None:
+                self.process = await asyncio.create_subprocess_exec(
+                    console_script(), *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                    env=self.env,
+                )
+            else:
+                self.process = await asyncio.create_subprocess_exec(
+                    self.argv0, "-m", "nvdp.entrypoint", *self.args, executable=sys.executable,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                    env={**self.env, "PYTHONEXECUTABLE": sys.executable},
+                )
 
     def signal(self, sig: signal.Signals) -> None:
         if self.process is not None and self.process.returncode is None:
