@@ -27,6 +27,7 @@ from nvdp.core import mig
 from nvdp.core.devices import DeviceTree, Health, Node
 from nvdp.core.health import HealthEvent, overlay, settings_from, transitions
 from nvdp.core.resources import TreePlan
+from nvdp.core.xid_policy import recovery_label
 from nvdp.errors import ConfigError, DiscoveryError, PluginError, ServeError
 from nvdp.kubelet.instrument import instrumented_servers
 from nvdp.kubelet.manager import Manager, RetryPolicy
@@ -102,7 +103,8 @@ class Plugin:
             server_factory=instrumented_servers(self.stats),
             on_apply=self.stats.observe_tree,
         )
-        self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning, on_event=self._count_event)
+        self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning, on_event=self._count_event,
+                                    on_timeout=self.stats.record_nvml_timeout)
         self._health_task = HealthTask(self.health)
         self.backend: GpuBackend | None = None
         self._backend_generation = 0  # bumped on every new backend: the health checks follow it
@@ -136,7 +138,8 @@ class Plugin:
         return self.served.tree
 
     def _count_event(self, event: HealthEvent) -> None:
-        self.stats.record_health_event(event.gpu, event.kind.value, event.xid)
+        action = None if event.recovery_action is None else recovery_label(event.recovery_action)
+        self.stats.record_health_event(event.gpu, event.kind.value, event.xid, action)
 
     def stop(self) -> None:
         self._requests.put_nowait(Request.STOP)

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from nvdp.config.options import OPTIONS, Config, Option, Sharing
+from nvdp.config.options import OPTIONS, Config, Option, Sharing, XidOverride
 from nvdp.config.parse import file_value, health_items, lookup, parse_text
 from nvdp.errors import ConfigError
 
@@ -35,13 +35,14 @@ def load(
 
     doc: Mapping[str, Any] = {}
     sharing = Sharing()
+    xid_overrides: tuple[XidOverride, ...] = ()
     config_file = values["config_file"]
     if config_file is not _UNSET and config_file:
         # Imported here: pydantic's import and model building cost start-up time that a plugin
         # run without a config file (the common DaemonSet case) need not pay.
         from nvdp.config.file import read_config_file
 
-        doc, sharing = read_config_file(config_file, read_text)
+        doc, sharing, xid_overrides = read_config_file(config_file, read_text)
 
     for opt in OPTIONS:
         if values[opt.field] is _UNSET:
@@ -50,7 +51,7 @@ def load(
 
     if not values["dev_root"]:
         values["dev_root"] = values["driver_root"]
-    cfg = Config(**values, sharing=sharing)
+    cfg = Config(**values, sharing=sharing, xid_overrides=xid_overrides)
     validate(cfg)
     return cfg
 
@@ -120,6 +121,10 @@ def parse_listen_address(text: str, field: str = "--metrics-address") -> tuple[s
     return host, int(port)
 
 
+# The kubelet gives PreStartContainer 30 s; the hygiene check's NVML calls run under this deadline.
+MAX_NVML_TIMEOUT_S = 20.0
+
+
 def _validate_health(cfg: Config) -> None:
     health_items("disable_healthchecks", cfg.disable_healthchecks)
     health_items("enable_healthchecks", cfg.enable_healthchecks)
@@ -133,3 +138,18 @@ def _validate_health(cfg: Config) -> None:
         raise ConfigError("--health-wait-error-threshold", f"{cfg.health_wait_error_threshold} must be at least 1")
     if cfg.simulate_control and not cfg.simulate:
         raise ConfigError("--simulate-control", "fault injection needs a simulated node (--simulate)")
+    fatal = cfg.health_fatal_quiet_period
+    if fatal is not None and not (math.isfinite(fatal) and fatal >= 0):
+        raise ConfigError("--health-fatal-quiet-period", f"{fatal} is not a number of seconds >= 0 (unset: never)")
+    if not (math.isfinite(cfg.health_nvml_timeout) and 0 < cfg.health_nvml_timeout <= MAX_NVML_TIMEOUT_S):
+        raise ConfigError(
+            "--health-nvml-timeout",
+            f"{cfg.health_nvml_timeout} is not a number of seconds > 0 and <= {MAX_NVML_TIMEOUT_S:g} "
+            "(PreStartContainer must answer within the kubelet's 30 s)",
+        )
+    if cfg.cluster_health and not cfg.node_name:
+        raise ConfigError("--cluster-health", "needs --node-name (NODE_NAME, from the downward API's spec.nodeName)")
+    if cfg.taint_on_fatal and not cfg.cluster_health:
+        raise ConfigError("--taint-on-fatal", "needs --cluster-health (the taint is part of what the cluster sees)")
+    if cfg.gpu_hygiene_memory_threshold < 0:
+        raise ConfigError("--gpu-hygiene-memory-threshold", f"{cfg.gpu_hygiene_memory_threshold} MiB is negative")

@@ -24,6 +24,7 @@ AllocationPolicy = Literal["distributed", "packed"]
 DiscoveryStrategy = Literal["auto", "nvml", "tegra"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+XidClassName = Literal["transient", "fatal", "ignored"]  # a class in the config file's XID policy
 
 LIST_STRATEGIES: tuple[DeviceListStrategy, ...] = get_args(DeviceListStrategy)
 CDI_STRATEGIES: frozenset[DeviceListStrategy] = frozenset({"cdi-annotations", "cdi-cri"})
@@ -110,9 +111,47 @@ OPTIONS: tuple[Option, ...] = (
            help="consecutive NVML event-wait failures before every device is marked unhealthy"),
     Option("simulate_control", "simulate-control", "str", None, ("NVDP_SIMULATE_CONTROL",),
            "flags.nvdp.simulateControl", help="unix socket for fault injection into the simulated node"),
+    # Health, continued (issue 15; docs/health.md): per-class quiet periods, the driver's
+    # recovery action, NVML deadlines, what the cluster sees, GPU hygiene before hand-out.
+    Option("health_fatal_quiet_period", "health-fatal-quiet-period", "float", None,
+           ("NVDP_HEALTH_FATAL_QUIET_PERIOD",), "flags.nvdp.health.quietPeriods.fatal",
+           help="seconds without new events before a fatal XID clears too (after a passing probe); "
+                "unset: only a GPU reset clears it"),
+    Option("health_recovery_action", "health-recovery-action", "bool", True, ("NVDP_HEALTH_RECOVERY_ACTION",),
+           "flags.nvdp.health.recoveryAction",
+           help="let the driver's GPU recovery action (where NVML reports it) decide an XID's class"),
+    Option("health_nvml_timeout", "health-nvml-timeout", "float", 10.0, ("NVDP_HEALTH_NVML_TIMEOUT",),
+           "flags.nvdp.health.nvmlTimeout",
+           help="seconds an NVML call on the health path may take before its GPU (or every GPU) is "
+                "marked unhealthy with reason nvml-timeout"),
+    Option("cluster_health", "cluster-health", "bool", False, ("NVDP_CLUSTER_HEALTH",),
+           "flags.nvdp.health.cluster",
+           help="post a Kubernetes Event per GPU health change and keep the node condition GPUHealthy "
+                "(needs --node-name and RBAC on events and nodes/status)"),
+    Option("taint_on_fatal", "taint-on-fatal", "bool", False, ("NVDP_TAINT_ON_FATAL",),
+           "flags.nvdp.health.taintOnFatal",
+           help="with --cluster-health: taint the node nvidia.com/gpu-fatal-error:NoSchedule while a GPU "
+                "has a fatal fault"),
+    Option("node_name", "node-name", "str", "", ("NODE_NAME",), "flags.nvdp.nodeName",
+           help="this node's name (the downward API's spec.nodeName), for --cluster-health"),
+    Option("gpu_hygiene", "gpu-hygiene", "bool", False, ("NVDP_GPU_HYGIENE",), "flags.nvdp.health.hygiene",
+           help="PreStartContainer refuses an exclusive GPU with compute processes or memory in use"),
+    Option("gpu_hygiene_memory_threshold", "gpu-hygiene-memory-threshold", "int", 1024,
+           ("NVDP_GPU_HYGIENE_MEMORY_THRESHOLD",), "flags.nvdp.health.hygieneMemoryThreshold",
+           help="MiB of GPU memory in use above which --gpu-hygiene calls a GPU dirty"),
 )
 
 OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class XidOverride:
+    """One entry of the config file's `flags.nvdp.health.xids` (`file.py` checks it): the class
+    of one XID and, optionally, the reason shown for it ("": the built-in one)."""
+
+    xid: int
+    cls: XidClassName
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,7 +212,16 @@ class Config:
     health_probe_interval: float = _default("health_probe_interval")
     health_wait_error_threshold: int = _default("health_wait_error_threshold")
     simulate_control: str | None = _default("simulate_control")
+    health_fatal_quiet_period: float | None = _default("health_fatal_quiet_period")
+    health_recovery_action: bool = _default("health_recovery_action")
+    health_nvml_timeout: float = _default("health_nvml_timeout")
+    cluster_health: bool = _default("cluster_health")
+    taint_on_fatal: bool = _default("taint_on_fatal")
+    node_name: str = _default("node_name")
+    gpu_hygiene: bool = _default("gpu_hygiene")
+    gpu_hygiene_memory_threshold: int = _default("gpu_hygiene_memory_threshold")
     sharing: Sharing = field(default_factory=Sharing)
+    xid_overrides: tuple[XidOverride, ...] = ()  # flags.nvdp.health.xids of the config file
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -90,7 +90,7 @@ def file_value(opt: Option, raw: Any) -> Any:
         case "int" | "float":
             if isinstance(raw, bool) or not isinstance(raw, int | float):
                 raise ConfigError(key, f"{raw!r} is not a number")
-            return raw if opt.kind == "float" else int(raw)
+            return float(raw) if opt.kind == "float" else int(raw)
         case _:
             if not isinstance(raw, str):
                 raise ConfigError(key, f"{raw!r} is not a string")
