@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 
@@ -61,3 +63,23 @@ async def test_stuck_threads_do_not_keep_the_process_alive() -> None:
     stuck = [t for t in threading.enumerate() if t.name == "nvdp-nvml" and t.is_alive()]
     assert stuck and all(t.daemon for t in stuck)
     release.set()
+
+
+async def test_a_cancelled_call_does_not_hold_up_the_next() -> None:
+    runner = DeadlineRunner()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        entered.set()
+        release.wait()
+
+    call = asyncio.create_task(runner.call("probe", "probe", "a", 10.0, slow))
+    await eventually(entered.is_set, "the call to start on its worker")
+    call.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await call
+    # The next call runs at once on a fresh worker, and nothing is counted as stuck.
+    assert await runner.call("probe", "probe", "b", 1.0, lambda: "next") == "next"
+    assert (runner.timed_out, runner.stuck_threads) == (0, 0)
+    release.set()
+    runner.close()

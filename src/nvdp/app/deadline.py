@@ -117,7 +117,12 @@ class DeadlineRunner:
                 self._abandon(worker, key, label, what)
                 raise CallTimedOut(what, deadline_s) from None
             except asyncio.CancelledError:
-                future.cancel()  # the answer, when it comes, is dropped
+                # Nobody waits any more: the answer is dropped, and the worker ends after this
+                # call so that the next one does not queue behind it (not counted as stuck).
+                future.cancel()
+                worker.abandoned = True
+                worker.jobs.put(None)
+                self._worker = None
                 raise
 
     def _current(self) -> _Worker:
@@ -153,11 +158,13 @@ class DeadlineRunner:
                 error = exc
             with self._hung_guard:
                 abandoned = worker.abandoned
-                if abandoned and self._hung.get(job.key) is worker:
+                was_stuck = self._hung.get(job.key) is worker
+                if was_stuck:
                     del self._hung[job.key]
-            if abandoned:
+            if was_stuck:
                 log.info("an NVML call that passed its deadline returned; its thread ends",
                          extra={"stuck_threads": self.stuck_threads})
+            if abandoned:
                 return
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
                 job.loop.call_soon_threadsafe(_settle, job.future, result, error)

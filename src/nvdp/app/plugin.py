@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from nvdp.app.discovery import BackendFactory, discover, needs_new_backend, open_backend, plan
 from nvdp.app.health_monitor import DEFAULT_TUNING, HealthMonitor, HealthTask, PumpTuning
+from nvdp.app.hygiene import GpuHygiene
 from nvdp.app.ops_view import PluginView
 from nvdp.backends.base import GpuBackend, HealthSource
 from nvdp.config.options import Config
@@ -95,16 +96,18 @@ class Plugin:
         self.served = Served(cfg)
         # Counters for metrics: Allocate and gRPC calls, applied trees, health events.
         self.stats = PluginStats()
+        self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning, on_event=self._count_event,
+                                    on_timeout=self.stats.record_nvml_timeout)
+        # PreStartContainer's check; it acts only while --gpu-hygiene is on (docs/health.md).
+        hygiene = GpuHygiene(self.health, lambda: self.backend, lambda: self.cfg, self.stats)
         self.manager = Manager(
             cfg.kubelet_socket,
             ServingContext(cfg, Node(gpus=()).topology, ()),
             retry=retry,
             socket_dir=socket_dir,
-            server_factory=instrumented_servers(self.stats),
+            server_factory=instrumented_servers(self.stats, pre_start=hygiene),
             on_apply=self.stats.observe_tree,
         )
-        self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning, on_event=self._count_event,
-                                    on_timeout=self.stats.record_nvml_timeout)
         self._health_task = HealthTask(self.health)
         self.backend: GpuBackend | None = None
         self._backend_generation = 0  # bumped on every new backend: the health checks follow it
