@@ -83,7 +83,16 @@ def _serve(cli_values: dict[str, Any]) -> None:
     _early_logging(cli_values)
     cfg = _config_or_exit(cli_values)
     logs.setup(cfg.log_level, fmt=cfg.log_format)
-    plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values))
+    cluster_api = None
+    if cfg.cluster_health:
+        from nvdp.app.cluster_api import open_cluster_api
+
+        try:
+            cluster_api = open_cluster_api(cfg)
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG_ERROR)
+    plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values), cluster_api=cluster_api)
     try:
         asyncio.run(plugin.run(handle_signals=True))
     except (ListenError, ServeError) as exc:

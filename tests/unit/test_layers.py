@@ -195,7 +195,7 @@ def test_only_the_cli_reads_argv_and_environ() -> None:
 # package's modules, kept when the modules moved into folders.
 LOGGER_NAMES = frozenset({
     "nvdp", "nvdp.app", "nvdp.manager", "nvdp.server", "nvdp.kubelet", "nvdp.nvml", "nvdp.healthwatch",
-    "nvdp.configfile", "nvdp.simcontrol", "nvdp.web",
+    "nvdp.configfile", "nvdp.simcontrol", "nvdp.web", "nvdp.cluster",
 })
 
 

@@ -25,14 +25,17 @@ from nvdp.app.ops_view import PluginView
 from nvdp.backends.base import GpuBackend, HealthSource
 from nvdp.config.options import Config
 from nvdp.core import mig
+from nvdp.core.backoff import Backoff
 from nvdp.core.devices import DeviceTree, Health, Node
-from nvdp.core.health import HealthEvent, overlay, settings_from, transitions
+from nvdp.core.health import HealthEvent, gpu_health, overlay, settings_from, transitions
 from nvdp.core.resources import TreePlan
 from nvdp.core.xid_policy import recovery_label
 from nvdp.errors import ConfigError, DiscoveryError, PluginError, ServeError
 from nvdp.kubelet.instrument import instrumented_servers
 from nvdp.kubelet.manager import Manager, RetryPolicy
 from nvdp.kubelet.server import ServingContext
+from nvdp.ops.cluster import RETRY as CLUSTER_RETRY
+from nvdp.ops.cluster import ClusterApi, ClusterReporter
 from nvdp.ops.counters import PluginStats
 from nvdp.ops.logs import LogOnce
 
@@ -90,6 +93,8 @@ class Plugin:
         health_tuning: PumpTuning = DEFAULT_TUNING,
         retry: RetryPolicy | None = None,
         socket_dir: str | None = None,  # tests: where sockets go when --kubelet-socket is empty
+        cluster_api: ClusterApi | None = None,  # with --cluster-health: where Events and the condition go
+        cluster_retry: Backoff = CLUSTER_RETRY,  # tests shorten the back-off after a failed API call
     ) -> None:
         self._backend_factory = backend_factory
         self._reload_config = reload_config
@@ -98,6 +103,10 @@ class Plugin:
         self.stats = PluginStats()
         self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning, on_event=self._count_event,
                                     on_timeout=self.stats.record_nvml_timeout)
+        # What the cluster sees (--cluster-health; read at start, like the API client it needs).
+        self.cluster: ClusterReporter | None = None
+        if cfg.cluster_health and cluster_api is not None:
+            self.cluster = ClusterReporter(cluster_api, cfg.node_name, cfg.taint_on_fatal, self.stats, cluster_retry)
         # PreStartContainer's check; it acts only while --gpu-hygiene is on (docs/health.md).
         hygiene = GpuHygiene(self.health, lambda: self.backend, lambda: self.cfg, self.stats)
         self.manager = Manager(
@@ -168,6 +177,8 @@ class Plugin:
                     await self._start()
                     if self.cfg.simulate_control:
                         await self._open_control(self.cfg.simulate_control, resources)
+                    if self.cluster is not None:
+                        self._spawn(self.cluster.run(), "cluster-health")
                     self._spawn(self.manager.keep_registered(), "registration")
                     self._spawn(self.manager.watch_folder(), "folder-watch")
                     self._spawn(self._rescan_periodically(), "rescan")
@@ -325,6 +336,8 @@ class Plugin:
                            "xid": "-" if t.xid is None else t.xid},
                 )
             await self.manager.apply(tree, context)
+            if self.cluster is not None and self.node is not None:
+                self.cluster.observe(gpu_health(state, self.node.gpus))
 
     async def _watch_health(self, cfg: Config, node: Node) -> None:
         """(Re)start the health checks when the backend, the GPUs or the health settings changed."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 from nvdp.config.options import Config
 from nvdp.config.parse import health_items
-from nvdp.core.devices import Device, DeviceTree, Health, Resource
+from nvdp.core.devices import Device, DeviceTree, GpuInfo, Health, Resource
 from nvdp.core.xid_policy import (
     BUILTIN_TABLE,
     DEFAULT_IGNORED_XIDS,
@@ -513,3 +513,33 @@ def transitions(old: DeviceTree, new: DeviceTree, state: HealthState) -> list[Tr
             xid = faults[0].xid if faults else None
             out.append(Transition(name, device.id, device.health, device.reason, xid))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per GPU (what the cluster sees: docs/health.md "What the cluster sees")
+
+
+@dataclass(frozen=True)
+class GpuHealth:
+    """One physical GPU's health: Unhealthy when any fault is about it (or about every GPU); the
+    fault that explains it is the one that lasts longest (as for devices)."""
+
+    uuid: str
+    index: int
+    healthy: bool = True
+    reason: str = ""
+    xid: int | None = None
+    severity: Severity | None = None
+    recovery_expected: bool = True  # False for a fatal fault: it needs a reset (or a reboot)
+
+
+def gpu_health(state: HealthState, gpus: Iterable[GpuInfo]) -> tuple[GpuHealth, ...]:
+    out = []
+    for gpu in gpus:
+        found = [f for f in state.faults.values() if f.scope.gpu in (None, gpu.uuid)]
+        if not found:
+            out.append(GpuHealth(gpu.uuid, gpu.index))
+            continue
+        top = sorted(found, key=lambda f: (_RANK[f.severity], -f.last))[0]
+        out.append(GpuHealth(gpu.uuid, gpu.index, False, top.reason, top.xid, top.severity, top.recovery_expected))
+    return tuple(out)
