@@ -215,5 +215,6 @@ def test_health_policy_prints_the_effective_table(plugin_dir: Path) -> None:
     assert policy["quiet_periods_s"] == {"transient": 30.0, "fatal": 3600.0}
     assert {"xid": 94, "class": "fatal", "reason": "we replace GPUs on the first contained ECC error",
             "source": "config file (flags.nvdp.health.xids)"} in policy["xids"]
-    bad = CliRunner().invoke(main, ["health", "policy"], env={"DP_DISABLE_HEALTHCHECKS": "xid"})
-    assert bad.exit_code == 2 and "DP_DISABLE_HEALTHCHECKS" in bad.output
+    config.write_text("version: v1\nflags: {nvdp: {health: {xids: {94: sometimes}}}}\n")
+    bad = CliRunner().invoke(main, ["health", "policy", "--config-file", str(config)])
+    assert bad.exit_code == 2 and f"invalid flags.nvdp.health.xids.94.class in {config}" in bad.output

@@ -72,27 +72,29 @@ def test_overrides_are_read_in_every_spelling() -> None:
     assert table.ignored() == {31, 43, 45, 68, 79, 109}
 
 
+H = "flags.nvdp.health"
+
+
 @pytest.mark.parametrize(
     ("health", "field", "message"),
     [
-        pytest.param("{xids: {94: {class: sometimes}}}", "config file field flags.nvdp.health.xids.94 field class",
-                     "Input should be 'transient', 'fatal' or 'ignored'", id="unknown class"),
-        pytest.param("{xids: {94: {reason: why}}}", "config file field flags.nvdp.health.xids.94 field class",
-                     "Field required", id="class missing"),
-        pytest.param("{xids: {ninety: fatal}}", "config file field flags.nvdp.health.xids.ninety",
-                     "'ninety' is not an XID number", id="key not a number"),
-        pytest.param("{xids: {-1: fatal}}", "config file field flags.nvdp.health.xids.-1",
-                     "-1 is not an XID number", id="negative XID"),
-        pytest.param("{xids: {94: fatal, '94': transient}}", "config file field flags.nvdp.health.xids.94",
-                     "XID 94 is listed twice", id="twice"),
-        pytest.param("{xids: [94]}", "config file field flags.nvdp.health.xids", "is not a mapping", id="a list"),
-        pytest.param("{quietPeriod: 5, quietPeriods: {transient: 6}}",
-                     "config file field flags.nvdp.health.quietPeriods.transient", "give one of them",
-                     id="transient quiet period twice"),
-        pytest.param("{quietPeriods: {ignored: 6}}", "config file field flags.nvdp.health.quietPeriods.ignored",
-                     "no quiet period", id="ignored has none"),
-        pytest.param("{quietPeriods: {fatal: -3}}", "--health-fatal-quiet-period", "not a number of seconds >= 0",
-                     id="negative fatal"),
+        pytest.param("{xids: {94: {class: sometimes}}}", f"{H}.xids.94.class in /cfg.yaml",
+                     "'sometimes' is not one of 'transient', 'fatal' or 'ignored'", id="unknown class"),
+        pytest.param("{xids: {94: {reason: why}}}", f"{H}.xids.94.class in /cfg.yaml", "required, but not given",
+                     id="class missing"),
+        pytest.param("{xids: {ninety: fatal}}", f"{H}.xids.ninety in /cfg.yaml", "'ninety' is not an XID number",
+                     id="key not a number"),
+        pytest.param("{xids: {-1: fatal}}", f"{H}.xids.-1 in /cfg.yaml", "-1 is not an XID number",
+                     id="negative XID"),
+        pytest.param("{xids: {94: fatal, '94': transient}}", f"{H}.xids.94 in /cfg.yaml", "XID 94 is listed twice",
+                     id="twice"),
+        pytest.param("{xids: [94]}", f"{H}.xids in /cfg.yaml", "is not a mapping", id="a list"),
+        pytest.param("{quietPeriod: 5, quietPeriods: {transient: 6}}", f"{H}.quietPeriods.transient in /cfg.yaml",
+                     "give one of them", id="transient quiet period twice"),
+        pytest.param("{quietPeriods: {ignored: 6}}", f"{H}.quietPeriods.ignored in /cfg.yaml", "no quiet period",
+                     id="ignored has none"),
+        pytest.param("{quietPeriods: {fatal: -3}}", f"{H}.quietPeriods.fatal in /cfg.yaml",
+                     "not a number of seconds >= 0", id="negative fatal"),
     ],
 )
 def test_bad_sections_name_the_field(health: str, field: str, message: str) -> None:

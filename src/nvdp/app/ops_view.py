@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from nvdp.app.health_monitor import HealthMonitor
+from nvdp.app.mps import MpsGate
 from nvdp.backends.base import GpuBackend
 from nvdp.core.devices import Node
 from nvdp.errors import DiscoveryError
@@ -32,6 +33,8 @@ class Observed(Protocol):
     def init_error(self) -> DiscoveryError | None: ...
     @property
     def health(self) -> HealthMonitor: ...
+    @property
+    def mps(self) -> MpsGate: ...
 
 
 class PluginView:
@@ -53,6 +56,7 @@ class PluginView:
             init_error=str(plugin.init_error) if plugin.init_error is not None else "",
             registers=manager.registers,
             nvml_stuck_threads=plugin.health.stuck_threads,
+            mps=plugin.mps.status,
         )
 
     async def answers(self, timeout: float) -> Sequence[Check]:

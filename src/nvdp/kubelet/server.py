@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from nvdp.config.inputs import KUBELET_MAX_MESSAGE_BYTES as KUBELET_MAX_MESSAGE_BYTES  # re-exported
 from nvdp.config.options import Config
 from nvdp.core.allocation import preferred
 from nvdp.core.container import ContainerEdits, edits_for
@@ -28,8 +29,6 @@ from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
 
 log = logging.getLogger("nvdp.server")  # stable name: operators filter on it
 Context = grpc.aio.ServicerContext[Any, Any]
-# The kubelet reads ListAndWatch with gRPC's default receive limit, and the list cannot be split.
-KUBELET_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 AllocateHook = Callable[[str, Sequence[str], Exception | None], None]
 # PreStartContainer's check (--gpu-hygiene): the resource and the device IDs the container gets;
 # None to let it start, else why not (the kubelet fails the container start with that text).
@@ -43,6 +42,7 @@ class ServingContext:
     config: Config
     topology: Topology
     control_devices: tuple[str, ...]
+    cdi_classes: frozenset[str] | None = None  # CDI specs nvdp wrote (None: none; see container.edits_for)
 
 
 def socket_name(resource: str) -> str:
@@ -243,7 +243,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         requested = [list(req.devices_ids) for req in request.container_requests]
         for ids in requested:
             try:
-                edits = edits_for(self.resource, ids, self.context.config, self.context.control_devices)
+                edits = edits_for(self.resource, ids, self.context.config, self.context.control_devices,
+                                  cdi_classes=self.context.cdi_classes)
             except AllocationError as exc:
                 self._report_allocation(ids, exc)
                 log.warning("allocation refused", extra={"resource": self.name, "error": str(exc)})

@@ -12,13 +12,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from nvdp.backends.driver_root import Roots
+from nvdp.backends.simulated.driver_root import SimulatedDriverRoot
 from nvdp.backends.simulated.expand import build_node, simulated_mig_minors, with_mig_layout
 from nvdp.backends.simulated.profile import MigSpec, builtin_profiles, load_profile
 from nvdp.core.devices import GpuInfo, Node
 from nvdp.core.health import EventKind, HealthEvent, ProbeSample
 from nvdp.core.hygiene import MIB, GpuUsage
 from nvdp.core.xid_policy import RecoveryAction
-from nvdp.errors import EventWaitError, config_error_from
+from nvdp.errors import EventWaitError, config_error_from, field_in
 
 __all__ = ["SimulatedBackend", "SimulatedEventWaiter", "builtin_profiles", "load_profile"]
 
@@ -61,8 +63,11 @@ class SimulatedBackend:
 
     name = "simulated"
 
-    def __init__(self, profile: str) -> None:
-        self.profile_name, self.profile = load_profile(profile)
+    def __init__(self, profile: str, driver_root: str | None = None, source: str = "--simulate") -> None:
+        """`source` is how the profile was given, for errors (`--simulate`, `NVDP_SIMULATE`)."""
+        self._driver_root_folder = driver_root  # None: a temporary folder, made when first asked for
+        self._driver_root: SimulatedDriverRoot | None = None
+        self.profile_name, self.profile = load_profile(profile, source)
         self.node = build_node(self.profile_name, self.profile)
         self._lock = threading.Lock()
         self._events: queue.Queue[HealthEvent | None] = queue.Queue()
@@ -81,6 +86,15 @@ class SimulatedBackend:
     def close(self) -> None:
         self._events.put(None)  # wake a waiter, if any
         self.release()  # let calls left hanging end (their threads were left behind)
+        if self._driver_root is not None:
+            self._driver_root.close()
+
+    def driver_roots(self, node: Node) -> Roots:
+        """The simulated driver root and dev root for this node (see `simulated.driver_root`)."""
+        with self._lock:
+            if self._driver_root is None:
+                self._driver_root = SimulatedDriverRoot(self._driver_root_folder)
+            return self._driver_root.sync(node)
 
     # --- health source ---------------------------------------------------------------------
 
@@ -269,7 +283,7 @@ class SimulatedBackend:
         try:
             spec = MigSpec.model_validate({"enabled": enabled, "devices": list(devices)})
         except ValidationError as exc:
-            raise config_error_from(exc, "mig layout") from exc
+            raise config_error_from(exc, field_in("mig layout")) from exc
         gpus[position] = with_mig_layout(self.profile_name, gpus[position], spec, f"gpu {gpu_index}")
         minors = simulated_mig_minors(gpus, self.profile.mig_minors_missing)
         self.node = replace(self.node, gpus=tuple(gpus), mig_minors=minors)
