@@ -127,7 +127,16 @@ def _serve(cli_values: dict[str, Any]) -> None:
     # Errors are log lines from here on, in the chosen format (a JSON log stays all JSON).
     cfg = _config_or_exit(cli_values, report=_log_error)
     logs.setup(cfg.log_level, fmt=cfg.log_format)
-    plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values))
+    cluster_api = None
+    if cfg.cluster_health:
+        from nvdp.app.cluster_api import open_cluster_api
+
+        try:
+            cluster_api = open_cluster_api(cfg)
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG_ERROR)
+    plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values), cluster_api=cluster_api)
     try:
         asyncio.run(plugin.run(handle_signals=True))
     except (ListenError, ServeError) as exc:
@@ -411,6 +420,22 @@ def version() -> None:
 
 
 @main.group()
+def health() -> None:
+    """The health policy as it applies on this node."""
+
+
+@health.command(name="policy")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@_option_decorators
+def health_policy(as_json: bool, **cli_values: Any) -> None:
+    """Print the effective XID table (built-in, then the config file, then DP_*_HEALTHCHECKS)."""
+    from nvdp.tools.health_policy import policy_json, policy_text
+
+    cfg = _config_or_exit(cli_values)
+    click.echo(json.dumps(policy_json(cfg), indent=2) if as_json else policy_text(cfg))
+
+
+@main.group()
 def simulate() -> None:
     """Tools for a plugin running on a simulated node (--simulate)."""
 
@@ -451,10 +476,41 @@ _GPU = click.option("--gpu", required=True, help="GPU index or UUID")
 @click.option("--xid", required=True, type=click.IntRange(min=0), help="the XID number")
 @click.option("--gi", type=click.IntRange(min=0), help="MIG GPU instance the event names")
 @click.option("--ci", type=click.IntRange(min=0), help="MIG compute instance the event names (needs --gi)")
+@click.option("--recovery-action", metavar="ACTION",
+              help="what the driver asks for: none, gpu-reset, node-reboot, drain-p2p, drain-and-reset (or a number)")
 @click.pass_context
-def inject_xid(ctx: click.Context, gpu: str, xid: int, gi: int | None, ci: int | None) -> None:
+def inject_xid(ctx: click.Context, gpu: str, xid: int, gi: int | None, ci: int | None,
+               recovery_action: str | None) -> None:
     """An XID critical error event on a GPU (optionally one MIG instance of it)."""
-    _send(ctx, {"command": "xid", "gpu": _gpu(gpu), "xid": xid, "gi": gi, "ci": ci})
+    action: int | str | None = _gpu(recovery_action) if recovery_action is not None else None
+    _send(ctx, {"command": "xid", "gpu": _gpu(gpu), "xid": xid, "gi": gi, "ci": ci, "recovery_action": action})
+
+
+@inject.command(name="hang")
+@click.option("--gpu", help="GPU index or UUID whose probe hangs")
+@click.option("--events", is_flag=True, help="every NVML event wait hangs")
+@click.option("--release", is_flag=True, help="every hung call returns; nothing hangs any more")
+@click.pass_context
+def inject_hang(ctx: click.Context, gpu: str | None, events: bool, release: bool) -> None:
+    """NVML calls that do not return, as with a wedged driver (see docs/health.md)."""
+    if not (gpu or events or release):
+        raise click.UsageError("give --gpu, --events or --release")
+    _send(ctx, {"command": "hang", "gpu": _gpu(gpu) if gpu else None, "events": events, "release": release})
+
+
+@inject.command(name="dirty")
+@_GPU
+@click.option("--pids", default="", metavar="PIDS", help="comma-separated compute process IDs left on the GPU")
+@click.option("--memory-mib", default=0, show_default=True, type=click.IntRange(min=0), help="MiB of memory in use")
+@click.option("--clean", is_flag=True, help="the GPU is clean again")
+@click.pass_context
+def inject_dirty(ctx: click.Context, gpu: str, pids: str, memory_mib: int, clean: bool) -> None:
+    """Leave processes or memory on a GPU, as a previous pod might (--gpu-hygiene)."""
+    try:
+        ids = [int(p) for p in pids.split(",") if p.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{pids!r} is not a list of process IDs", param_hint="--pids") from None
+    _send(ctx, {"command": "dirty", "gpu": _gpu(gpu), "pids": ids, "memory_mib": memory_mib, "clean": clean})
 
 
 @inject.command(name="lose")

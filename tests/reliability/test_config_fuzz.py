@@ -33,7 +33,10 @@ FREE_TEXT = {"driver_root", "dev_root", "kubelet_socket", "cdi_annotation_prefix
 WORD = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-_./"), min_size=1, max_size=16)
 # Options whose validity the OPTIONS table decides: booleans, choices, and the IMEX channel list.
 CHECKED = [o for o in OPTIONS if o.kind == "bool" or o.choices or o.field == "imex_channel_ids"]
-FUZZED = [*CHECKED, *(o for o in OPTIONS if o.field in FREE_TEXT)]
+# Booleans with a rule across options (--cluster-health needs --node-name, --taint-on-fatal needs
+# --cluster-health) are only set invalid, never in the valid combinations.
+CROSS_CHECKED = {"cluster_health", "taint_on_fatal"}
+FUZZED = [*(o for o in CHECKED if o.field not in CROSS_CHECKED), *(o for o in OPTIONS if o.field in FREE_TEXT)]
 Sources = dict[str, dict[str, Any]]  # field -> {"cli" | "env" | "file": value}
 
 

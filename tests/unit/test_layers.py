@@ -200,6 +200,7 @@ LOGGER_NAMES = frozenset({
     "nvdp", "nvdp.app", "nvdp.manager", "nvdp.server", "nvdp.kubelet", "nvdp.nvml", "nvdp.healthwatch",
     "nvdp.configfile", "nvdp.simcontrol", "nvdp.web", "nvdp.config",
     "nvdp.gfd",  # new with GPU feature discovery (app/labeller.py)
+    "nvdp.cluster",  # new with what the cluster sees (ops/cluster.py)
     "nvdp.cdi",  # new with the CDI spec writer (app/cdi.py)
     "nvdp.mps", "nvdp.mpsdaemon",  # new with MPS (app/mps.py, app/mps_daemon.py)
     "nvdp.kube", "nvdp.configmanager",  # new with the config-manager (kube/, app/config_manager.py)

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
+from nvdp.app.health_monitor import HealthMonitor
 from nvdp.app.mps import MpsGate
 from nvdp.backends.base import GpuBackend
 from nvdp.core.devices import Node
@@ -31,6 +32,8 @@ class Observed(Protocol):
     @property
     def init_error(self) -> DiscoveryError | None: ...
     @property
+    def health(self) -> HealthMonitor: ...
+    @property
     def mps(self) -> MpsGate: ...
 
 
@@ -52,6 +55,7 @@ class PluginView:
             cuda_driver_version=node.cuda_driver_version if node is not None else 0,
             init_error=str(plugin.init_error) if plugin.init_error is not None else "",
             registers=manager.registers,
+            nvml_stuck_threads=plugin.health.stuck_threads,
             mps=plugin.mps.status,
         )
 

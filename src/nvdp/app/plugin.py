@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from nvdp.app.cdi import SpecPublisher
 from nvdp.app.discovery import BackendFactory, discover, needs_new_backend, open_backend, plan
 from nvdp.app.health_monitor import DEFAULT_TUNING, HealthMonitor, HealthTask, PumpTuning
+from nvdp.app.hygiene import GpuHygiene
 from nvdp.app.mps import DEFAULT_MPS_TIMING, MpsGate, MpsTiming
 from nvdp.app.ops_view import PluginView
 from nvdp.backends.base import GpuBackend, HealthSource
@@ -28,12 +29,15 @@ from nvdp.config.options import Config, changed_settings
 from nvdp.core import mig
 from nvdp.core.backoff import Backoff
 from nvdp.core.devices import DeviceTree, Health, Node, diff
-from nvdp.core.health import HealthEvent, overlay, settings_from, transitions
+from nvdp.core.health import HealthEvent, gpu_health, overlay, settings_from, transitions
 from nvdp.core.resources import TreePlan
+from nvdp.core.xid_policy import recovery_label
 from nvdp.errors import ConfigError, DiscoveryError, PluginError, ServeError
 from nvdp.kubelet.instrument import instrumented_servers
 from nvdp.kubelet.manager import Manager, RetryPolicy
 from nvdp.kubelet.server import ServingContext
+from nvdp.ops.cluster import RETRY as CLUSTER_RETRY
+from nvdp.ops.cluster import ClusterApi, ClusterReporter
 from nvdp.ops.counters import PluginStats
 from nvdp.ops.logs import LogOnce
 
@@ -93,6 +97,8 @@ class Plugin:
         health_tuning: PumpTuning = DEFAULT_TUNING,
         retry: RetryPolicy | None = None,
         socket_dir: str | None = None,  # tests: where sockets go when --kubelet-socket is empty
+        cluster_api: ClusterApi | None = None,  # with --cluster-health: where Events and the condition go
+        cluster_retry: Backoff = CLUSTER_RETRY,  # tests shorten the back-off after a failed API call
         mps_timing: MpsTiming = DEFAULT_MPS_TIMING,
     ) -> None:
         self._backend_factory = backend_factory
@@ -100,15 +106,22 @@ class Plugin:
         self.served = Served(cfg)
         # Counters for metrics: Allocate and gRPC calls, applied trees, health events.
         self.stats = PluginStats()
+        self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning, on_event=self._count_event,
+                                    on_timeout=self.stats.record_nvml_timeout)
+        # What the cluster sees (--cluster-health; read at start, like the API client it needs).
+        self.cluster: ClusterReporter | None = None
+        if cfg.cluster_health and cluster_api is not None:
+            self.cluster = ClusterReporter(cluster_api, cfg.node_name, cfg.taint_on_fatal, self.stats, cluster_retry)
+        # PreStartContainer's check; it acts only while --gpu-hygiene is on (docs/health.md).
+        hygiene = GpuHygiene(self.health, lambda: self.backend, lambda: self.cfg, self.stats)
         self.manager = Manager(
             cfg.kubelet_socket,
             ServingContext(cfg, Node(gpus=()).topology, ()),
             retry=retry,
             socket_dir=socket_dir,
-            server_factory=instrumented_servers(self.stats),
+            server_factory=instrumented_servers(self.stats, pre_start=hygiene),
             on_apply=self.stats.observe_tree,
         )
-        self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning, on_event=self._count_event)
         self._health_task = HealthTask(self.health)
         self.mps = MpsGate(self._publish, mps_timing)  # MPS resources wait for their control daemon
         self.backend: GpuBackend | None = None
@@ -145,7 +158,8 @@ class Plugin:
         return self.served.tree
 
     def _count_event(self, event: HealthEvent) -> None:
-        self.stats.record_health_event(event.gpu, event.kind.value, event.xid)
+        action = None if event.recovery_action is None else recovery_label(event.recovery_action)
+        self.stats.record_health_event(event.gpu, event.kind.value, event.xid, action)
 
     def stop(self) -> None:
         self._requests.put_nowait(Request.STOP)
@@ -173,6 +187,8 @@ class Plugin:
                         self.ops = await resources.enter_async_context(listener)
                     if self.cfg.simulate_control:
                         await self._open_control(self.cfg.simulate_control, resources)
+                    if self.cluster is not None:
+                        self._spawn(self.cluster.run(), "cluster-health")
                     self._spawn(self.manager.keep_registered(), "registration")
                     self._spawn(self.manager.watch_folder(), "folder-watch")
                     self._spawn(self._rescan_periodically(), "rescan")
@@ -351,6 +367,8 @@ class Plugin:
                            "xid": "-" if t.xid is None else t.xid},
                 )
             await self.manager.apply(tree, context)
+            if self.cluster is not None and self.node is not None:
+                self.cluster.observe(gpu_health(state, self.node.gpus))
 
     async def _watch_health(self, cfg: Config, node: Node) -> None:
         """(Re)start the health checks when the backend, the GPUs or the health settings changed."""

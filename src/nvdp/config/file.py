@@ -15,7 +15,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from nvdp.config.inputs import KUBELET_MAX_MESSAGE_BYTES, MAX_DEVICES, InputFileError, check_size
-from nvdp.config.options import GFD_OPTIONS, OPTIONS, DeviceSelection, SharedResource, Sharing
+from nvdp.config.options import (
+    GFD_OPTIONS,
+    OPTIONS,
+    DeviceSelection,
+    SharedResource,
+    Sharing,
+    XidClassName,
+    XidOverride,
+)
 from nvdp.errors import ConfigError, config_error_from
 
 log = logging.getLogger("nvdp.configfile")  # stable name: operators filter on it
@@ -182,10 +190,11 @@ def canonical_keys(doc: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any
 
 def read_config_file(
     path: str, read_text: Callable[[str], str], source: str = "--config-file"
-) -> tuple[dict[str, Any], Sharing]:
-    """Parse a config file into {dotted key: raw value} lookups and the sharing block. `source`
-    is how the file was named (`--config-file` or `CONFIG_FILE`); errors about one field name
-    the field and the file instead ("flags.migStrategy in /etc/nvdp/config.yaml")."""
+) -> tuple[dict[str, Any], Sharing, tuple[XidOverride, ...]]:
+    """Parse a config file into {dotted key: raw value} lookups, the sharing block and the XID
+    policy overrides (`flags.nvdp.health.xids`). `source` is how the file was named
+    (`--config-file` or `CONFIG_FILE`); errors about one field name the field and the file
+    instead ("flags.migStrategy in /etc/nvdp/config.yaml")."""
     try:
         text = read_text(path)
         check_size(path, len(text.encode("utf-8", "surrogatepass")))  # also for injected readers
@@ -206,7 +215,80 @@ def read_config_file(
         model = _ConfigFile.model_validate(doc)
     except ValidationError as exc:
         raise config_error_from(exc, lambda key: f"{key} in {path}" if key else path) from exc
-    return doc, _sharing_from(model.sharing, path)
+    health = _health_block(doc)
+    _fold_quiet_periods(health, path)
+    return doc, _sharing_from(model.sharing, path), _xid_overrides(health.get("xids"), path)
+
+
+# --- the XID policy (flags.nvdp.health; docs/health.md "XID policy in the config file") ---------
+
+HEALTH_KEY = "flags.nvdp.health"
+
+
+def _health_block(doc: dict[str, Any]) -> dict[str, Any]:
+    node: Any = doc
+    for part in ("flags", "nvdp", "health"):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
+def _fold_quiet_periods(health: dict[str, Any], path: str) -> None:
+    """`quietPeriods: {transient, fatal}`: `transient` is another spelling of `quietPeriod`
+    (both in one file is an error), `fatal` is its own option; `ignored` has no quiet period."""
+    periods = health.get("quietPeriods")
+    if periods is None:
+        return
+    where = f"{HEALTH_KEY}.quietPeriods"
+    if not isinstance(periods, dict):
+        raise ConfigError(f"{where} in {path}", f"{periods!r} is not a mapping of class -> seconds (transient, fatal)")
+    unknown = sorted(str(k) for k in periods if k not in ("transient", "fatal"))
+    if unknown:
+        why = "ignored XIDs raise no fault, so they have no quiet period" if unknown == ["ignored"] else (
+            "the classes with a quiet period are transient and fatal")
+        raise ConfigError(f"{where}.{unknown[0]} in {path}", why)
+    if "transient" in periods:
+        if "quietPeriod" in health:
+            raise ConfigError(f"{where}.transient in {path}",
+                              f"the same setting as {HEALTH_KEY}.quietPeriod: give one of them")
+        health["quietPeriod"] = periods["transient"]
+
+
+class _XidEntryFile(_FileModel):
+    cls: XidClassName = Field(alias="class")
+    reason: str = ""
+
+
+def _entry_field(entry_key: str, path: str) -> Callable[[str], str]:
+    return lambda field: f"{entry_key}.{field} in {path}" if field else f"{entry_key} in {path}"
+
+
+def _xid_number(key: Any, where: str) -> int:
+    if isinstance(key, bool) or not isinstance(key, int | str) or not str(key).strip().isdigit():
+        raise ConfigError(where, f"{key!r} is not an XID number (a whole number >= 0)")
+    return int(str(key).strip())
+
+
+def _xid_overrides(raw: Any, path: str) -> tuple[XidOverride, ...]:
+    """`xids: {79: {class: fatal, reason: ...}, 13: transient, ...}`: per XID a class (transient,
+    fatal or ignored), as a mapping or the class name alone, and optionally the reason to show."""
+    where = f"{HEALTH_KEY}.xids"
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} in {path}", f"{raw!r} is not a mapping of XID -> {{class, reason}}")
+    overrides: dict[int, XidOverride] = {}
+    for key, value in raw.items():
+        entry_key = f"{where}.{key}"
+        xid = _xid_number(key, f"{entry_key} in {path}")
+        entry = {"class": value} if isinstance(value, str) else value
+        try:
+            parsed = _XidEntryFile.model_validate(entry)
+        except ValidationError as exc:
+            raise config_error_from(exc, _entry_field(entry_key, path)) from exc
+        if xid in overrides:
+            raise ConfigError(f"{entry_key} in {path}", f"XID {xid} is listed twice")
+        overrides[xid] = XidOverride(xid, parsed.cls, parsed.reason.strip())
+    return tuple(overrides[x] for x in sorted(overrides))
 
 
 def _sharing_from(block: _SharingFile | None, path: str) -> Sharing:

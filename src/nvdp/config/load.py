@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nvdp.config.inputs import MAX_INPUT_BYTES, read_text_file
-from nvdp.config.options import OPTIONS, Config, Option, Sharing, flag_names
+from nvdp.config.options import OPTIONS, Config, Option, Sharing, XidOverride, flag_names
 from nvdp.config.parse import file_value, health_items, lookup, parse_text
 from nvdp.errors import ConfigError
 
@@ -51,13 +51,14 @@ def load(
 
     doc: Mapping[str, Any] = {}
     sharing = Sharing()
+    xid_overrides: tuple[XidOverride, ...] = ()
     config_file = values.get("config_file", _UNSET)
     if config_file is not _UNSET and config_file:
         # Imported here: pydantic's import and model building cost start-up time that a plugin
         # run without a config file (the common DaemonSet case) need not pay.
         from nvdp.config.file import read_config_file
 
-        doc, sharing = read_config_file(config_file, read_text, sources["config_file"])
+        doc, sharing, xid_overrides = read_config_file(config_file, read_text, sources["config_file"])
 
     for opt in options:
         if values[opt.field] is _UNSET:
@@ -72,7 +73,7 @@ def load(
 
     if "dev_root" in values and not values["dev_root"]:
         values["dev_root"] = values["driver_root"]
-    cfg = Config(**values, sharing=sharing, sources=sources)
+    cfg = Config(**values, sharing=sharing, xid_overrides=xid_overrides, sources=sources)
     validate(cfg, options)
     # The plugin's MPS flag rules, for the commands that take its MPS flags (the plugin and the MPS
     # daemon). Upstream GFD checks neither: its MPS errors come from the node (core/labels.py).
@@ -162,6 +163,10 @@ def parse_listen_address(text: str, field: str = "--metrics-address") -> tuple[s
     return host, int(port)
 
 
+# The kubelet gives PreStartContainer 30 s; the hygiene check's NVML calls run under this deadline.
+MAX_NVML_TIMEOUT_S = 20.0
+
+
 def _validate_health(cfg: Config) -> None:
     for name in ("disable_healthchecks", "enable_healthchecks"):
         for entry in health_items(getattr(cfg, name)).malformed:
@@ -177,3 +182,22 @@ def _validate_health(cfg: Config) -> None:
                           f"{cfg.health_wait_error_threshold} must be at least 1")
     if cfg.simulate_control and not cfg.simulate:
         raise ConfigError(cfg.source("simulate_control"), "fault injection needs a simulated node (--simulate)")
+    fatal = cfg.health_fatal_quiet_period
+    if fatal is not None and not (math.isfinite(fatal) and fatal >= 0):
+        raise ConfigError(cfg.source("health_fatal_quiet_period"),
+                          f"{fatal} is not a number of seconds >= 0 (unset: never)")
+    if not (math.isfinite(cfg.health_nvml_timeout) and 0 < cfg.health_nvml_timeout <= MAX_NVML_TIMEOUT_S):
+        raise ConfigError(
+            cfg.source("health_nvml_timeout"),
+            f"{cfg.health_nvml_timeout} is not a number of seconds > 0 and <= {MAX_NVML_TIMEOUT_S:g} "
+            "(PreStartContainer must answer within the kubelet's 30 s)",
+        )
+    if cfg.cluster_health and not cfg.node_name:
+        raise ConfigError(cfg.source("cluster_health"),
+                          "needs --node-name (NODE_NAME, from the downward API's spec.nodeName)")
+    if cfg.taint_on_fatal and not cfg.cluster_health:
+        raise ConfigError(cfg.source("taint_on_fatal"),
+                          "needs --cluster-health (the taint is part of what the cluster sees)")
+    if cfg.gpu_hygiene_memory_threshold < 0:
+        raise ConfigError(cfg.source("gpu_hygiene_memory_threshold"),
+                          f"{cfg.gpu_hygiene_memory_threshold} MiB is negative")

@@ -30,6 +30,7 @@ AllocationPolicy = Literal["distributed", "packed"]
 DiscoveryStrategy = Literal["auto", "nvml", "tegra"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+XidClassName = Literal["transient", "fatal", "ignored"]  # a class in the config file's XID policy
 
 LIST_STRATEGIES: tuple[DeviceListStrategy, ...] = get_args(DeviceListStrategy)
 CDI_STRATEGIES: frozenset[DeviceListStrategy] = frozenset({"cdi-annotations", "cdi-cri"})
@@ -140,6 +141,34 @@ OPTIONS: tuple[Option, ...] = (
            help="where this container sees the MPS root (pipe and log folders per resource)"),
     Option("nvidia_smi", "nvidia-smi", "str", "nvidia-smi", ("NVDP_NVIDIA_SMI",), "flags.nvdp.mps.nvidiaSmi",
            help="nvidia-smi (path or command line), for the MPS daemon's compute mode"),
+    # Health, continued (issue 15; docs/health.md): per-class quiet periods, the driver's
+    # recovery action, NVML deadlines, what the cluster sees, GPU hygiene before hand-out.
+    Option("health_fatal_quiet_period", "health-fatal-quiet-period", "float", None,
+           ("NVDP_HEALTH_FATAL_QUIET_PERIOD",), "flags.nvdp.health.quietPeriods.fatal",
+           help="seconds without new events before a fatal XID clears too (after a passing probe); "
+                "unset: only a GPU reset clears it"),
+    Option("health_recovery_action", "health-recovery-action", "bool", True, ("NVDP_HEALTH_RECOVERY_ACTION",),
+           "flags.nvdp.health.recoveryAction",
+           help="let the driver's GPU recovery action (where NVML reports it) decide an XID's class"),
+    Option("health_nvml_timeout", "health-nvml-timeout", "float", 10.0, ("NVDP_HEALTH_NVML_TIMEOUT",),
+           "flags.nvdp.health.nvmlTimeout",
+           help="seconds an NVML call on the health path may take before its GPU (or every GPU) is "
+                "marked unhealthy with reason nvml-timeout"),
+    Option("cluster_health", "cluster-health", "bool", False, ("NVDP_CLUSTER_HEALTH",),
+           "flags.nvdp.health.cluster",
+           help="post a Kubernetes Event per GPU health change and keep the node condition GPUHealthy "
+                "(needs --node-name and RBAC on events and nodes/status)"),
+    Option("taint_on_fatal", "taint-on-fatal", "bool", False, ("NVDP_TAINT_ON_FATAL",),
+           "flags.nvdp.health.taintOnFatal",
+           help="with --cluster-health: taint the node nvidia.com/gpu-fatal-error:NoSchedule while a GPU "
+                "has a fatal fault"),
+    Option("node_name", "node-name", "str", "", ("NODE_NAME",), "flags.nvdp.nodeName",
+           help="this node's name (the downward API's spec.nodeName), for --cluster-health"),
+    Option("gpu_hygiene", "gpu-hygiene", "bool", False, ("NVDP_GPU_HYGIENE",), "flags.nvdp.health.hygiene",
+           help="PreStartContainer refuses an exclusive GPU with compute processes or memory in use"),
+    Option("gpu_hygiene_memory_threshold", "gpu-hygiene-memory-threshold", "int", 1024,
+           ("NVDP_GPU_HYGIENE_MEMORY_THRESHOLD",), "flags.nvdp.health.hygieneMemoryThreshold",
+           help="MiB of GPU memory in use above which --gpu-hygiene calls a GPU dirty"),
 )
 
 OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in OPTIONS}
@@ -181,7 +210,7 @@ GFD_OPTIONS: tuple[Option, ...] = (
     Option("kube_api_qps", "kube-api-qps", "float", 5.0, ("KUBE_API_QPS",), help="Kubernetes API requests per second"),
     Option("kube_api_burst", "kube-api-burst", "int", 10, ("KUBE_API_BURST",), help="Kubernetes API request burst"),
     Option("namespace", "namespace", "str", "default", ("NAMESPACE",), help="namespace of the NodeFeature object"),
-    Option("node_name", "node-name", "str", "", ("NODE_NAME",), help="this node's name (NodeFeature API)"),
+    _shared("node_name"),  # this node's name: the NodeFeature object's, as the plugin's cluster health
     Option("pod_name", "pod-name", "str", "", ("POD_NAME",), help="this pod's name (NodeFeature owner references)"),
     # nvdp's own, as for the plugin.
     _shared("simulate"),
@@ -198,6 +227,16 @@ SharingStrategy = Literal["none", "time-slicing", "mps"]
 # `devices` of a shared resource: "all", a count (the first N devices of the resource) or device
 # references (GPU index "0", MIG index "0:1", GPU-/MIG- UUIDs, MIG-GPU-<uuid>/<gi>/<ci>).
 DeviceSelection = Literal["all"] | int | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class XidOverride:
+    """One entry of the config file's `flags.nvdp.health.xids` (`file.py` checks it): the class
+    of one XID and, optionally, the reason shown for it ("": the built-in one)."""
+
+    xid: int
+    cls: XidClassName
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -279,6 +318,14 @@ class Config:
     health_probe_interval: float = _default("health_probe_interval")
     health_wait_error_threshold: int = _default("health_wait_error_threshold")
     simulate_control: str | None = _default("simulate_control")
+    health_fatal_quiet_period: float | None = _default("health_fatal_quiet_period")
+    health_recovery_action: bool = _default("health_recovery_action")
+    health_nvml_timeout: float = _default("health_nvml_timeout")
+    cluster_health: bool = _default("cluster_health")
+    taint_on_fatal: bool = _default("taint_on_fatal")
+    node_name: str = _default("node_name")
+    gpu_hygiene: bool = _default("gpu_hygiene")
+    gpu_hygiene_memory_threshold: int = _default("gpu_hygiene_memory_threshold")
     cdi_spec_dir: str = _default("cdi_spec_dir")
     mps_control: str = _default("mps_control")
     mps_dir: str = _default("mps_dir")
@@ -293,10 +340,10 @@ class Config:
     kubeconfig: str = _default("kubeconfig")
     kube_api_qps: float = _default("kube_api_qps")
     kube_api_burst: int = _default("kube_api_burst")
-    namespace: str = _default("namespace")
-    node_name: str = _default("node_name")
+    namespace: str = _default("namespace")  # node_name (above) is shared with the plugin's cluster health
     pod_name: str = _default("pod_name")
     sharing: Sharing = field(default_factory=Sharing)
+    xid_overrides: tuple[XidOverride, ...] = ()  # flags.nvdp.health.xids of the config file
     # Where each value came from, for error messages: "--mig-strategy", "MIG_STRATEGY" or
     # "flags.migStrategy in /etc/nvdp/config.yaml" (`load.load` fills it; defaults are absent).
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -318,6 +365,10 @@ class Config:
             value = getattr(self, opt.field)
             node[leaf] = list(value) if isinstance(value, tuple) else value
         doc["sharing"] = {"mps" if self.sharing.strategy == "mps" else "timeSlicing": _sharing_v1(self.sharing)}
+        if self.xid_overrides:  # the XID policy of the config file (docs/health.md)
+            health = doc["flags"].setdefault("nvdp", {}).setdefault("health", {})
+            health["xids"] = {o.xid: {"class": o.cls, **({"reason": o.reason} if o.reason else {})}
+                              for o in self.xid_overrides}
         return doc
 
     def to_json(self, table: Sequence[Option] | None = None) -> str:

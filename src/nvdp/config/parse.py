@@ -121,7 +121,7 @@ def file_value(opt: Option, raw: Any, key: str) -> Any:
         case "int" | "float":
             if isinstance(raw, bool) or not isinstance(raw, int | float):
                 raise ConfigError(key, f"{raw!r} is not a number")
-            return raw if opt.kind == "float" else int(raw)
+            return float(raw) if opt.kind == "float" else int(raw)
         case "duration":
             # As the official schema: a number is nanoseconds, a string a Go duration or "infinite".
             if isinstance(raw, str):

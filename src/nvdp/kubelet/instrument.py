@@ -17,7 +17,7 @@ import grpc
 
 from nvdp.core.devices import Resource
 from nvdp.kubelet.liveness import PROBE_METADATA
-from nvdp.kubelet.server import ResourceServer, ServingContext
+from nvdp.kubelet.server import PreStartHook, ResourceServer, ServingContext
 from nvdp.ops.counters import PluginStats
 
 Clock = Callable[[], float]
@@ -27,8 +27,11 @@ if TYPE_CHECKING:  # RpcMethodHandler is generic only in the type stubs
     Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
 
 
-def instrumented_servers(stats: PluginStats) -> Callable[[Resource, ServingContext, str], ResourceServer]:
-    """The Manager's server factory: every new resource server counts into `stats`."""
+def instrumented_servers(
+    stats: PluginStats, pre_start: PreStartHook | None = None
+) -> Callable[[Resource, ServingContext, str], ResourceServer]:
+    """The Manager's server factory: every new resource server counts into `stats` (and asks
+    `pre_start` before container starts, with --gpu-hygiene)."""
 
     def build(resource: Resource, context: ServingContext, socket_dir: str) -> ResourceServer:
         return ResourceServer(
@@ -37,6 +40,7 @@ def instrumented_servers(stats: PluginStats) -> Callable[[Resource, ServingConte
             socket_dir,
             interceptors=(MetricsInterceptor(resource.name, stats),),
             on_allocate=stats.record_allocation,
+            pre_start=pre_start,
         )
 
     return build

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -30,6 +30,9 @@ from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
 log = logging.getLogger("nvdp.server")  # stable name: operators filter on it
 Context = grpc.aio.ServicerContext[Any, Any]
 AllocateHook = Callable[[str, Sequence[str], Exception | None], None]
+# PreStartContainer's check (--gpu-hygiene): the resource and the device IDs the container gets;
+# None to let it start, else why not (the kubelet fails the container start with that text).
+PreStartHook = Callable[[Resource, Sequence[str]], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,11 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         socket_dir: str,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         on_allocate: AllocateHook | None = None,
+        pre_start: PreStartHook | None = None,
     ) -> None:
         """`interceptors` wrap every call (timing for metrics); `on_allocate` sees each Allocate's
-        (resource name, request ids, error or None) once the call is decided."""
+        (resource name, request ids, error or None) once the call is decided; `pre_start`, when
+        given and --gpu-hygiene is on, is asked before each container start (PreStartContainer)."""
         self.resource = resource
         self.context = context
         self.socket_path = os.path.join(socket_dir, socket_name(resource.name))
@@ -104,15 +109,24 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self._server: grpc.aio.Server | None = None
         self._stopping = False
         self._on_allocate = on_allocate
+        self._pre_start = pre_start
         self._interceptors = tuple(interceptors)
 
     @property
     def name(self) -> str:
         return self.resource.name
 
+    @property
+    def pre_start_required(self) -> bool:
+        """PreStartContainer is advertised only with --gpu-hygiene (the kubelet then calls it
+        before every container start, with a 30 s deadline). The kubelet reads the options at
+        registration: a reload that switches it takes effect when the resource registers again."""
+        return self._pre_start is not None and self.context.config.gpu_hygiene
+
     def options(self) -> pb.DevicePluginOptions:
         """The one source of the options sent in Register and in GetDevicePluginOptions."""
-        return pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
+        return pb.DevicePluginOptions(pre_start_required=self.pre_start_required,
+                                      get_preferred_allocation_available=True)
 
     async def update(self, resource: Resource) -> None:
         """A new device snapshot: every open ListAndWatch stream sends the full list again."""
@@ -247,4 +261,9 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     async def PreStartContainer(
         self, request: pb.PreStartContainerRequest, context: Context
     ) -> pb.PreStartContainerResponse:
+        if self._pre_start is not None and self.context.config.gpu_hygiene:
+            problem = await self._pre_start(self.resource, list(request.devices_ids))
+            if problem is not None:
+                log.warning("container start refused", extra={"resource": self.name, "error": problem})
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         return pb.PreStartContainerResponse()

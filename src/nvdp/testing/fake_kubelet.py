@@ -40,6 +40,9 @@ _QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
+PRE_START_TIMEOUT_S = 30.0  # the kubelet's deadline for PreStartContainer
+
+
 class KubeletError(Exception):
     """A plugin answer the real kubelet would reject."""
 
@@ -303,6 +306,23 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         if len(response.container_responses) != 1:
             raise KubeletError(f"{resource}: {len(response.container_responses)} container responses for 1")
         return response.container_responses[0]
+
+    async def pre_start(self, resource: str, device_ids: Sequence[str]) -> None:
+        """PreStartContainer before a container start, as the kubelet calls it: only for a plugin
+        that asked for it in its options, with the kubelet's 30 s deadline. gRPC errors propagate."""
+        plugin = self.plugin(resource)
+        if not plugin.options.pre_start_required:
+            raise KubeletError(f"{resource} did not ask for PreStartContainer: the kubelet would not call it")
+        await plugin.stub.PreStartContainer(pb.PreStartContainerRequest(devices_ids=list(device_ids)),
+                                            timeout=PRE_START_TIMEOUT_S)
+
+    async def start_refusal(self, resource: str, device_ids: Sequence[str]) -> str | None:
+        """PreStartContainer for one container; why the start was refused ("CODE: details"), or None."""
+        try:
+            await self.pre_start(resource, device_ids)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        return None
 
     # --- waiting for things (tests and the demo) -----------------------------------------------
 

@@ -14,7 +14,7 @@ import uuid as uuidlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nvdp.backends.nvml.health import NvmlEventWaiter, probe_gpu
+from nvdp.backends.nvml.health import NvmlEventWaiter, gpu_usage, probe_gpu
 from nvdp.backends.nvml.library import open_nvml
 from nvdp.backends.nvml.seam import Nvml, text
 from nvdp.backends.nvml.sysfs import (
@@ -27,6 +27,7 @@ from nvdp.backends.nvml.sysfs import (
 from nvdp.core import mig
 from nvdp.core.devices import CONTROL_DEVICES, FabricInfo, GpuInfo, MigInfo, Node, PcieLevel, Topology
 from nvdp.core.health import ProbeSample
+from nvdp.core.hygiene import GpuUsage
 from nvdp.core.topology import Far, NvLinkEnd, build_topology
 from nvdp.errors import DeviceError, DiscoveryError
 
@@ -250,3 +251,6 @@ class NvmlBackend:
 
     def probe(self, gpus: Sequence[str]) -> Mapping[str, ProbeSample]:
         return {uuid: probe_gpu(self._nv, uuid) for uuid in gpus}
+
+    def usage(self, gpu: str) -> GpuUsage:
+        return gpu_usage(self._nv, gpu)

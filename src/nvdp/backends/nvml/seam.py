@@ -62,6 +62,11 @@ class Nvml:
             raise AttributeError(f"the NVML bindings have no {name}")
         return int(value)
 
+    def optional_constant(self, name: str) -> int | None:
+        """A constant, or None where the bindings are too old to have it."""
+        value = getattr(self._module, name, None)
+        return None if value is None else int(value)
+
     def code(self, name: str) -> int:
         """The value of a return code by name: `code("NOT_SUPPORTED")` is NVML_ERROR_NOT_SUPPORTED."""
         return int(getattr(self._module, ERROR_PREFIX + name))

@@ -25,6 +25,7 @@ from typing import Any
 
 from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.core.mig import describe_layout
+from nvdp.core.xid_policy import RecoveryAction, recovery_label
 from nvdp.errors import ConfigError, PluginError
 
 log = logging.getLogger("nvdp.simcontrol")  # stable name: operators filter on it
@@ -78,6 +79,19 @@ class Args:
             raise ControlError(f"field {name!r} must be true or false, not {value!r}")
         return value
 
+    def recovery_action(self) -> int | None:
+        """A recovery action by NVML value or by name ("gpu-reset", "node-reboot", ...)."""
+        value = self.raw.get("recovery_action")
+        if value is None:
+            return None
+        if isinstance(value, str):
+            names = {recovery_label(a): int(a) for a in RecoveryAction}
+            if value not in names:
+                raise ControlError(f"field 'recovery_action' must be one of {', '.join(names)} or a number, "
+                                   f"not {value!r}")
+            return names[value]
+        return self.integer("recovery_action", minimum=0)
+
     def gpu(self) -> int | str:
         value = self.raw.get("gpu")
         if isinstance(value, bool) or not isinstance(value, int | str):
@@ -100,10 +114,39 @@ def command(name: str) -> Callable[[Handler], Handler]:
 @command("xid")
 def _xid(ctx: ControlContext, args: Args) -> Reply:
     event = ctx.simulated().inject_xid(args.gpu(), args.integer("xid", minimum=0), args.optional_int("gi"),
-                                       args.optional_int("ci"))
+                                       args.optional_int("ci"), args.recovery_action())
     where = f" GI {event.gi}" if event.gi is not None else ""
     where += f" CI {event.ci}" if event.ci is not None else ""
+    if event.recovery_action is not None:
+        where += f" (the driver asks for {recovery_label(event.recovery_action)})"
     return {"message": f"XID {event.xid} injected on {event.gpu}{where}", "gpu": event.gpu}
+
+
+@command("hang")
+def _hang(ctx: ControlContext, args: Args) -> Reply:
+    """NVML calls that do not return: the probe of one GPU and/or every event wait; or release them."""
+    backend = ctx.simulated()
+    if args.flag("release"):
+        backend.release()
+        return {"message": "every hung NVML call returns"}
+    gpu = args.gpu() if args.raw.get("gpu") is not None else None
+    what = backend.hang(gpu, events=args.flag("events"))
+    return {"message": f"{what} hang(s) until released"}
+
+
+@command("dirty")
+def _dirty(ctx: ControlContext, args: Args) -> Reply:
+    """Compute processes and/or memory left on a GPU (GPU hygiene); `clean` removes them."""
+    backend = ctx.simulated()
+    if args.flag("clean"):
+        uuid = backend.clean(args.gpu())
+        return {"message": f"{uuid} is clean", "gpu": uuid}
+    pids = args.raw.get("pids", [])
+    if not isinstance(pids, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in pids):
+        raise ControlError(f"field 'pids' must be a list of process IDs, not {pids!r}")
+    uuid = backend.make_dirty(args.gpu(), pids, args.integer("memory_mib", default=0, minimum=0))
+    return {"message": f"{uuid} has {len(pids)} compute processes and {args.raw.get('memory_mib', 0)} MiB in use",
+            "gpu": uuid}
 
 
 @command("lose")
