@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-deploy image test-image lint typecheck check bench proto gpu-test clean
+.PHONY: demo test test-deploy image test-image lint typecheck check bench proto profiles gpu-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ bench: $(STAMP)
 
 proto: $(STAMP)
 	PATH=$(BIN):$$PATH PYTHON=$(BIN)/python scripts/gen-proto
+
+# The built-in simulated profiles, precompiled to JSON (served without PyYAML and pydantic).
+profiles: $(STAMP)
+	$(BIN)/python scripts/compile-profiles
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -242,11 +242,15 @@ def test_bad_simulated_profile_exits_2(plugin_dir: Path, tmp_path: Path) -> None
 OPTIONAL_IMPORTS = (
     "yaml", "pydantic", "prometheus_client", "h11", "nvdp.ops.web", "nvdp.ops.metrics", "nvdp.config.file",
 )
+PROFILE_FILE = str(Path(__file__).parents[2] / "src/nvdp/backends/simulated/profiles/pcie-l40s.yaml")
 IMPORT_PROBE = """
 import sys
 from nvdp.config.load import load
 import nvdp.app.plugin, nvdp.cli, nvdp.backends.nvml.discovery, nvdp.backends.nvml.library
-load(CLI, {}, read_text=lambda path: "version: v1")
+cfg = load(CLI, {}, read_text=lambda path: "version: v1")
+if cfg.simulate:
+    from nvdp.app.discovery import open_backend
+    open_backend(cfg).discover()
 print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
 """
 
@@ -256,6 +260,8 @@ print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
     [
         pytest.param({}, "", id="plain start: none"),
         pytest.param({"config_file": "/c.yaml"}, "yaml,pydantic,nvdp.config.file", id="config file: its parser"),
+        pytest.param({"simulate": "dgx-h100"}, "", id="built-in simulated profile: none"),
+        pytest.param({"simulate": PROFILE_FILE}, "yaml,pydantic", id="simulated profile file: its schema"),
     ],
 )
 def test_start_path_imports_only_what_the_options_need(cli: dict[str, str], loaded: str) -> None:

@@ -1,4 +1,5 @@
-"""Simulated node profiles: the YAML schema (pydantic) and the loader.
+"""Simulated node profiles: the YAML schema (pydantic) and the loader (for a profile file; the
+built-in ones are served from their precompiled form, builtin.py).
 
 Profiles ship with the package (`profiles/*.yaml`, selected by name) or come from a file path.
 The format is documented in docs/simulated-profiles.md; `load_profile` validates it and every error
@@ -14,10 +15,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from nvdp.backends.simulated.builtin import PROFILES_PACKAGE, builtin_profiles
 from nvdp.core.devices import CONTROL_DEVICES
 from nvdp.errors import ConfigError, config_error_from
 
-PROFILES_PACKAGE = "nvdp.backends.simulated.profiles"
+__all__ = ["PROFILES_PACKAGE", "Profile", "builtin_profiles", "load_profile"]
 # The control nodes a simulated node has unless its profile says otherwise: those of the real H200
 # node in the fixtures, i.e. the candidates without /dev/nvidia-modeset (headless compute nodes
 # load no modeset driver).
@@ -92,14 +94,6 @@ class Profile(_Strict):
     pcie: PcieSpec = Field(default_factory=PcieSpec)
     # Entries the simulated driver's /proc/driver/nvidia-caps/mig-minors lacks, e.g. "gpu1/gi2/access".
     mig_minors_missing: list[str] = Field(default_factory=list)
-
-
-def builtin_profiles() -> list[str]:
-    return sorted(
-        p.name.removesuffix(".yaml")
-        for p in resources.files(PROFILES_PACKAGE).iterdir()
-        if p.name.endswith(".yaml")
-    )
 
 
 def load_profile(name_or_path: str) -> tuple[str, Profile]:
