@@ -7,12 +7,10 @@ The only module that reads argv and os.environ, sets up logging and decides exit
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -28,8 +26,10 @@ EXIT_INIT_ERROR = 1
 EXIT_CONFIG_ERROR = 2
 
 
-def _option_decorators(f: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed(OPTIONS):
+def _table_options() -> list[click.Option]:
+    """One click option per row of the OPTIONS table."""
+    options = []
+    for opt in OPTIONS:
         names = [f"--{opt.flag}", *(f"--{a}" for a in opt.aliases), opt.field]
         envs = f" [env: {', '.join(opt.envs)}]" if opt.envs else ""
         default = ",".join(opt.default) if isinstance(opt.default, tuple) else opt.default
@@ -38,13 +38,26 @@ def _option_decorators(f: Callable[..., Any]) -> Callable[..., Any]:
             text += f" [one of: {', '.join(opt.choices)}]"
         if opt.kind == "bool":
             # `--flag` alone means true; `--flag=false` works as with the official plugin.
-            f = click.option(*names, is_flag=False, flag_value="true", default=None, help=text,
-                             metavar="BOOL")(f)
+            options.append(click.Option(names, is_flag=False, flag_value="true", default=None, help=text,
+                                        metavar="BOOL"))
         elif opt.kind in ("list", "intlist"):
-            f = click.option(*names, multiple=True, default=None, help=text + " (comma-separated)")(f)
+            options.append(click.Option(names, multiple=True, default=None, help=text + " (comma-separated)"))
         else:
-            f = click.option(*names, default=None, help=text)(f)
-    return f
+            options.append(click.Option(names, default=None, help=text))
+    return options
+
+
+class TableCommand(click.Command):
+    """A command that also takes every OPTIONS flag, built when the command is used rather than
+    when this module is imported: start-up builds the flags of the one command it runs."""
+
+    _table_added = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._table_added:
+            self.params.extend(_table_options())
+            self._table_added = True
+        return super().get_params(ctx)
 
 
 def resolve(cli_values: dict[str, Any]) -> Config:
@@ -76,12 +89,25 @@ def _early_logging(cli_values: dict[str, Any]) -> None:
         logs.setup()
 
 
+def _without_unused_modules(cfg: Config) -> None:
+    """Before asyncio and grpc are imported: without the metrics listener nothing in the plugin
+    uses TLS (prometheus_client is the only user of Python's ssl module), so asyncio and grpc are
+    told that ssl is absent (a None entry in sys.modules), which they support: 4-5 MB of OpenSSL
+    and ~10 ms less (docs/benchmarks.md). The listener cannot be turned on by a reload."""
+    if not cfg.metrics_address and "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+
+
 def _serve(cli_values: dict[str, Any]) -> None:
-    from nvdp.app.plugin import Plugin
     from nvdp.ops import logs
 
     _early_logging(cli_values)
     cfg = _config_or_exit(cli_values)
+    _without_unused_modules(cfg)
+    import asyncio
+
+    from nvdp.app.plugin import Plugin
+
     logs.setup(cfg.log_level, fmt=cfg.log_format)
     plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values))
     try:
@@ -111,24 +137,21 @@ def main() -> None:
     """nvdp: the NVIDIA GPU device plugin for Kubernetes."""
 
 
-@main.command()
-@_option_decorators
+@main.command(cls=TableCommand)
 def serve(**cli_values: Any) -> None:
     """Run the device plugin (what `nvidia-device-plugin` runs)."""
     _serve(cli_values)
 
 
-@click.command(name="nvidia-device-plugin")
+@click.command(name="nvidia-device-plugin", cls=TableCommand)
 @click.version_option(__version__, prog_name="nvidia-device-plugin")
-@_option_decorators
 def serve_main(**cli_values: Any) -> None:
     """NVIDIA device plugin for Kubernetes (nvdp), with the official plugin's flags and env vars."""
     _serve(cli_values)
 
 
-@main.command()
+@main.command(cls=TableCommand)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@_option_decorators
 def devices(as_json: bool, **cli_values: Any) -> None:
     """Print what would be advertised for the current flags and backend."""
     from nvdp.app.discovery import discover_once
@@ -153,6 +176,8 @@ def devices(as_json: bool, **cli_values: Any) -> None:
 @click.option("--profile", default="dgx-h100", show_default=True, help="simulated node profile")
 def demo(profile: str) -> None:
     """Run the plugin on a simulated node against a fake kubelet and narrate what it sees."""
+    import asyncio
+
     from nvdp.ops import logs
     from nvdp.tools.demo import run_demo
 
@@ -164,17 +189,17 @@ def demo(profile: str) -> None:
         sys.exit(EXIT_CONFIG_ERROR)
 
 
-@main.command()
+@main.command(cls=TableCommand)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 @click.option("--proc-root", default="/proc", show_default=True, help="the node's /proc")
 @click.option("--sys-root", default="/sys", show_default=True, help="the node's /sys")
 @click.option("--etc-root", default="/etc", show_default=True, help="the node's /etc (container runtime, CDI)")
 @click.option("--run-root", default="/run", show_default=True, help="the node's /run (CDI specs)")
 @click.option("--var-root", default="/var", show_default=True, help="the node's /var (k3s and RKE2 containerd)")
-@_option_decorators
 def doctor(as_json: bool, proc_root: str, sys_root: str, etc_root: str, run_root: str, var_root: str,
            **cli_values: Any) -> None:
     """Check this node for what the plugin needs; exit 1 when something blocks it."""
+    import asyncio
     from dataclasses import replace
     from pathlib import Path
 
