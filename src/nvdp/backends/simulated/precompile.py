@@ -6,10 +6,9 @@ committed files are what this produces."""
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
-from nvdp.backends.simulated.builtin import FORMAT, PROFILES_PACKAGE, builtin_profiles, compiled_name, node_to_data
+from nvdp.backends.simulated.builtin import FORMAT, PROFILES_DIR, builtin_profiles, compiled_name, node_to_data
 from nvdp.backends.simulated.expand import build_node
 from nvdp.backends.simulated.profile import load_profile
 
@@ -31,7 +30,7 @@ def compiled_texts() -> dict[str, str]:
 
 def write(folder: Path | None = None) -> int:
     """Write the files (into the package's profiles folder by default); returns how many."""
-    target = folder or Path(str(resources.files(PROFILES_PACKAGE)))
+    target = folder or Path(PROFILES_DIR)
     texts = compiled_texts()
     for file, text in texts.items():
         (target / file).write_text(text)
