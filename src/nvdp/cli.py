@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,6 +19,9 @@ from nvdp import __version__
 from nvdp.config.load import load
 from nvdp.config.options import OPTIONS, Config
 from nvdp.errors import ConfigError, DiscoveryError, ListenError, PluginError, ServeError
+
+if TYPE_CHECKING:
+    from nvdp.app.discovery import BackendFactory
 
 log = logging.getLogger("nvdp")
 
@@ -98,7 +101,8 @@ def _without_unused_modules(cfg: Config) -> None:
         sys.modules["ssl"] = None  # type: ignore[assignment]
 
 
-def _serve(cli_values: dict[str, Any]) -> None:
+def _serve(cli_values: dict[str, Any], backend_factory: BackendFactory | None = None) -> None:
+    """`backend_factory`: the NVML-path benchmark (bench/nvml_plugin.py) passes the test fake."""
     from nvdp.ops import logs
 
     _early_logging(cli_values)
@@ -106,10 +110,11 @@ def _serve(cli_values: dict[str, Any]) -> None:
     _without_unused_modules(cfg)
     import asyncio
 
+    from nvdp.app.discovery import open_backend
     from nvdp.app.plugin import Plugin
 
     logs.setup(cfg.log_level, fmt=cfg.log_format)
-    plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values))
+    plugin = Plugin(cfg, backend_factory=backend_factory or open_backend, reload_config=lambda: resolve(cli_values))
     try:
         asyncio.run(plugin.run(handle_signals=True))
     except (ListenError, ServeError) as exc:
