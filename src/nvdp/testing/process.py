@@ -54,7 +54,8 @@ def open_fds(pid: int) -> int:
 
 
 class PluginProcess:
-    """`nvidia-device-plugin --kubelet-socket <folder>/kubelet.sock <args>` as a child process."""
+    """`nvidia-device-plugin --kubelet-socket <folder>/kubelet.sock <args>` as a child process
+    (`command`: another program taking the same flags, e.g. the NVML-path benchmark's)."""
 
     def __init__(
         self,
@@ -62,8 +63,10 @@ class PluginProcess:
         args: Sequence[str] = ("--simulate", "dgx-h100"),
         env: Mapping[str, str] | None = None,
         log_path: str | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         self.folder = folder
+        self.command = list(command) if command is not None else None
         self.args = [f"--kubelet-socket={os.path.join(folder, 'kubelet.sock')}", *args]
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path or os.path.join(folder, "plugin.log")
@@ -79,8 +82,9 @@ class PluginProcess:
     async def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.spawned_at = time.monotonic()
+            program = self.command or [console_script()]
             self.process = await asyncio.create_subprocess_exec(
-                console_script(), *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
+                *program, *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
             )
 
     def signal(self, sig: signal.Signals) -> None:
