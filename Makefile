@@ -1,4 +1,5 @@
-# nvdp: make demo (simulated node, no GPU needed) and make test, each from a fresh checkout.
+# nvdp: make demo (simulated node, no GPU needed; runtime dependencies only) and make test, each from a
+# fresh checkout.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -6,13 +7,22 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-deploy image test-image lint typecheck check bench proto profiles gpu-test clean
 
-$(STAMP): pyproject.toml
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# make demo needs only the package and its runtime dependencies; make test the dev tools too.
+$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(BIN)/nvdp demo
 
 test: $(STAMP)

@@ -1,4 +1,5 @@
-"""Command line: `nvdp serve|devices|demo|doctor|simulate|status|version`, and `nvidia-device-plugin` (= `nvdp serve`).
+"""Command line: `nvdp serve|devices|demo|doctor|cdi|mps-control-daemon|simulate|status|testing|version`, and
+the console scripts `nvidia-device-plugin` (= `nvdp serve`) and `mps-control-daemon`.
 
 The only module that reads argv and os.environ, sets up logging and decides exit codes:
 0 stopped cleanly; 1 initialisation failed (NVML, no devices) or an unexpected error;
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -18,12 +20,22 @@ import click
 from nvdp import __version__
 from nvdp.config.load import load
 from nvdp.config.options import OPTIONS, Config
-from nvdp.errors import ConfigError, DiscoveryError, ListenError, PluginError, ServeError
+from nvdp.errors import ConfigError, DiscoveryError, ListenError, NvmlUnavailable, PluginError, ServeError
 
 if TYPE_CHECKING:
     from nvdp.app.discovery import BackendFactory
 
 log = logging.getLogger("nvdp")
+
+# gRPC's C core writes its own lines to stderr (`E1201 ... add_port.cc:83] Failed to add port`),
+# in neither of our log formats; every failure it reports also reaches us as a Python error, which
+# we log. Set before anything imports grpc; GRPC_VERBOSITY=debug (or error) brings them back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+# `-h` as well as `--help`, as the official binary; subcommands inherit it.
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+TRY_SIMULATE = ("To try nvdp without a GPU, run it on a simulated node: --simulate dgx-h100 "
+                "(nvdp devices --simulate dgx-h100 shows what it would advertise).")
 
 EXIT_INIT_ERROR = 1
 EXIT_CONFIG_ERROR = 2
@@ -50,9 +62,9 @@ def _table_options() -> list[click.Option]:
     return options
 
 
-class TableCommand(click.Command):
-    """A command that also takes every OPTIONS flag, built when the command is used rather than
-    when this module is imported: start-up builds the flags of the one command it runs."""
+class _TableParams(click.Command):
+    """Also takes every OPTIONS flag, built when the command is used rather than when this module
+    is imported: start-up builds the flags of the one command it runs (~40 options each)."""
 
     _table_added = False
 
@@ -63,17 +75,39 @@ class TableCommand(click.Command):
         return super().get_params(ctx)
 
 
+class TableCommand(_TableParams):
+    """A command with the OPTIONS flags (serve, devices, doctor, cdi generate|list)."""
+
+
+class TableGroup(_TableParams, click.Group):
+    """A group with the OPTIONS flags (mps-control-daemon, which also runs without a subcommand)."""
+
+
 def resolve(cli_values: dict[str, Any]) -> Config:
     given = {k: (None if v == () else v) for k, v in cli_values.items()}
     return load(given, os.environ)
 
 
-def _config_or_exit(cli_values: dict[str, Any]) -> Config:
+def _config_or_exit(cli_values: dict[str, Any], report: Callable[[str], None] | None = None) -> Config:
+    """The config, with every input checked before anything starts (the simulated profile, the
+    control socket path); exit 2 naming what is wrong."""
+    from nvdp.app.discovery import check_inputs
+
     try:
-        return resolve(cli_values)
+        cfg = resolve(cli_values)
+        check_inputs(cfg)
+        return cfg
     except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
+        (report or _echo_error)(str(exc))
         sys.exit(EXIT_CONFIG_ERROR)
+
+
+def _echo_error(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+
+
+def _log_error(message: str) -> None:
+    log.error(message)
 
 
 def _early_logging(cli_values: dict[str, Any]) -> None:
@@ -85,7 +119,7 @@ def _early_logging(cli_values: dict[str, Any]) -> None:
         option = next(o for o in OPTIONS if o.field == field)
         return cli_values.get(field) or next((os.environ[e] for e in option.envs if os.environ.get(e)), None)
 
-    level, fmt = given("log_level") or "info", given("log_format") or "text"
+    level, fmt = (given("log_level") or "info").lower(), (given("log_format") or "text").lower()
     try:
         logs.setup(level, fmt=fmt)
     except (KeyError, ValueError):  # an invalid value: the config check reports it
@@ -106,7 +140,8 @@ def _serve(cli_values: dict[str, Any], backend_factory: BackendFactory | None = 
     from nvdp.ops import logs
 
     _early_logging(cli_values)
-    cfg = _config_or_exit(cli_values)
+    # Errors are log lines from here on, in the chosen format (a JSON log stays all JSON).
+    cfg = _config_or_exit(cli_values, report=_log_error)
     _without_unused_modules(cfg)
     import asyncio
 
@@ -120,8 +155,8 @@ def _serve(cli_values: dict[str, Any], backend_factory: BackendFactory | None = 
     except (ListenError, ServeError) as exc:
         log.error("initialisation failed: %s", exc)
         sys.exit(EXIT_INIT_ERROR)
-    except ConfigError as exc:  # e.g. an invalid simulated profile, found before any socket exists
-        click.echo(f"error: {exc}", err=True)
+    except ConfigError as exc:  # e.g. a device list over the kubelet's limit, found before any socket exists
+        log.error(str(exc))
         sys.exit(EXIT_CONFIG_ERROR)
     except DiscoveryError as exc:
         log.error("initialisation failed: %s", exc)
@@ -130,13 +165,15 @@ def _serve(cli_values: dict[str, Any], backend_factory: BackendFactory | None = 
             "runtime makes the driver visible to this container (nvidia runtime as default, or a "
             "RuntimeClass); on a node without GPUs, set --fail-on-init-error=false."
         )
+        if isinstance(exc, NvmlUnavailable):
+            log.error(TRY_SIMULATE)
         sys.exit(EXIT_INIT_ERROR)
     except PluginError as exc:  # named failures (e.g. the health checks'): a message, not a traceback
         log.error("stopped on an error: %s", exc)
         sys.exit(EXIT_INIT_ERROR)
 
 
-@click.group()
+@click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="nvdp")
 def main() -> None:
     """nvdp: the NVIDIA GPU device plugin for Kubernetes."""
@@ -148,7 +185,7 @@ def serve(**cli_values: Any) -> None:
     _serve(cli_values)
 
 
-@click.command(name="nvidia-device-plugin", cls=TableCommand)
+@click.command(name="nvidia-device-plugin", cls=TableCommand, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="nvidia-device-plugin")
 def serve_main(**cli_values: Any) -> None:
     """NVIDIA device plugin for Kubernetes (nvdp), with the official plugin's flags and env vars."""
@@ -170,6 +207,8 @@ def devices(as_json: bool, **cli_values: Any) -> None:
         sys.exit(EXIT_CONFIG_ERROR)
     except DiscoveryError as exc:
         click.echo(f"error: {exc}", err=True)
+        if isinstance(exc, NvmlUnavailable):
+            click.echo(TRY_SIMULATE, err=True)
         sys.exit(EXIT_INIT_ERROR)
     for problem in plan.problems:
         click.echo(f"{problem.level}: {problem.message}", err=True)
@@ -179,16 +218,24 @@ def devices(as_json: bool, **cli_values: Any) -> None:
 
 @main.command()
 @click.option("--profile", default="dgx-h100", show_default=True, help="simulated node profile")
-def demo(profile: str) -> None:
+@click.option("--device-list-strategy", default=None, metavar="LIST",
+              help="e.g. cdi-cri: also show the CDI names and the spec the plugin writes for them")
+@click.option("--sharing", type=click.Choice(["none", "mps"]), default="none", show_default=True,
+              help="mps: two GPUs shared with MPS, with the simulated MPS control daemon (docs/sharing.md)")
+def demo(profile: str, device_list_strategy: str | None, sharing: str) -> None:
     """Run the plugin on a simulated node against a fake kubelet and narrate what it sees."""
     import asyncio
 
     from nvdp.ops import logs
     from nvdp.tools.demo import run_demo
+    from nvdp.tools.demo_mps import run_mps_demo
 
     logs.setup("error")  # the narration says what happens; warnings about injected faults would repeat it
     try:
-        asyncio.run(run_demo(profile, click.echo))
+        if sharing == "mps":
+            asyncio.run(run_mps_demo(profile, click.echo))
+        else:
+            asyncio.run(run_demo(profile, click.echo, device_list_strategy))
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
@@ -243,6 +290,91 @@ def status(address: str, as_json: bool) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(json.dumps(view.to_json(), indent=2) if as_json else st.render(view))
+
+
+@main.group()
+def cdi() -> None:
+    """CDI specs for the cdi-* list strategies (what the plugin writes to --cdi-spec-dir)."""
+
+
+@cdi.command(name="generate", cls=TableCommand)
+@click.option("--output", metavar="FILE", help="write the spec to FILE (atomically) instead of printing it")
+@click.option("--format", "fmt", type=click.Choice(["json", "yaml"]), default="json", show_default=True)
+@click.option("--class", "cls", type=click.Choice(["gpu", "gdrcopy", "gds", "mofed", "imex-channel"]), default="gpu",
+              show_default=True, help="which spec: the GPUs, or a feature's")
+def cdi_generate(output: str | None, fmt: str, cls: str, **cli_values: Any) -> None:
+    """Generate the CDI spec the plugin would write, from the same flags (see docs/cdi.md)."""
+    from nvdp.tools import cdi as tool
+
+    generated = _cdi_or_exit(tool.generate_specs, _config_or_exit(cli_values))
+    for note in generated.specs.notes:
+        click.echo(f"warning: {note}", err=True)
+    spec = generated.specs.get(cls)
+    if spec is None:
+        click.echo(f"error: no {cls} spec for this node: the feature is off or its device nodes are missing", err=True)
+        sys.exit(EXIT_INIT_ERROR)
+    if generated.temporary_root:
+        click.echo("warning: the simulated driver root is a temporary folder, removed on exit; give --driver-root "
+                   "DIR to keep it (and the paths in this spec)", err=True)
+    text = tool.render(spec.doc, fmt)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    from nvdp.backends.spec_files import write_atomically
+
+    _cdi_or_exit(write_atomically, output, text)
+    click.echo(f"wrote {output}: {len(spec.device_names)} device(s), cdiVersion {spec.doc['cdiVersion']}", err=True)
+
+
+@cdi.command(name="list", cls=TableCommand)
+def cdi_list(**cli_values: Any) -> None:
+    """Print the qualified CDI device names nvdp's specs define for this node, one per line."""
+    from nvdp.tools import cdi as tool
+
+    generated = _cdi_or_exit(tool.generate_specs, _config_or_exit(cli_values))
+    for spec in generated.specs.specs:
+        for name in spec.qualified_names():
+            click.echo(name)
+
+
+def _cdi_or_exit(call: Callable[..., Any], *args: Any) -> Any:
+    from nvdp.errors import CdiSpecError
+
+    try:
+        return call(*args)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except (DiscoveryError, CdiSpecError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_INIT_ERROR)
+
+
+@main.group(name="testing")
+def testing_group() -> None:
+    """Test helpers shipped with nvdp (a fake kubelet to run a plugin against by hand)."""
+
+
+@testing_group.command(name="fake-kubelet")
+@click.option("--dir", "folder", required=True, metavar="DIR",
+              help="the folder for kubelet.sock (start the plugin with --kubelet-socket DIR/kubelet.sock)")
+@click.option("--allocate", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="once a resource has N healthy devices, ask GetPreferredAllocation and Allocate for N of them")
+def fake_kubelet(folder: str, allocate: int) -> None:
+    """A kubelet device manager on DIR/kubelet.sock that prints what it sees (until SIGINT/SIGTERM)."""
+    import asyncio
+    import signal
+
+    from nvdp.testing.kubelet_sim import run_fake_kubelet
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_fake_kubelet(folder, allocate, click.echo, stop)
+
+    asyncio.run(serve())
 
 
 @main.command()
@@ -349,3 +481,97 @@ def inject_mig_layout(ctx: click.Context, gpu: str, devices: str, disable: bool,
 def inject_wait_errors(ctx: click.Context, count: int) -> None:
     """The next COUNT NVML event waits fail (a wedged NVML)."""
     _send(ctx, {"command": "wait-errors", "count": count})
+
+
+@simulate.command(name="mps-control", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def simulate_mps_control(args: tuple[str, ...]) -> None:
+    """A simulated nvidia-cuda-mps-control: `-d` starts a daemon, else commands on stdin (docs/sharing.md)."""
+    from nvdp.backends.simulated.mps_control import main as control
+
+    sys.exit(control(args, os.environ, sys.stdin, sys.stdout))
+
+
+@simulate.command(name="nvidia-smi", context_settings={"ignore_unknown_options": True})
+@click.option("--state", required=True, metavar="FILE", help="JSON file keeping each GPU's compute mode")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def simulate_nvidia_smi(state: str, args: tuple[str, ...]) -> None:
+    """A simulated nvidia-smi for compute modes: `-i GPU -c MODE`, `-i GPU --query-gpu=compute_mode`."""
+    from nvdp.backends.simulated.nvidia_smi import main as smi
+
+    sys.exit(smi(args, state, sys.stdout))
+
+
+def _mps_daemon(cli_values: dict[str, Any]) -> None:
+    import asyncio
+
+    from nvdp.app.mps_daemon import ControlDaemon
+    from nvdp.ops import logs
+
+    def config() -> Config:
+        given = {k: (None if v == () else v) for k, v in cli_values.items()}
+        return load(given, os.environ, require_mps_root=False)
+
+    _early_logging(cli_values)
+    cfg = _config_or_exit_daemon(cli_values)
+    logs.setup(cfg.log_level, fmt=cfg.log_format)
+    try:
+        asyncio.run(ControlDaemon(cfg, reload_config=config).run(handle_signals=True))
+    except ConfigError as exc:  # the sharing config does not fit the node (found before any daemon starts)
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except DiscoveryError as exc:
+        log.error("initialisation failed: %s", exc)
+        sys.exit(EXIT_INIT_ERROR)
+
+
+@click.group(name="mps-control-daemon", cls=TableGroup, invoke_without_command=True, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="mps-control-daemon")
+@click.pass_context
+def mps_daemon_main(ctx: click.Context, /, **cli_values: Any) -> None:
+    """Start and supervise one MPS control daemon per MPS-shared resource (docs/sharing.md)."""
+    ctx.obj = cli_values
+    if ctx.invoked_subcommand is None:
+        _mps_daemon(cli_values)
+
+
+@mps_daemon_main.command(name="mount-shm")
+@click.option("--mount", "mount_command", default="mount", show_default=True, help="the mount program")
+@click.option("--meminfo", default="/proc/meminfo", show_default=True, help="where MemTotal is read")
+@click.option("--mountinfo", default="/proc/self/mountinfo", show_default=True,
+              help="where an existing mount is looked for")
+@click.pass_context
+def mps_mount_shm(ctx: click.Context, mount_command: str, meminfo: str, mountinfo: str) -> None:
+    """Mount a tmpfs of half the node's memory at <mps-dir>/shm (the chart's init container)."""
+    from pathlib import Path
+
+    from nvdp.app.mps_daemon import mount_shm
+    from nvdp.errors import MpsError
+    from nvdp.ops import logs
+
+    logs.setup()
+    cfg = _config_or_exit_daemon(ctx.obj)
+
+    def text(path: str) -> str:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return ""
+
+    try:
+        click.echo(mount_shm(cfg.mps_dir, mount_command, text(meminfo), text(mountinfo)))
+    except (MpsError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_INIT_ERROR)
+
+
+def _config_or_exit_daemon(cli_values: dict[str, Any]) -> Config:
+    try:
+        return load({k: (None if v == () else v) for k, v in cli_values.items()}, os.environ,
+                    require_mps_root=False)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+main.add_command(mps_daemon_main)

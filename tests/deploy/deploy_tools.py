@@ -79,6 +79,20 @@ def only(docs: Sequence[Mapping[str, Any]], kind: str) -> dict[str, Any]:
     return dict(found[0])
 
 
+MPS_SUFFIX = "-mps-control-daemon"
+
+
+def plugin_daemonset(docs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The plugin's DaemonSet (the chart may render the MPS control daemon's beside it)."""
+    return only([d for d in docs if not d["metadata"]["name"].endswith(MPS_SUFFIX)], "DaemonSet")
+
+
+def mps_daemonset(docs: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    found = [d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith(MPS_SUFFIX)]
+    assert len(found) <= 1
+    return dict(found[0]) if found else None
+
+
 def plugin_container(daemonset: Mapping[str, Any]) -> dict[str, Any]:
     containers = daemonset["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1

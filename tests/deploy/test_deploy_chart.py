@@ -29,8 +29,10 @@ from tests.deploy.deploy_tools import (
     ROOT,
     documents,
     env_of,
+    mps_daemonset,
     only,
     plugin_container,
+    plugin_daemonset,
     run_helm,
     template,
     validate,
@@ -58,7 +60,11 @@ class Case:
 
 
 MIG_ON = {"NVIDIA_MIG_MONITOR_DEVICES": "all"}
+FLAGS = ("no-additional-gids-for-device-nodes", "disable-nvsandbox-utils")  # upstream names: others exit 2
+MPS_ON = {"MPS_ROOT": "/run/nvidia/mps"}
 CONFIG_DEFAULT = "version: v1\nflags:\n  migStrategy: mixed\n  plugin:\n    deviceIDStrategy: index\n"
+CONFIG_MPS = ("version: v1\nsharing:\n  mps:\n    resources:\n"
+              "    - {name: nvidia.com/gpu, replicas: 4, devices: [6, 7], rename: nvidia.com/gpu.shared}\n")
 
 CASES = [
     pytest.param(Case(), id="default"),
@@ -95,22 +101,30 @@ CASES = [
                       {"CONFIG_FILE": "/available-configs/only", **MIG_ON}, SYS_ADMIN, {"fail_on_init_error": False}),
                  id="config-map-single-entry"),
     pytest.param(Case({"config": {"name": "site-gpu-config", "default": "a100"}},
-                      {"CONFIG_FILE": "/available-configs/a100", **MIG_ON}, SYS_ADMIN), id="config-external"),
+                      {"CONFIG_FILE": "/available-configs/a100", **MIG_ON, **MPS_ON}, SYS_ADMIN,
+                      {"mps_root": "/run/nvidia/mps"}), id="config-external"),
+    pytest.param(Case({"config": {"map": {"default": CONFIG_MPS}}},
+                      {"CONFIG_FILE": "/available-configs/default", **MIG_ON, **MPS_ON}, SYS_ADMIN,
+                      {"mps_root": "/run/nvidia/mps", "mps_dir": "/mps"}), id="config-map-mps"),
+    pytest.param(Case({"config": {"map": {"default": {"version": "v1", "sharing": {"mps": {"resources": [
+                          {"name": "nvidia.com/gpu", "replicas": 2}]}}}}}, "mps": {"root": "/var/lib/mps"}},
+                      {"CONFIG_FILE": "/available-configs/default", **MIG_ON, "MPS_ROOT": "/var/lib/mps"}, SYS_ADMIN,
+                      {"mps_root": "/var/lib/mps"}), id="config-map-mps-as-mapping"),
     pytest.param(Case({"compatWithCPUManager": True, "securityContext": {"privileged": False, "runAsUser": 0}},
                       {"PASS_DEVICE_SPECS": "true"}, {"privileged": False, "runAsUser": 0}),
                  id="explicit-securityContext"),
     pytest.param(Case({"gdrcopyEnabled": True, "gdsEnabled": False, "mofedEnabled": True,
                        "deviceDiscoveryStrategy": "nvml", "nvidiaDevRoot": "/", "logLevel": "debug",
-                       "cdi": {"nvidiaHookPath": "/opt/nvidia-cdi-hook", "featureFlags": ["a", "b"]},
+                       "cdi": {"nvidiaHookPath": "/opt/nvidia-cdi-hook", "featureFlags": list(FLAGS)},
                        "extraEnv": [{"name": "NVDP_EXTRA", "value": "1"}]},
                       {"GDRCOPY_ENABLED": "true", "GDS_ENABLED": "false", "MOFED_ENABLED": "true",
                        "DEVICE_DISCOVERY_STRATEGY": "nvml", "NVIDIA_DEV_ROOT": "/", "NVDP_LOG_LEVEL": "debug",
-                       "NVIDIA_CDI_HOOK_PATH": "/opt/nvidia-cdi-hook", "CDI_FEATURE_FLAGS": "a,b",
+                       "NVIDIA_CDI_HOOK_PATH": "/opt/nvidia-cdi-hook", "CDI_FEATURE_FLAGS": ",".join(FLAGS),
                        "NVDP_EXTRA": "1"},
                       RESTRICTED,
                       {"gdrcopy_enabled": True, "gds_enabled": False, "mofed_enabled": True,
                        "device_discovery_strategy": "nvml", "dev_root": "/", "log_level": "debug",
-                       "nvidia_cdi_hook_path": "/opt/nvidia-cdi-hook", "cdi_feature_flags": ("a", "b")}),
+                       "nvidia_cdi_hook_path": "/opt/nvidia-cdi-hook", "cdi_feature_flags": FLAGS}),
                  id="other-plugin-settings"),
     pytest.param(Case({"metrics": {"enabled": True, "serviceMonitor": {"enabled": True}}, "probes": {"enabled": True}},
                       {"NVDP_METRICS_ADDRESS": "0.0.0.0:9401"}), id="metrics-probes-servicemonitor"),
@@ -189,7 +203,7 @@ def test_every_manifest_is_valid(render: Any, helm_name: str, case: Case) -> Non
 
 @pytest.mark.parametrize("case", CASES)
 def test_container_security_and_env(render: Any, case: Case) -> None:
-    ds = only(render("helm4", case), "DaemonSet")
+    ds = plugin_daemonset(render("helm4", case))
     ctr = plugin_container(ds)
     assert ctr["securityContext"] == case.security
     # privileged only when asked for, through compatWithCPUManager or an explicit securityContext
@@ -208,7 +222,7 @@ def _rendered_files(docs: list[dict[str, Any]]) -> dict[str, str]:
 def test_nvdp_reads_the_rendered_env_as_meant(render: Any, case: Case) -> None:
     """The env (and inline config file) the chart renders, resolved by nvdp's own config loader."""
     docs = render("helm4", case)
-    env = env_of(plugin_container(only(docs, "DaemonSet")))
+    env = env_of(plugin_container(plugin_daemonset(docs)))
     files = _rendered_files(docs)
     if "CONFIG_FILE" in env and env["CONFIG_FILE"] not in files:  # an external ConfigMap
         files[env["CONFIG_FILE"]] = "version: v1\n"
@@ -222,7 +236,7 @@ def test_every_rendered_env_var_is_one_nvdp_or_the_runtime_reads(render: Any) ->
     for param in CASES:
         case = param.values[0]
         assert isinstance(case, Case)  # pytest types a parameter as object
-        env = env_of(plugin_container(only(render("helm4", case), "DaemonSet")))
+        env = env_of(plugin_container(plugin_daemonset(render("helm4", case))))
         extra = {e["name"] for e in case.values.get("extraEnv", [])}
         assert set(env) - extra <= known, param.id
 
@@ -232,7 +246,7 @@ def test_every_rendered_env_var_is_one_nvdp_or_the_runtime_reads(render: Any) ->
 
 
 def _ds(render: Any, values: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
-    return only(render("helm4", Case(dict(values), **kw)), "DaemonSet")
+    return plugin_daemonset(render("helm4", Case(dict(values), **kw)))
 
 
 def test_default_image_is_ours_at_the_app_version(render: Any) -> None:
@@ -300,14 +314,48 @@ def test_default_placement(render: Any) -> None:
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["tolerations"] == [{"key": "CriticalAddonsOnly", "operator": "Exists"},
                                   {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert "affinity" not in pod and "nodeSelector" not in pod  # as in the seed chart
+    assert pod["affinity"] == OFFICIAL_AFFINITY and "nodeSelector" not in pod  # as in the official chart
     assert pod["automountServiceAccountToken"] is False
+
+
+# The official chart's default affinity (v0.20): a node with an NVIDIA PCI device (NFD's label), an
+# NVIDIA CPU (some Tegra systems) or the label an operator sets by hand.
+OFFICIAL_AFFINITY = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+    {"matchExpressions": [{"key": "feature.node.kubernetes.io/pci-10de.present", "operator": "In",
+                           "values": ["true"]}]},
+    {"matchExpressions": [{"key": "feature.node.kubernetes.io/cpu-model.vendor_id", "operator": "In",
+                           "values": ["NVIDIA"]}]},
+    {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]},
+]}}}
+
+
+@pytest.mark.parametrize("helm_name", HELM_NAMES)
+def test_default_affinity_keeps_the_plugin_on_gpu_nodes(render: Any, helm_name: str) -> None:
+    """As the official chart: without it every untainted CPU node gets a crash-looping pod."""
+    ds = only(render(helm_name, Case()), "DaemonSet")
+    assert ds["spec"]["template"]["spec"]["affinity"] == OFFICIAL_AFFINITY
+    validate(ds)
+
+
+def test_affinity_null_removes_the_default(render: Any) -> None:
+    assert "affinity" not in _ds(render, {"affinity": None})["spec"]["template"]["spec"]
 
 
 def test_only_the_kubelet_folder_is_mounted_by_default(render: Any) -> None:
     pod = _ds(render, {})["spec"]["template"]["spec"]
     assert pod["volumes"] == [{"name": "device-plugin", "hostPath": {
         "path": "/var/lib/kubelet/device-plugins", "type": "Directory"}}]
+
+
+def test_a_cdi_strategy_mounts_the_nodes_cdi_folder(render: Any) -> None:
+    for strategy in ("cdi-cri", ["envvar", "cdi-annotations"]):
+        pod = _ds(render, {"deviceListStrategy": strategy})["spec"]["template"]["spec"]
+        volume = {"name": "cdi-specs", "hostPath": {"path": "/var/run/cdi", "type": "DirectoryOrCreate"}}
+        assert volume in pod["volumes"]
+        mounts = plugin_container(_ds(render, {"deviceListStrategy": strategy}))["volumeMounts"]
+        assert {"name": "cdi-specs", "mountPath": "/var/run/cdi"} in mounts
+    cfg = load({}, env_of(plugin_container(_ds(render, {"deviceListStrategy": "cdi-cri"}))))
+    assert cfg.cdi_spec_dir == "/var/run/cdi"  # where nvdp writes them by default
 
 
 def test_driver_root_is_mounted_read_only_where_nvdp_looks(render: Any) -> None:
@@ -330,22 +378,22 @@ def test_inline_config_map(render: Any) -> None:
     cm = only(docs, "ConfigMap")
     assert cm["metadata"]["name"] == f"{RELEASE}-nvidia-device-plugin-configs"
     assert cm["data"] == {"default": CONFIG_DEFAULT.rstrip("\n")}
-    pod = only(docs, "DaemonSet")["spec"]["template"]
+    pod = plugin_daemonset(docs)["spec"]["template"]
     assert re.fullmatch(r"[0-9a-f]{64}", pod["metadata"]["annotations"]["checksum/config"])
     assert {"name": "available-configs", "configMap": {"name": cm["metadata"]["name"]}} in pod["spec"]["volumes"]
 
 
 def test_config_change_rolls_the_pods(render: Any) -> None:
     def checksum(text: str) -> str:
-        ds = only(render("helm4", Case({"config": {"map": {"default": text}}})), "DaemonSet")
+        ds = plugin_daemonset(render("helm4", Case({"config": {"map": {"default": text}}})))
         return str(ds["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
     assert checksum("version: v1\n") != checksum(CONFIG_DEFAULT)
 
 
 def test_external_config_map_is_not_rendered(render: Any) -> None:
     docs = render("helm4", Case({"config": {"name": "site-gpu-config", "default": "a100"}}))
-    assert [d["kind"] for d in docs] == ["DaemonSet"]
-    volumes = only(docs, "DaemonSet")["spec"]["template"]["spec"]["volumes"]
+    assert [d["kind"] for d in docs] == ["DaemonSet", "DaemonSet"]  # the plugin's and, as MPS may be on, MPS's
+    volumes = plugin_daemonset(docs)["spec"]["template"]["spec"]["volumes"]
     assert {"name": "available-configs", "configMap": {"name": "site-gpu-config"}} in volumes
 
 
@@ -353,20 +401,20 @@ def test_metrics_service_monitor_and_probes(render: Any) -> None:
     docs = render("helm4", Case({"metrics": {"enabled": True, "serviceMonitor": {"enabled": True}},
                                  "probes": {"enabled": True}}))
     assert sorted(d["kind"] for d in docs) == ["DaemonSet", "Service", "ServiceMonitor"]
-    ctr = plugin_container(only(docs, "DaemonSet"))
+    ctr = plugin_container(plugin_daemonset(docs))
     assert ctr["ports"] == [{"name": "metrics", "containerPort": 9401, "protocol": "TCP"}]
     assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert ctr["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     service, monitor = only(docs, "Service"), only(docs, "ServiceMonitor")
     assert service["spec"]["ports"][0]["name"] == monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    pod_labels = only(docs, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    pod_labels = plugin_daemonset(docs)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
 
 
 def test_metrics_and_probes_are_off_by_default(render: Any) -> None:
     docs = render("helm4", Case())
-    ctr = plugin_container(only(docs, "DaemonSet"))
+    ctr = plugin_container(plugin_daemonset(docs))
     assert not {"ports", "livenessProbe", "readinessProbe"} & set(ctr)
     assert "NVDP_METRICS_ADDRESS" not in env_of(ctr)
 
@@ -433,7 +481,7 @@ def test_every_value_is_documented() -> None:
 
 def test_seed_values_file_keeps_its_meaning(render: Any) -> None:
     seed = yaml.safe_load((FIXTURES / "seed-v0.9.0-values.yaml").read_text())
-    ds = only(render("helm4", Case(files=("seed-v0.9.0-values.yaml",))), "DaemonSet")
+    ds = plugin_daemonset(render("helm4", Case(files=("seed-v0.9.0-values.yaml",))))
     pod = ds["spec"]["template"]["spec"]
     ctr = plugin_container(ds)
     assert ds["apiVersion"] == "apps/v1"
@@ -441,6 +489,108 @@ def test_seed_values_file_keeps_its_meaning(render: Any) -> None:
     assert pod["imagePullSecrets"] == seed["imagePullSecrets"]
     assert pod["nodeSelector"] == seed["nodeSelector"]
     assert pod["tolerations"] == seed["tolerations"]
-    assert "affinity" not in pod  # `affinity: {}` means none, as it did
+    # Helm merges maps: `affinity: {}` keeps the chart's default, as with the official chart since v0.12.
+    assert pod["affinity"] == OFFICIAL_AFFINITY
     assert ctr["resources"] == seed["resources"]
     assert ds["spec"]["updateStrategy"] == seed["updateStrategy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# MPS: the control daemon's DaemonSet, and the plugin's /mps and /dev/shm
+
+MPS_VALUES = {"config": {"map": {"default": CONFIG_MPS}}}
+
+
+def _volume(pod: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return dict(next(v for v in pod["volumes"] if v["name"] == name))
+
+
+def _mount(container: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return dict(next(m for m in container["volumeMounts"] if m["name"] == name))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param({}, id="no config file"),
+        pytest.param({"config": {"map": {"default": CONFIG_DEFAULT}}}, id="a config file without mps"),
+        pytest.param({"config": {"map": {"default": "version: v1\nflags:\n  mpsRoot: /x\n"}}}, id="mpsRoot is not mps"),
+    ],
+)
+def test_no_mps_daemon_where_mps_cannot_be_on(render: Any, values: dict[str, Any]) -> None:
+    docs = render("helm4", Case(values))
+    assert mps_daemonset(docs) is None
+    ctr = plugin_container(plugin_daemonset(docs))
+    assert "MPS_ROOT" not in env_of(ctr)
+    assert not {"mps-root", "mps-shm"} & {m["name"] for m in ctr.get("volumeMounts", [])}
+
+
+def test_the_mps_control_daemon_daemonset(render: Any) -> None:
+    docs = render("helm4", Case(MPS_VALUES))
+    ds = mps_daemonset(docs)
+    assert ds is not None
+    plugin = plugin_daemonset(docs)
+    assert ds["metadata"]["name"] == f"{RELEASE}-nvidia-device-plugin-mps-control-daemon"
+    assert ds["metadata"]["namespace"] == NAMESPACE
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/mps.capable": "true"}
+    assert pod["hostPID"] is True and "shareProcessNamespace" not in pod
+    assert pod["priorityClassName"] == "system-node-critical" and pod["automountServiceAccountToken"] is False
+    assert pod["tolerations"] == plugin["spec"]["template"]["spec"]["tolerations"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["mps-control-daemon", "mount-shm"] and init["securityContext"] == {"privileged": True}
+    assert init["volumeMounts"] == [{"name": "mps-root", "mountPath": "/mps", "mountPropagation": "Bidirectional"}]
+    (ctr,) = pod["containers"]
+    assert ctr["command"] == ["mps-control-daemon"] and ctr["securityContext"] == {"privileged": True}
+    assert ctr["image"] == plugin_container(plugin)["image"] == init["image"]
+    assert _mount(ctr, "mps-root") == {"name": "mps-root", "mountPath": "/mps"}
+    assert _mount(ctr, "mps-shm") == {"name": "mps-shm", "mountPath": "/dev/shm"}
+    assert _volume(pod, "mps-root") == {"name": "mps-root", "hostPath": {"path": "/run/nvidia/mps",
+                                                                          "type": "DirectoryOrCreate"}}
+    assert _volume(pod, "mps-shm") == {"name": "mps-shm", "hostPath": {"path": "/run/nvidia/mps/shm"}}
+    env = env_of(ctr)
+    assert env == {"CONFIG_FILE": "/available-configs/default", **RUNTIME_ENV}
+    # The daemon reads the same file as the plugin, and finds the MPS root where it is mounted.
+    cm = only(docs, "ConfigMap")
+    cfg = load({}, env, read_text=lambda p: cm["data"][p.rsplit("/", 1)[1]], require_mps_root=False)
+    assert cfg.sharing.strategy == "mps" and cfg.mps_dir == "/mps"
+    assert cfg.config_file == env_of(plugin_container(plugin))["CONFIG_FILE"]
+    validate(ds)
+
+
+def test_the_two_daemonsets_select_only_their_own_pods(render: Any) -> None:
+    for values in (MPS_VALUES, {**MPS_VALUES, "selectorLabelsOverride": {"name": "nvidia-device-plugin-ds"}}):
+        docs = render("helm4", Case(values))
+        plugin, ds = plugin_daemonset(docs), mps_daemonset(docs)
+        assert ds is not None
+        for owner, other in ((plugin, ds), (ds, plugin)):
+            selector = owner["spec"]["selector"]["matchLabels"].items()
+            assert selector <= owner["spec"]["template"]["metadata"]["labels"].items()
+            assert not selector <= other["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_plugin_sees_the_mps_root(render: Any) -> None:
+    plugin = plugin_daemonset(render("helm4", Case({**MPS_VALUES, "mps": {"root": "/var/lib/nvidia-mps"}})))
+    pod, ctr = plugin["spec"]["template"]["spec"], plugin_container(plugin)
+    assert env_of(ctr)["MPS_ROOT"] == "/var/lib/nvidia-mps"
+    assert _mount(ctr, "mps-root") == {"name": "mps-root", "mountPath": "/mps"}
+    assert _mount(ctr, "mps-shm") == {"name": "mps-shm", "mountPath": "/dev/shm"}
+    assert _volume(pod, "mps-root")["hostPath"] == {"path": "/var/lib/nvidia-mps", "type": "DirectoryOrCreate"}
+    assert _volume(pod, "mps-shm")["hostPath"] == {"path": "/var/lib/nvidia-mps/shm"}
+    cfg = load({}, env_of(ctr), read_text=lambda _: CONFIG_MPS)
+    assert cfg.mps_root == "/var/lib/nvidia-mps" and cfg.mps_dir == _mount(ctr, "mps-root")["mountPath"]
+
+
+def test_mps_values(render: Any) -> None:
+    ds = mps_daemonset(render("helm4", Case({**MPS_VALUES, "mps": {"enableHostPID": False},
+                                             "nodeSelector": {"pool": "gpu"}, "nvidiaDriverRoot": "/run/nvidia/driver",
+                                             "migStrategy": "none", "logLevel": "debug"})))
+    assert ds is not None
+    pod = ds["spec"]["template"]["spec"]
+    assert "hostPID" not in pod and pod["shareProcessNamespace"] is True
+    assert pod["nodeSelector"] == {"pool": "gpu", "nvidia.com/mps.capable": "true"}
+    ctr = pod["containers"][0]
+    assert env_of(ctr) == {"CONFIG_FILE": "/available-configs/default", "MIG_STRATEGY": "none",
+                           "NVDP_LOG_LEVEL": "debug", "NVIDIA_DRIVER_ROOT": "/run/nvidia/driver", **RUNTIME_ENV}
+    assert _mount(ctr, "driver-root") == {"name": "driver-root", "mountPath": "/driver-root", "readOnly": True}
+    validate(ds)

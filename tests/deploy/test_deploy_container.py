@@ -100,6 +100,16 @@ def test_entrypoint_by_path_without_the_venv_on_path(image_venv: Path) -> None:
     assert result.stdout.strip() == f"nvidia-device-plugin, version {__version__}"
 
 
+def test_the_image_ships_the_mps_control_daemon(image_venv: Path) -> None:
+    """The chart's MPS DaemonSet runs `mps-control-daemon` and `mps-control-daemon mount-shm` from PATH."""
+    script = image_venv / "bin" / "mps-control-daemon"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"mps-control-daemon, version {__version__}"
+    help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "mount-shm" in help_text and "--mps-dir" in help_text
+
+
 def test_entrypoint_help_lists_the_official_flags(image_venv: Path) -> None:
     result = run_entrypoint(image_venv, "--help")
     assert result.returncode == 0, result.stderr

@@ -88,7 +88,7 @@ def test_version_and_help() -> None:
     ("args", "env", "field"),
     [
         pytest.param(["--mig-strategy", "double"], {}, "--mig-strategy", id="flag"),
-        pytest.param([], {"DEVICE_ID_STRATEGY": "serial"}, "--device-id-strategy", id="env"),
+        pytest.param([], {"DEVICE_ID_STRATEGY": "serial"}, "DEVICE_ID_STRATEGY", id="env"),
         pytest.param([], {"PASS_DEVICE_SPECS": "yes"}, "PASS_DEVICE_SPECS", id="env bool"),
         pytest.param(["--config-file", "/nonexistent.yaml"], {}, "--config-file", id="missing file"),
     ],
@@ -115,7 +115,7 @@ async def test_sigterm_stops_cleanly_and_removes_sockets(plugin_dir: Path) -> No
             code, out = stop(child)
     assert code == 0, out
     assert not (plugin_dir / "nvidia-gpu.sock").exists()
-    assert "Running with config:" in out
+    assert "Running with config" in out
 
 
 async def test_sigint_also_stops_cleanly(plugin_dir: Path) -> None:
@@ -247,9 +247,10 @@ IMPORT_PROBE = """
 import sys
 from nvdp.config.load import load
 import nvdp.app.plugin, nvdp.cli, nvdp.backends.nvml.discovery, nvdp.backends.nvml.library
+from nvdp.app.discovery import check_inputs, open_backend
 cfg = load(CLI, {}, read_text=lambda path: "version: v1")
+check_inputs(cfg)  # as cli._serve does before anything starts
 if cfg.simulate:
-    from nvdp.app.discovery import open_backend
     open_backend(cfg).discover()
 print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
 """

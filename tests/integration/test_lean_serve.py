@@ -43,3 +43,16 @@ async def test_with_metrics_the_listener_works(kubelet: FakeKubelet, plugin_dir:
             body = r.read().decode()
         assert r.status == 200 and "nvdp_" in body
         assert tls_loaded(plugin.pid)  # prometheus_client imports ssl: it was not kept out
+
+
+def test_other_commands_keep_tls() -> None:
+    # Only the plain serve path marks ssl absent: `nvdp status` may read an https:// endpoint.
+    import subprocess
+    import sys
+
+    code = ("import sys; from nvdp.cli import main; "
+            "sys.argv = ['nvdp', 'status', '--address', 'https://127.0.0.1:1/metrics']; main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "cannot read https://127.0.0.1:1/metrics" in done.stderr
+    assert "unknown url type" not in done.stderr, done.stderr

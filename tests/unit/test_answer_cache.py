@@ -9,6 +9,7 @@ import itertools
 from typing import Any
 
 from nvdp.backends.simulated.backend import SimulatedBackend
+from nvdp.config.load import load
 from nvdp.config.options import Config
 from nvdp.core.devices import Resource
 from nvdp.core.resources import GPU_RESOURCE, build_tree
@@ -86,3 +87,29 @@ def test_several_containers_in_one_request() -> None:
     assert [r.envs["NVIDIA_VISIBLE_DEVICES"] for r in answer.container_responses] == [ids[0], ids[1]]
     assert allocate(server, [ids[0]], [ids[1]]) is answer
     assert seen == [(ids[0],), (ids[1],)] * 2
+
+
+def test_new_cdi_classes_drop_the_answers() -> None:
+    # cdi-cri names the feature classes nvdp wrote specs for: a CDI refresh changes the answer.
+    server, ids, _ = serve(Config(device_list_strategy=("cdi-cri",), gdrcopy_enabled=True))
+    before = allocate(server, [ids[0]]).container_responses[0]
+    assert "k8s.device-plugin.nvidia.com/gdrcopy=all" in [d.name for d in before.cdi_devices]
+    server.context = dataclasses.replace(server.context, cdi_classes=frozenset({"gpu"}))
+    after = allocate(server, [ids[0]]).container_responses[0]
+    assert [d.name for d in after.cdi_devices] == [f"k8s.device-plugin.nvidia.com/gpu={ids[0]}"]
+
+
+def _mps(root: str) -> Config:
+    text = "version: v1\nsharing:\n  mps:\n    resources:\n    - {name: nvidia.com/gpu, replicas: 2}\n"
+    return load({"config_file": "/c.yaml", "mps_root": root}, {}, lambda _: text)
+
+
+def test_a_new_mps_root_drops_the_answers() -> None:
+    server, ids, _ = serve(_mps("/run/nvidia/mps"))
+    first = allocate(server, [ids[0]])
+    assert allocate(server, [ids[0]]) is first  # MPS answers are cached too
+    assert first.container_responses[0].envs["CUDA_MPS_PIPE_DIRECTORY"] == "/mps/nvidia.com/gpu/pipe"
+    assert "/run/nvidia/mps/shm" in [m.host_path for m in first.container_responses[0].mounts]
+    server.context = dataclasses.replace(server.context, config=_mps("/var/lib/mps"))
+    mounts = [m.host_path for m in allocate(server, [ids[0]]).container_responses[0].mounts]
+    assert "/var/lib/mps/shm" in mounts and "/run/nvidia/mps/shm" not in mounts

@@ -58,6 +58,12 @@ def test_field_tables_follow_the_dataclasses() -> None:
         pytest.param(lambda d: d["gpus"][0].update(index=True), r"node\.gpus\.0\.index", id="bool for int"),
         pytest.param(lambda d: d["pcie"][0].__setitem__(2, 7), r"node\.pcie\.0", id="bad pair"),
         pytest.param(lambda d: d["control_devices"].append(3), r"node\.control_devices", id="not a string"),
+        pytest.param(lambda d: d["gpus"][1].update(uuid=d["gpus"][0]["uuid"]),
+                     r"node\.gpus\.1\.uuid: '.*' is also the uuid of node\.gpus\.0", id="same uuid"),
+        pytest.param(lambda d: d["gpus"][2].update(pci_bus_id=d["gpus"][0]["pci_bus_id"].lower()),
+                     r"node\.gpus\.2\.pci_bus_id: .* is also the pci_bus_id of node\.gpus\.0", id="same bus id"),
+        pytest.param(lambda d: d["gpus"][3].update(pci_bus_id="00000000:108:00.0"),
+                     r"node\.gpus\.3\.pci_bus_id: '00000000:108:00\.0' is not a PCI bus id", id="bad bus id"),
     ],
 )
 def test_damaged_data_names_the_record(damage: object, where: str) -> None:
@@ -74,6 +80,18 @@ def test_unknown_level_name_is_refused() -> None:
         builtin.node_from_data(data)
 
 
+def test_a_mig_uuid_that_repeats_a_gpu_uuid_is_refused() -> None:
+    data = builtin.node_to_data(SimulatedBackend("h200-mig").discover())
+    data["gpus"][0]["mig_devices"][1]["uuid"] = data["gpus"][0]["uuid"]
+    with pytest.raises(ValueError, match=r"node\.gpus\.0\.mig\.devices\.1\.uuid: .* is also the uuid of node\.gpus\.0"):
+        builtin.node_from_data(data)
+
+
 def test_a_missing_compiled_file_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"no-such\.json is missing"):
         builtin.builtin_node("no-such")
+
+
+def test_errors_name_how_the_profile_was_given() -> None:
+    with pytest.raises(ConfigError, match=r"^invalid NVDP_SIMULATE: no-such\.json is missing"):
+        builtin.builtin_node("no-such", "NVDP_SIMULATE")

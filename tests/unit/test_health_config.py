@@ -60,10 +60,6 @@ def test_timing_options_from_env_and_file() -> None:
 @pytest.mark.parametrize(
     ("cli", "env", "field"),
     [
-        pytest.param({}, {"DP_DISABLE_HEALTHCHECKS": "xid"}, "--disable-healthchecks (DP_DISABLE_HEALTHCHECKS)",
-                     id="typo in disable"),
-        pytest.param({}, {"DP_ENABLE_HEALTHCHECKS": "48;63"}, "--enable-healthchecks (DP_ENABLE_HEALTHCHECKS)",
-                     id="wrong separator in enable"),
         pytest.param({"health_quiet_period": "-1"}, {}, "--health-quiet-period", id="negative quiet period"),
         pytest.param({"health_quiet_period": "nan"}, {}, "--health-quiet-period", id="nan quiet period"),
         pytest.param({}, {"NVDP_HEALTH_PROBE_INTERVAL": "soon"}, "NVDP_HEALTH_PROBE_INTERVAL", id="not a number"),

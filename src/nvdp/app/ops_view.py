@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
+from nvdp.app.mps import MpsGate
 from nvdp.backends.base import GpuBackend
 from nvdp.core.devices import Node
 from nvdp.errors import DiscoveryError
@@ -29,6 +30,8 @@ class Observed(Protocol):
     def backend(self) -> GpuBackend | None: ...
     @property
     def init_error(self) -> DiscoveryError | None: ...
+    @property
+    def mps(self) -> MpsGate: ...
 
 
 class PluginView:
@@ -49,6 +52,7 @@ class PluginView:
             cuda_driver_version=node.cuda_driver_version if node is not None else 0,
             init_error=str(plugin.init_error) if plugin.init_error is not None else "",
             registers=manager.registers,
+            mps=plugin.mps.status,
         )
 
     async def answers(self, timeout: float) -> Sequence[Check]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
+
+from nvdp.config import cdi as cdi_names
 
 Kind = Literal["bool", "str", "list", "intlist", "float", "int"]
 
@@ -42,6 +44,17 @@ class Option:
     aliases: tuple[str, ...] = ()
     choices: tuple[str, ...] | None = None
     help: str = ""
+    # Choices matched in any case (nvdp's own log options); the official ones stay exact, as upstream.
+    case_insensitive: bool = False
+
+    @property
+    def v1_key(self) -> str:
+        """Where the option appears in the printed config: its config-file key, or (command line
+        only) `commandLine.<flag in camelCase>`."""
+        if self.file_key:
+            return self.file_key
+        first, *rest = self.flag.split("-")
+        return "commandLine." + first + "".join(word.capitalize() for word in rest)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -82,20 +95,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("kubelet_socket", "kubelet-socket", "str", "/var/lib/kubelet/device-plugins/kubelet.sock",
            ("KUBELET_SOCKET",), help="the kubelet's registration socket; empty: do not register"),
     Option("config_file", "config-file", "str", None, ("CONFIG_FILE",), help="config file (schema v1)"),
-    Option("cdi_feature_flags", "cdi-feature-flags", "list", (), ("CDI_FEATURE_FLAGS",)),
-    Option("cdi_disable_hooks", "cdi-disable-hooks", "list", (), ("CDI_DISABLE_HOOKS",)),
+    Option("cdi_feature_flags", "cdi-feature-flags", "list", (), ("CDI_FEATURE_FLAGS",),
+           choices=cdi_names.FEATURE_FLAGS, help="CDI spec generator feature flags (docs/cdi.md)"),
+    Option("cdi_disable_hooks", "cdi-disable-hooks", "list", (), ("CDI_DISABLE_HOOKS",),
+           help="hooks left out of the CDI spec: 'all' or names such as update-ldcache (docs/cdi.md)"),
     # nvdp's own options.
     Option("metrics_address", "metrics-address", "str", "", ("NVDP_METRICS_ADDRESS",), "flags.nvdp.metricsAddress",
            help="HOST:PORT serving /metrics, /healthz and /readyz (e.g. :9401); empty: off"),
     Option("log_format", "log-format", "str", "text", ("NVDP_LOG_FORMAT",), "flags.nvdp.logFormat",
-           choices=get_args(LogFormat), help="log lines as key=value text or one JSON object each"),
+           choices=get_args(LogFormat), case_insensitive=True,
+           help="log lines as key=value text or one JSON object each"),
     Option("simulate", "simulate", "str", None, ("NVDP_SIMULATE",), "flags.nvdp.simulate",
            help="run on a simulated node: a built-in profile name or a YAML file"),
     Option("mig_rescan_interval", "mig-rescan-interval", "float", 0.0, ("NVDP_MIG_RESCAN_INTERVAL",),
            "flags.nvdp.migRescanInterval",
            help="seconds between MIG layout rescans (changes are served without a restart); 0: only on SIGHUP"),
     Option("log_level", "log-level", "str", "info", ("NVDP_LOG_LEVEL",), "flags.nvdp.logLevel",
-           choices=get_args(LogLevel)),
+           choices=get_args(LogLevel), case_insensitive=True),
     # Health checks (docs/health.md). The two DP_* env vars are the official plugin's.
     Option("disable_healthchecks", "disable-healthchecks", "list", (), ("DP_DISABLE_HEALTHCHECKS",),
            "flags.nvdp.health.disable", help="'all', 'xids' or XIDs to ignore"),
@@ -110,25 +126,62 @@ OPTIONS: tuple[Option, ...] = (
            help="consecutive NVML event-wait failures before every device is marked unhealthy"),
     Option("simulate_control", "simulate-control", "str", None, ("NVDP_SIMULATE_CONTROL",),
            "flags.nvdp.simulateControl", help="unix socket for fault injection into the simulated node"),
+    Option("cdi_spec_dir", "cdi-spec-dir", "str", "/var/run/cdi", ("NVDP_CDI_SPEC_DIR",), "flags.nvdp.cdiSpecDir",
+           help="folder the CDI specs are written to with a cdi-* list strategy; empty: nvdp writes none"),
+    # MPS (docs/sharing.md): the programs, as a path or a command line, and where this container
+    # sees the MPS root (the chart mounts mps.root at /mps).
+    Option("mps_control", "mps-control", "str", "nvidia-cuda-mps-control", ("NVDP_MPS_CONTROL",),
+           "flags.nvdp.mps.control", help="the MPS control program (path or command line)"),
+    Option("mps_dir", "mps-dir", "str", "/mps", ("NVDP_MPS_DIR",), "flags.nvdp.mps.dir",
+           help="where this container sees the MPS root (pipe and log folders per resource)"),
+    Option("nvidia_smi", "nvidia-smi", "str", "nvidia-smi", ("NVDP_NVIDIA_SMI",), "flags.nvdp.mps.nvidiaSmi",
+           help="nvidia-smi (path or command line), for the MPS daemon's compute mode"),
 )
 
 OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in OPTIONS}
 
 
+SharingStrategy = Literal["none", "time-slicing", "mps"]
+# `devices` of a shared resource: "all", a count (the first N devices of the resource) or device
+# references (GPU index "0", MIG index "0:1", GPU-/MIG- UUIDs, MIG-GPU-<uuid>/<gi>/<ci>).
+DeviceSelection = Literal["all"] | int | tuple[str, ...]
+
+
 @dataclass(frozen=True)
-class TimeSlicingResource:
+class SharedResource:
+    """One entry of `sharing.timeSlicing.resources` or `sharing.mps.resources`, names resolved."""
+
     name: str
     replicas: int
     rename: str | None = None
+    devices: DeviceSelection = "all"
+    where: str = ""  # the entry's config-file field, e.g. "sharing.mps.resources.0", for errors
+    source_file: str = ""  # the config file it came from, for errors
+    rename_by_default: bool = False  # the block's renameByDefault (what the official plugin would serve)
+
+    @property
+    def target(self) -> str:
+        """The resource the replicas are served under."""
+        return self.rename or self.name
+
+
+TimeSlicingResource = SharedResource  # the name from before MPS
 
 
 @dataclass(frozen=True)
 class Sharing:
-    """Time-slicing from the config file, names already resolved (`configfile.py`); no resources:
-    no sharing. A `sharing.mps` block is rejected at load time."""
+    """The active sharing block from the config file (`config/file.py`); no resources: no sharing.
+    As the official plugin: with both blocks present, `mps` wins."""
 
     fail_requests_greater_than_one: bool = False
-    resources: tuple[TimeSlicingResource, ...] = ()
+    resources: tuple[SharedResource, ...] = ()
+    mps: bool = False  # the resources come from `sharing.mps`
+
+    @property
+    def strategy(self) -> SharingStrategy:
+        if not self.resources:
+            return "none"
+        return "mps" if self.mps else "time-slicing"
 
 
 def _default(name: str) -> Any:
@@ -173,10 +226,54 @@ class Config:
     health_probe_interval: float = _default("health_probe_interval")
     health_wait_error_threshold: int = _default("health_wait_error_threshold")
     simulate_control: str | None = _default("simulate_control")
+    cdi_spec_dir: str = _default("cdi_spec_dir")
+    mps_control: str = _default("mps_control")
+    mps_dir: str = _default("mps_dir")
+    nvidia_smi: str = _default("nvidia_smi")
     sharing: Sharing = field(default_factory=Sharing)
+    # Where each value came from, for error messages: "--mig-strategy", "MIG_STRATEGY" or
+    # "flags.migStrategy in /etc/nvdp/config.yaml" (`load.load` fills it; defaults are absent).
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def source(self, name: str) -> str:
+        """What the operator used to set a field: its flag, env var or config-file key and file."""
+        return self.sources.get(name) or f"--{OPTIONS_BY_FIELD[name].flag}"
+
+    def to_v1(self) -> dict[str, Any]:
+        """The config as the official plugin prints it ("Running with config"): schema v1 names
+        (`flags.migStrategy`, `flags.plugin.passDeviceSpecs`, ...); nvdp's own settings under
+        `flags.nvdp`, command-line-only ones under `commandLine`."""
+        doc: dict[str, Any] = {"version": "v1", "flags": {}}
+        for opt in OPTIONS:
+            node = doc
+            *parents, leaf = opt.v1_key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            value = getattr(self, opt.field)
+            node[leaf] = list(value) if isinstance(value, tuple) else value
+        doc["sharing"] = {"timeSlicing": _sharing_v1(self.sharing)}
+        return doc
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_v1(), indent=2)
+
+
+def _sharing_v1(sharing: Sharing) -> dict[str, Any]:
+    if not sharing.resources:
+        return {}
+    resources = [
+        {"name": r.name, "replicas": r.replicas, **({"rename": r.rename} if r.rename else {})}
+        for r in sharing.resources
+    ]
+    return {"failRequestsGreaterThanOne": sharing.fail_requests_greater_than_one, "resources": resources}
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """The v1 names of the settings that differ between two configs (`sharing.timeSlicing` as one)."""
+    changed = [opt.v1_key for opt in OPTIONS if getattr(old, opt.field) != getattr(new, opt.field)]
+    if old.sharing != new.sharing:
+        changed.append("sharing.timeSlicing")
+    return sorted(changed)
 
 
 def options_markdown() -> str:

@@ -6,6 +6,7 @@ split on "," and trimmed; config-file values arrive typed (YAML), not as text.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from nvdp.config.options import Option
@@ -66,13 +67,13 @@ def lookup(doc: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def file_value(opt: Option, raw: Any) -> Any:
-    """Check and convert a value read from the config file (typed YAML, not text)."""
-    key = f"config file field {opt.file_key}"
+def file_value(opt: Option, raw: Any, key: str) -> Any:
+    """Check and convert a value read from the config file (typed YAML, not text); `key` names
+    it in errors ("flags.migStrategy in /etc/nvdp/config.yaml")."""
     match opt.kind:
         case "bool":
             if not isinstance(raw, bool):
-                raise ConfigError(key, f"{raw!r} is not a boolean")
+                raise ConfigError(key, f"{raw!r} is not a boolean (true or false, without quotes)")
             return raw
         case "list":
             # deviceListStrategy may be one string or a list of strings.
@@ -97,32 +98,31 @@ def file_value(opt: Option, raw: Any) -> Any:
             return raw
 
 
-# The env var and flag of each health switch list, for messages that name what was given.
-HEALTH_SWITCHES = {
-    "disable_healthchecks": ("DP_DISABLE_HEALTHCHECKS", "--disable-healthchecks"),
-    "enable_healthchecks": ("DP_ENABLE_HEALTHCHECKS", "--enable-healthchecks"),
-}
+@dataclass(frozen=True)
+class HealthItems:
+    """A DP_DISABLE_HEALTHCHECKS / DP_ENABLE_HEALTHCHECKS list, read as upstream reads it."""
+
+    words: frozenset[str] = frozenset()  # "all", "xids"
+    numbers: frozenset[int] = frozenset()  # XIDs
+    malformed: tuple[str, ...] = ()  # entries that are neither: ignored, as upstream (with a warning)
 
 
-def health_items(switch: str, values: Iterable[str]) -> tuple[set[str], set[int]]:
-    """A DP_DISABLE_HEALTHCHECKS / DP_ENABLE_HEALTHCHECKS list as its words ('all', 'xids') and XID
-    numbers, lower-cased and trimmed as upstream. `switch` is the Config field; a bad item raises a
-    ConfigError naming the flag and its env var."""
-    env, flag = HEALTH_SWITCHES[switch]
+def health_items(values: Iterable[str]) -> HealthItems:
+    """The words ('all', 'xids') and XID numbers of a health switch list, lower-cased and trimmed
+    as upstream. An entry that is neither (a typo, a negative number, `4.5`) is not an error: the
+    official plugin logs "Ignoring malformed Xid value" and goes on, so a DaemonSet that runs under
+    it must not crash-loop here; `malformed` lists them for that warning."""
     words: set[str] = set()
     numbers: set[int] = set()
+    malformed: list[str] = []
     for raw in values:
         item = raw.strip().lower()
         if not item:
             continue
         if item in ("all", "xids"):
             words.add(item)
-            continue
-        try:
-            number = int(item)
-        except ValueError:
-            raise ConfigError(f"{flag} ({env})", f"{raw!r} is neither 'all', 'xids' nor an XID number") from None
-        if number < 0:
-            raise ConfigError(f"{flag} ({env})", f"{raw!r} is not a valid XID (negative)")
-        numbers.add(number)
-    return words, numbers
+        elif item.isascii() and item.isdigit():  # no sign, no point: what Go's ParseUint accepts
+            numbers.add(int(item))
+        else:
+            malformed.append(raw.strip())
+    return HealthItems(frozenset(words), frozenset(numbers), tuple(malformed))

@@ -109,24 +109,19 @@ def check_switches(disable: Sequence[str], enable: Sequence[str]) -> CheckSwitch
     - DISABLE=<n,...>: those XIDs are ignored too; ENABLE=<n,...>: those are not ignored
       (defaults included), ENABLE wins over DISABLE for the same number;
     - ENABLE=all: nothing ignored, and it overrides DISABLE=all;
-    - DISABLE=all: no check at all; with ENABLE=<n,...> (the official plugin still disables
-      everything) only those XIDs are watched;
-    - DISABLE=xids: XIDs are not acted on (except the ENABLE numbers) but the probe and ECC
-      checks, which the official plugin does not have, stay on.
+    - DISABLE=all or DISABLE=xids (the same, as upstream): no check at all; with ENABLE=<n,...>
+      (the official plugin still disables everything) only those XIDs are watched.
 
-    Raises ConfigError for an item that is not 'all', 'xids' or a non-negative number.
+    Malformed entries are ignored, as upstream (config loading warns about each one).
     """
-    d_words, d_numbers = health_items("disable_healthchecks", disable)
-    e_words, e_numbers = health_items("enable_healthchecks", enable)
-    if e_words:  # "all" (or "xids") re-enables every XID and every check
+    d, e = health_items(disable), health_items(enable)
+    if e.words:  # "all" (or "xids") re-enables every XID and every check
         return CheckSwitches(xids=XidFilter(ignored=frozenset()))
-    if "all" in d_words:
-        if not e_numbers:
+    if d.words:  # "all" or "xids"
+        if not e.numbers:
             return CheckSwitches(events=False, probes=False, xids=XidFilter(only=frozenset()))
-        return CheckSwitches(events=True, probes=False, xids=XidFilter(only=frozenset(e_numbers)))
-    if "xids" in d_words:
-        return CheckSwitches(xids=XidFilter(only=frozenset(e_numbers)))
-    return CheckSwitches(xids=XidFilter(ignored=frozenset((DEFAULT_IGNORED_XIDS | d_numbers) - e_numbers)))
+        return CheckSwitches(events=True, probes=False, xids=XidFilter(only=e.numbers))
+    return CheckSwitches(xids=XidFilter(ignored=frozenset((DEFAULT_IGNORED_XIDS | d.numbers) - e.numbers)))
 
 
 @dataclass(frozen=True)

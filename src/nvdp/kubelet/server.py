@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from nvdp.config.inputs import KUBELET_MAX_MESSAGE_BYTES as KUBELET_MAX_MESSAGE_BYTES  # re-exported
 from nvdp.config.options import Config
 from nvdp.core.allocation import preferred
 from nvdp.core.container import ContainerEdits, edits_for, edits_repeat
@@ -28,12 +29,12 @@ from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
 
 log = logging.getLogger("nvdp.server")  # stable name: operators filter on it
 Context = grpc.aio.ServicerContext[Any, Any]
-# The kubelet reads ListAndWatch with gRPC's default receive limit, and the list cannot be split.
-KUBELET_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 AllocateHook = Callable[[str, Sequence[str], Exception | None], None]
 # Allocate answers remembered per snapshot (one entry per distinct request): the kubelet asks
 # for the same few device sets over and over, and an answer depends only on the snapshot and
-# the serving context (unless edits_repeat says otherwise).
+# the serving context (unless edits_repeat says otherwise). The context is frozen and carries
+# all the rest: the config (strategies, MPS root and sharing), the control devices and the CDI
+# classes written; a new one (reload, CDI refresh) is a new object and drops the answers.
 ANSWER_CACHE_SIZE = 256
 
 
@@ -44,6 +45,7 @@ class ServingContext:
     config: Config
     topology: Topology
     control_devices: tuple[str, ...]
+    cdi_classes: frozenset[str] | None = None  # CDI specs nvdp wrote (None: none; see container.edits_for)
 
 
 def socket_name(resource: str) -> str:
@@ -237,7 +239,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
             responses = []
             for ids in requested:
                 try:
-                    edits = edits_for(self.resource, list(ids), self.context.config, self.context.control_devices)
+                    edits = edits_for(self.resource, list(ids), self.context.config, self.context.control_devices,
+                                      cdi_classes=self.context.cdi_classes)
                 except AllocationError as exc:
                     self._report_allocation(ids, exc)
                     log.warning("allocation refused", extra={"resource": self.name, "error": str(exc)})

@@ -42,6 +42,7 @@ ALLOCATED_DEVICES = "nvdp_allocated_devices"
 ALLOCATION_ERRORS = "nvdp_allocation_errors"
 GRPC_DURATION = "nvdp_grpc_request_duration_seconds"
 GRPC_REQUESTS = "nvdp_grpc_requests"
+MPS_DAEMON_READY = "nvdp_mps_daemon_ready"
 
 
 def _cuda_version(encoded: int) -> str:
@@ -61,6 +62,7 @@ class PluginCollector(Collector):
         yield from self._info(state)
         yield from self._devices(state)
         yield from self._kubelet(state)
+        yield from self._mps(state)
         yield from self._health(state.stats)
         yield from self._allocations(state.stats)
         yield from self._grpc(state.stats)
@@ -100,6 +102,14 @@ class PluginCollector(Collector):
                                   value=state.registrations)
         yield CounterMetricFamily(KUBELET_RESTARTS, "kubelet restarts seen (kubelet.sock re-created)",
                                   value=state.kubelet_restarts)
+
+    def _mps(self, state: PluginState) -> Iterator[Metric]:
+        ready = GaugeMetricFamily(MPS_DAEMON_READY, "1 when the MPS resource's control daemon answers (it is "
+                                  "served), 0 while it does not (held back; reason says why)",
+                                  labels=["resource", "reason"])
+        for name, why in sorted(state.mps.items()):
+            ready.add_metric([name, why], 0 if why else 1)
+        yield ready
 
     def _health(self, stats: StatsSnapshot) -> Iterator[Metric]:
         transitions = CounterMetricFamily(

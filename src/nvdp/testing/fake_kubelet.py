@@ -11,6 +11,7 @@ What it does, as the kubelet does it:
 - GetPreferredAllocation (only when the options advertise it) and Allocate send exactly one
   container per call and check the answer: exactly one container response, preferred IDs a
   subset of the available ones, no duplicates, must-include IDs kept, at most the size asked;
+- admit: a pod's devices chosen as the device manager chooses them, then Allocate;
 - restart: stop serving, delete every non-directory file in the folder (its own socket and the
   plugins' sockets; the checkpoint file survives), then serve a new kubelet.sock.
 """
@@ -83,14 +84,17 @@ class Event:
 class FakeKubelet(pb_grpc.RegistrationServicer):
     """Resource handling: `start()` creates kubelet.sock, `stop()` closes every connection."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, on_event: Callable[[Event], None] | None = None) -> None:
+        """`on_event` sees every event as it is recorded (`nvdp testing fake-kubelet` prints them)."""
         self.folder = folder
+        self._on_event = on_event
         self.socket_path = os.path.join(folder, "kubelet.sock")
         self.plugins: dict[str, PluginEndpoint] = {}
         self.events: list[Event] = []
         self.errors: list[str] = []  # protocol violations seen in plugin answers
         self.refuse_with: str | None = None  # make Register fail with this message
         self.register_delay: float = 0.0  # make Register hang this long
+        self.allocated: dict[str, set[str]] = {}  # resource -> device IDs given to pods by admit()
         self._server: grpc.aio.Server | None = None
         self._changed = asyncio.Condition()
 
@@ -206,7 +210,10 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         await plugin.channel.close()
 
     def _record(self, kind: str, resource: str, detail: str = "") -> None:
-        self.events.append(Event(kind, resource, time.monotonic(), detail))
+        event = Event(kind, resource, time.monotonic(), detail)
+        self.events.append(event)
+        if self._on_event is not None:
+            self._on_event(event)
 
     # --- what the device manager does at pod admission ------------------------------------------
 
@@ -255,6 +262,23 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         except grpc.aio.AioRpcError as exc:
             return f"{exc.code().name}: {exc.details()}"
         return None
+
+    async def admit(self, resource: str, count: int) -> tuple[list[str], pb.ContainerAllocateResponse]:
+        """Admit a pod asking for `count` devices, as the device manager does: choose among the
+        healthy devices no admitted pod holds (GetPreferredAllocation when offered, the first free
+        ones when its answer does not fit), then Allocate them; gRPC errors propagate."""
+        plugin = self.plugin(resource)
+        taken = self.allocated.setdefault(resource, set())
+        free = [i for i in plugin.healthy if i not in taken]
+        if len(free) < count:
+            raise KubeletError(f"{resource}: {count} requested, {len(free)} allocatable")
+        chosen = free[:count]
+        if plugin.options.get_preferred_allocation_available:
+            preferred = await self.preferred_allocation(resource, free, [], count)
+            chosen = preferred if len(preferred) == count else chosen
+        response = await self.allocate(resource, chosen)
+        taken.update(chosen)
+        return chosen, response
 
     async def allocate(self, resource: str, device_ids: Sequence[str]) -> pb.ContainerAllocateResponse:
         """Allocate for one container; gRPC errors propagate (grpc.aio.AioRpcError)."""

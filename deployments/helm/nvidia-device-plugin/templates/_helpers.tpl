@@ -137,3 +137,53 @@ capabilities:
 readOnlyRootFilesystem: true
 {{- end -}}
 {{- end -}}
+
+{{/* "true" when the plugin may share GPUs with MPS: only a config file can turn MPS on. An
+     external ConfigMap cannot be inspected, so it counts; an inline file counts when it has a
+     `mps:` key. The MPS control daemon DaemonSet, MPS_ROOT and the /mps and /dev/shm mounts
+     follow this. */}}
+{{- define "nvidia-device-plugin.mpsMayBeOn" -}}
+{{- $key := include "nvidia-device-plugin.configKey" . -}}
+{{- if and $key .Values.config.name -}}
+true
+{{- else if and $key .Values.config.map -}}
+{{- $file := index .Values.config.map $key -}}
+{{- $text := ternary $file (toYaml $file) (kindIs "string" $file) -}}
+{{- if regexMatch "(^|[^A-Za-z0-9_])[\"']?mps[\"']?[ \t]*:" $text -}}
+true
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels of the MPS control daemon's pods: a name of their own, so that neither DaemonSet's
+     selector matches the other's pods. */}}
+{{- define "nvidia-device-plugin.mpsSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "nvidia-device-plugin.name" . }}-mps-control-daemon
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The MPS control daemon's env: the plugin's config file, MIG strategy and discovery settings,
+     so that both build the same resources from the same node. */}}
+{{- define "nvidia-device-plugin.mpsDaemonEnv" -}}
+{{- $configKey := include "nvidia-device-plugin.configKey" . -}}
+{{- if not (kindIs "invalid" .Values.failOnInitError) }}
+- name: FAIL_ON_INIT_ERROR
+  value: {{ .Values.failOnInitError | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.migStrategy) }}
+- name: MIG_STRATEGY
+  value: {{ .Values.migStrategy | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.deviceDiscoveryStrategy) }}
+- name: DEVICE_DISCOVERY_STRATEGY
+  value: {{ .Values.deviceDiscoveryStrategy | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.logLevel) }}
+- name: NVDP_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+{{- end }}
+{{- if $configKey }}
+- name: CONFIG_FILE
+  value: /available-configs/{{ $configKey }}
+{{- end }}
+{{- end -}}

@@ -13,19 +13,21 @@ from typing import TYPE_CHECKING, Any
 from nvdp.backends.simulated.builtin import builtin_node, builtin_profiles
 from nvdp.core.devices import GpuInfo, Node
 from nvdp.core.health import EventKind, HealthEvent, ProbeSample
-from nvdp.errors import EventWaitError, config_error_from
+from nvdp.errors import EventWaitError, config_error_from, field_in
 
 if TYPE_CHECKING:
+    from nvdp.backends.driver_root import Roots
+    from nvdp.backends.simulated.driver_root import SimulatedDriverRoot
     from nvdp.backends.simulated.profile import Profile
 
 __all__ = ["SimulatedBackend", "SimulatedEventWaiter", "builtin_profiles", "load_profile"]
 
 
-def load_profile(name_or_path: str) -> tuple[str, Profile]:
+def load_profile(name_or_path: str, source: str = "--simulate") -> tuple[str, Profile]:
     """A profile through its schema (pydantic, PyYAML: imported only here); see profile.py."""
     from nvdp.backends.simulated.profile import load_profile as load
 
-    return load(name_or_path)
+    return load(name_or_path, source)
 
 
 @dataclass
@@ -60,14 +62,17 @@ class SimulatedBackend:
 
     name = "simulated"
 
-    def __init__(self, profile: str) -> None:
+    def __init__(self, profile: str, driver_root: str | None = None, source: str = "--simulate") -> None:
+        """`source` is how the profile was given, for errors (`--simulate`, `NVDP_SIMULATE`)."""
+        self._driver_root_folder = driver_root  # None: a temporary folder, made when first asked for
+        self._driver_root: SimulatedDriverRoot | None = None
         self.profile_name = profile
         if profile in builtin_profiles():  # the precompiled node: no YAML, no schema (builtin.py)
-            self.node, self._mig_minors_missing = builtin_node(profile)
+            self.node, self._mig_minors_missing = builtin_node(profile, source)
         else:
             from nvdp.backends.simulated.expand import build_node
 
-            self.profile_name, spec = load_profile(profile)
+            self.profile_name, spec = load_profile(profile, source)
             self.node = build_node(self.profile_name, spec)
             self._mig_minors_missing = tuple(spec.mig_minors_missing)
         self._lock = threading.Lock()
@@ -80,6 +85,18 @@ class SimulatedBackend:
 
     def close(self) -> None:
         self._events.put(None)  # wake a waiter, if any
+        if self._driver_root is not None:
+            self._driver_root.close()
+
+    def driver_roots(self, node: Node) -> Roots:
+        """The simulated driver root and dev root for this node (see `simulated.driver_root`)."""
+        # Imported here: only CDI spec generation asks (it brings pathlib, tempfile, subprocess).
+        from nvdp.backends.simulated.driver_root import SimulatedDriverRoot
+
+        with self._lock:
+            if self._driver_root is None:
+                self._driver_root = SimulatedDriverRoot(self._driver_root_folder)
+            return self._driver_root.sync(node)
 
     # --- health source ---------------------------------------------------------------------
 
@@ -201,7 +218,7 @@ class SimulatedBackend:
         try:
             spec = MigSpec.model_validate({"enabled": enabled, "devices": list(devices)})
         except ValidationError as exc:
-            raise config_error_from(exc, "mig layout") from exc
+            raise config_error_from(exc, field_in("mig layout")) from exc
         gpus[position] = with_mig_layout(self.profile_name, gpus[position], spec, f"gpu {gpu_index}")
         minors = simulated_mig_minors(gpus, self._mig_minors_missing)
         self.node = replace(self.node, gpus=tuple(gpus), mig_minors=minors)

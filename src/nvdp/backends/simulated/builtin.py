@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from nvdp.backends.simulated.checks import PCI_BUS_ID, first_clash
 from nvdp.core.devices import GpuInfo, MigInfo, Node, PcieLevel, Topology
 from nvdp.errors import ConfigError
 
@@ -109,7 +110,12 @@ def node_from_data(data: Any, where: str = "node") -> Node:
             for key in ("attributes", "neg_attributes"):
                 m = {**m, key: _strings(m[key], f"{where}.gpus.{i}.mig_devices.{j}.{key}")}
             migs.append(MigInfo(**m))
+        if not PCI_BUS_ID.fullmatch(g["pci_bus_id"]):
+            raise ValueError(f"{where}.gpus.{i}.pci_bus_id: {g['pci_bus_id']!r} is not a PCI bus id")
         gpus.append(GpuInfo(**{k: g[k] for k in _GPU_FIELDS}, mig_devices=tuple(migs)))
+    # The same checks as a YAML profile's (checks.py): the file is generated, but may be damaged.
+    if clash := first_clash(gpus, [f"{where}.gpus.{i}" for i in range(len(gpus))]):
+        raise ValueError(f"{clash[0]}: {clash[1]}")
 
     def pairs(rows: list[Any], key: str) -> dict[frozenset[str], Any]:
         out: dict[frozenset[str], Any] = {}
@@ -149,14 +155,15 @@ def compiled_name(name: str) -> str:
 _RECORD_FIELDS: dict[str, tuple[type, ...]] = {"format": (int,), "node": (dict,), "mig_minors_missing": (list,)}
 
 
-def builtin_node(name: str) -> tuple[Node, tuple[str, ...]]:
-    """A built-in profile's node and the mig-minors entries its simulated driver lacks."""
+def builtin_node(name: str, source: str = "--simulate") -> tuple[Node, tuple[str, ...]]:
+    """A built-in profile's node and the mig-minors entries its simulated driver lacks. `source`
+    is how the profile was given, for errors (`--simulate`, `NVDP_SIMULATE`, a config file)."""
     file = compiled_name(name)
     try:
         with open(os.path.join(PROFILES_DIR, file), encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise ConfigError("--simulate", f"{file} is missing: reinstall nvdp or run `make profiles`") from None
+        raise ConfigError(source, f"{file} is missing: reinstall nvdp or run `make profiles`") from None
     try:
         record = _checked(json.loads(text), _RECORD_FIELDS, name, extra=("generated_from",))
         if record["format"] != FORMAT:
@@ -164,5 +171,5 @@ def builtin_node(name: str) -> tuple[Node, tuple[str, ...]]:
         node = node_from_data(record["node"], f"{name}.node")
         missing = _strings(record["mig_minors_missing"], f"{name}.mig_minors_missing")
     except ValueError as exc:  # json.JSONDecodeError is one too
-        raise ConfigError("--simulate", f"{file} is damaged ({exc}): reinstall nvdp or run `make profiles`") from exc
+        raise ConfigError(source, f"{file} is damaged ({exc}): reinstall nvdp or run `make profiles`") from exc
     return node, missing

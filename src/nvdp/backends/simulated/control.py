@@ -18,13 +18,14 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.core.mig import describe_layout
-from nvdp.errors import PluginError
+from nvdp.errors import ConfigError, PluginError
 
 log = logging.getLogger("nvdp.simcontrol")  # stable name: operators filter on it
 
@@ -174,6 +175,24 @@ async def handle(context: ControlContext, line: bytes) -> Reply:
         return {"ok": False, "error": f"not JSON: {exc}"}
     except (ControlError, ValueError, PluginError) as exc:
         return {"ok": False, "error": str(exc)}
+
+
+def check_socket_path(path: str, field: str = "--simulate-control") -> None:
+    """Refuse, before anything starts, a control socket path that cannot work: a directory, an
+    existing file that is not a socket (it would be deleted), or a folder that does not exist."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            raise ConfigError(field, f"{path}: the folder {folder} does not exist") from None
+        return
+    except OSError as exc:
+        raise ConfigError(field, f"{path}: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(mode):
+        raise ConfigError(field, f"{path} is a directory; give the path of a socket to create, e.g. {path}/nvdp.sock")
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(field, f"{path} exists and is not a socket (nvdp would have to delete it)")
 
 
 class ControlServer:
