@@ -241,6 +241,8 @@ def test_bad_simulated_profile_exits_2(plugin_dir: Path, tmp_path: Path) -> None
 
 OPTIONAL_IMPORTS = (
     "yaml", "pydantic", "prometheus_client", "h11", "nvdp.ops.web", "nvdp.ops.metrics", "nvdp.config.file",
+    # CDI spec writing and the MPS programs: only with a cdi-* strategy or MPS sharing.
+    "nvdp.core.cdi", "nvdp.backends.driver_root", "nvdp.backends.spec_files", "nvdp.backends.mps",
 )
 PROFILE_FILE = str(Path(__file__).parents[2] / "src/nvdp/backends/simulated/profiles/pcie-l40s.yaml")
 IMPORT_PROBE = """
