@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-deploy image test-image lint typecheck check bench proto gpu-test clean
+.PHONY: demo test test-deploy image test-image lint typecheck check bench proto profiles gpu-test clean
 
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
@@ -75,6 +75,10 @@ bench: $(STAMP)
 
 proto: $(STAMP)
 	PATH=$(BIN):$$PATH PYTHON=$(BIN)/python scripts/gen-proto
+
+# The built-in simulated profiles, precompiled to JSON (served without PyYAML and pydantic).
+profiles: $(STAMP)
+	$(BIN)/python scripts/compile-profiles
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -9,13 +9,12 @@ The only module that reads argv and os.environ, sets up logging and decides exit
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +22,9 @@ from nvdp import __version__
 from nvdp.config.load import load
 from nvdp.config.options import GFD_OPTIONS, OPTIONS, Config, Option, flag_names, format_duration
 from nvdp.errors import ConfigError, DiscoveryError, LabelError, ListenError, NvmlUnavailable, PluginError, ServeError
+
+if TYPE_CHECKING:
+    from nvdp.app.discovery import BackendFactory
 
 log = logging.getLogger("nvdp")
 
@@ -40,17 +42,10 @@ EXIT_INIT_ERROR = 1
 EXIT_CONFIG_ERROR = 2
 
 
-def _options_of(table: Sequence[Option]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The click options of a command's option table (OPTIONS: the plugin; GFD_OPTIONS: GFD)."""
-
-    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        return _add_options(f, table)
-
-    return decorate
-
-
-def _add_options(f: Callable[..., Any], table: Sequence[Option]) -> Callable[..., Any]:
-    for opt in reversed(table):
+def _table_options(table: Sequence[Option] = OPTIONS) -> list[click.Option]:
+    """One click option per row of an option table (OPTIONS: the plugin's; GFD_OPTIONS: GFD's)."""
+    options = []
+    for opt in table:
         names = [*flag_names(opt), opt.field]
         envs = f" [env: {', '.join(opt.envs)}]" if opt.envs else ""
         default = ",".join(opt.default) if isinstance(opt.default, tuple) else opt.default
@@ -61,17 +56,41 @@ def _add_options(f: Callable[..., Any], table: Sequence[Option]) -> Callable[...
             text += f" [one of: {', '.join(opt.choices)}]"
         if opt.kind == "bool":
             # `--flag` alone means true; `--flag=false` works as with the official plugin.
-            f = click.option(*names, is_flag=False, flag_value="true", default=None, help=text,
-                             metavar="BOOL")(f)
+            options.append(click.Option(names, is_flag=False, flag_value="true", default=None, help=text,
+                                        metavar="BOOL"))
         elif opt.kind in ("list", "intlist"):
-            f = click.option(*names, multiple=True, default=None, help=text + " (comma-separated)")(f)
+            options.append(click.Option(names, multiple=True, default=None, help=text + " (comma-separated)"))
         else:
-            f = click.option(*names, default=None, help=text)(f)
-    return f
+            options.append(click.Option(names, default=None, help=text))
+    return options
 
 
-_option_decorators = _options_of(OPTIONS)
-_gfd_option_decorators = _options_of(GFD_OPTIONS)
+class _TableParams(click.Command):
+    """Also takes every flag of its option table, built when the command is used rather than when
+    this module is imported: start-up builds the flags of the one command it runs (~40 options each)."""
+
+    _table_added = False
+    table: Sequence[Option] = OPTIONS
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._table_added:
+            self.params.extend(_table_options(self.table))
+            self._table_added = True
+        return super().get_params(ctx)
+
+
+class TableCommand(_TableParams):
+    """A command with the OPTIONS flags (serve, devices, doctor, cdi generate|list)."""
+
+
+class TableGroup(_TableParams, click.Group):
+    """A group with the OPTIONS flags (mps-control-daemon, which also runs without a subcommand)."""
+
+
+class GfdCommand(_TableParams):
+    """A command with GPU feature discovery's flags (labels, gpu-feature-discovery)."""
+
+    table = GFD_OPTIONS
 
 
 def resolve(cli_values: dict[str, Any], table: Sequence[Option] = OPTIONS) -> Config:
@@ -119,13 +138,29 @@ def _early_logging(cli_values: dict[str, Any]) -> None:
         logs.setup()
 
 
-def _serve(cli_values: dict[str, Any]) -> None:
-    from nvdp.app.plugin import Plugin
+def _without_unused_modules(cfg: Config) -> None:
+    """Before asyncio and grpc are imported: without the metrics listener nothing in the plugin
+    uses TLS (prometheus_client is the only user of Python's ssl module), so asyncio and grpc are
+    told that ssl is absent (a None entry in sys.modules), which they support: 4-5 MB of OpenSSL
+    and ~10 ms less (docs/benchmarks.md). Not with --cluster-health either (the Kubernetes API is
+    HTTPS). Neither can be turned on by a reload."""
+    if not cfg.metrics_address and not cfg.cluster_health and "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+
+
+def _serve(cli_values: dict[str, Any], backend_factory: BackendFactory | None = None) -> None:
+    """`backend_factory`: the NVML-path benchmark (bench/nvml_plugin.py) passes the test fake."""
     from nvdp.ops import logs
 
     _early_logging(cli_values)
     # Errors are log lines from here on, in the chosen format (a JSON log stays all JSON).
     cfg = _config_or_exit(cli_values, report=_log_error)
+    _without_unused_modules(cfg)
+    import asyncio
+
+    from nvdp.app.discovery import open_backend
+    from nvdp.app.plugin import Plugin
+
     logs.setup(cfg.log_level, fmt=cfg.log_format)
     cluster_api = None
     if cfg.cluster_health:
@@ -136,7 +171,8 @@ def _serve(cli_values: dict[str, Any]) -> None:
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_CONFIG_ERROR)
-    plugin = Plugin(cfg, reload_config=lambda: resolve(cli_values), cluster_api=cluster_api)
+    plugin = Plugin(cfg, backend_factory=backend_factory or open_backend, reload_config=lambda: resolve(cli_values),
+                    cluster_api=cluster_api)
     try:
         asyncio.run(plugin.run(handle_signals=True))
     except (ListenError, ServeError) as exc:
@@ -168,6 +204,8 @@ def _labels(cli_values: dict[str, Any]) -> None:
     cfg = _config_or_exit(cli_values, GFD_OPTIONS)
     logs.setup(cfg.log_level, fmt=cfg.log_format)
     labeller = Labeller(cfg, reload_config=lambda: resolve(cli_values, GFD_OPTIONS))
+    import asyncio
+
     try:
         asyncio.run(labeller.run(handle_signals=True))
     except ConfigError as exc:  # e.g. the NodeFeature API without a client, found before any discovery
@@ -189,39 +227,34 @@ def main() -> None:
     """nvdp: the NVIDIA GPU device plugin for Kubernetes."""
 
 
-@main.command()
-@_option_decorators
+@main.command(cls=TableCommand)
 def serve(**cli_values: Any) -> None:
     """Run the device plugin (what `nvidia-device-plugin` runs)."""
     _serve(cli_values)
 
 
-@click.command(name="nvidia-device-plugin", context_settings=CONTEXT)
+@click.command(name="nvidia-device-plugin", cls=TableCommand, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="nvidia-device-plugin")
-@_option_decorators
 def serve_main(**cli_values: Any) -> None:
     """NVIDIA device plugin for Kubernetes (nvdp), with the official plugin's flags and env vars."""
     _serve(cli_values)
 
 
-@main.command()
-@_gfd_option_decorators
+@main.command(cls=GfdCommand)
 def labels(**cli_values: Any) -> None:
     """Run GPU feature discovery: label this node's GPUs for NFD (what `gpu-feature-discovery` runs)."""
     _labels(cli_values)
 
 
-@click.command(name="gpu-feature-discovery")
+@click.command(name="gpu-feature-discovery", cls=GfdCommand, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="gpu-feature-discovery")
-@_gfd_option_decorators
 def gfd_main(**cli_values: Any) -> None:
     """GPU feature discovery (nvdp): node labels for NFD, with the official GFD's flags and env vars."""
     _labels(cli_values)
 
 
-@main.command()
+@main.command(cls=TableCommand)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@_option_decorators
 def devices(as_json: bool, **cli_values: Any) -> None:
     """Print what would be advertised for the current flags and backend."""
     from nvdp.app.discovery import discover_once
@@ -254,6 +287,8 @@ def devices(as_json: bool, **cli_values: Any) -> None:
               help="show per-node configs instead: the node label, the config-manager and a switching plugin")
 def demo(profile: str, device_list_strategy: str | None, sharing: str, node_config: bool) -> None:
     """Run the plugin on a simulated node against a fake kubelet and narrate what it sees."""
+    import asyncio
+
     from nvdp.ops import logs
     from nvdp.tools.demo import run_demo
     from nvdp.tools.demo_mps import run_mps_demo
@@ -276,17 +311,17 @@ def demo(profile: str, device_list_strategy: str | None, sharing: str, node_conf
         sys.exit(EXIT_CONFIG_ERROR)
 
 
-@main.command()
+@main.command(cls=TableCommand)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 @click.option("--proc-root", default="/proc", show_default=True, help="the node's /proc")
 @click.option("--sys-root", default="/sys", show_default=True, help="the node's /sys")
 @click.option("--etc-root", default="/etc", show_default=True, help="the node's /etc (container runtime, CDI)")
 @click.option("--run-root", default="/run", show_default=True, help="the node's /run (CDI specs)")
 @click.option("--var-root", default="/var", show_default=True, help="the node's /var (k3s and RKE2 containerd)")
-@_option_decorators
 def doctor(as_json: bool, proc_root: str, sys_root: str, etc_root: str, run_root: str, var_root: str,
            **cli_values: Any) -> None:
     """Check this node for what the plugin needs; exit 1 when something blocks it."""
+    import asyncio
     from dataclasses import replace
     from pathlib import Path
 
@@ -332,12 +367,11 @@ def cdi() -> None:
     """CDI specs for the cdi-* list strategies (what the plugin writes to --cdi-spec-dir)."""
 
 
-@cdi.command(name="generate")
+@cdi.command(name="generate", cls=TableCommand)
 @click.option("--output", metavar="FILE", help="write the spec to FILE (atomically) instead of printing it")
 @click.option("--format", "fmt", type=click.Choice(["json", "yaml"]), default="json", show_default=True)
 @click.option("--class", "cls", type=click.Choice(["gpu", "gdrcopy", "gds", "mofed", "imex-channel"]), default="gpu",
               show_default=True, help="which spec: the GPUs, or a feature's")
-@_option_decorators
 def cdi_generate(output: str | None, fmt: str, cls: str, **cli_values: Any) -> None:
     """Generate the CDI spec the plugin would write, from the same flags (see docs/cdi.md)."""
     from nvdp.tools import cdi as tool
@@ -362,8 +396,7 @@ def cdi_generate(output: str | None, fmt: str, cls: str, **cli_values: Any) -> N
     click.echo(f"wrote {output}: {len(spec.device_names)} device(s), cdiVersion {spec.doc['cdiVersion']}", err=True)
 
 
-@cdi.command(name="list")
-@_option_decorators
+@cdi.command(name="list", cls=TableCommand)
 def cdi_list(**cli_values: Any) -> None:
     """Print the qualified CDI device names nvdp's specs define for this node, one per line."""
     from nvdp.tools import cdi as tool
@@ -399,6 +432,7 @@ def testing_group() -> None:
               help="once a resource has N healthy devices, ask GetPreferredAllocation and Allocate for N of them")
 def fake_kubelet(folder: str, allocate: int) -> None:
     """A kubelet device manager on DIR/kubelet.sock that prints what it sees (until SIGINT/SIGTERM)."""
+    import asyncio
     import signal
 
     from nvdp.testing.kubelet_sim import run_fake_kubelet
@@ -424,9 +458,8 @@ def health() -> None:
     """The health policy as it applies on this node."""
 
 
-@health.command(name="policy")
+@health.command(name="policy", cls=TableCommand)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@_option_decorators
 def health_policy(as_json: bool, **cli_values: Any) -> None:
     """Print the effective XID table (built-in, then the config file, then DP_*_HEALTHCHECKS)."""
     from nvdp.tools.health_policy import policy_json, policy_text
@@ -586,6 +619,8 @@ def simulate_nvidia_smi(state: str, args: tuple[str, ...]) -> None:
 
 
 def _mps_daemon(cli_values: dict[str, Any]) -> None:
+    import asyncio
+
     from nvdp.app.mps_daemon import ControlDaemon
     from nvdp.ops import logs
 
@@ -606,9 +641,8 @@ def _mps_daemon(cli_values: dict[str, Any]) -> None:
         sys.exit(EXIT_INIT_ERROR)
 
 
-@click.group(name="mps-control-daemon", invoke_without_command=True)
+@click.group(name="mps-control-daemon", cls=TableGroup, invoke_without_command=True, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="mps-control-daemon")
-@_option_decorators
 @click.pass_context
 def mps_daemon_main(ctx: click.Context, /, **cli_values: Any) -> None:
     """Start and supervise one MPS control daemon per MPS-shared resource (docs/sharing.md)."""
@@ -691,6 +725,8 @@ def _config_manager(cli_values: dict[str, Any]) -> None:
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
+    import asyncio
+
     try:
         asyncio.run(run_config_manager(settings, config))
     except ConfigError as exc:  # e.g. the chosen config file is invalid and there is no current one to keep

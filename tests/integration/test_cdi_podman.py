@@ -34,7 +34,7 @@ from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.backends.simulated.driver_root import NOTE, library_folder
 from nvdp.config.load import load
 from nvdp.config.options import Config
-from nvdp.core.cdi import SpecSet
+from nvdp.core.cdi import CLASSES, SpecSet
 from nvdp.core.container import CDI_VENDOR
 from nvdp.testing import FakeKubelet
 from tests.conftest import running_plugin
@@ -153,7 +153,7 @@ def write_spec(container_tools: None, tmp_path: Path) -> Iterator[Callable[..., 
 
     yield write
     for w in made:
-        for cls in app_cdi.CLASSES:
+        for cls in CLASSES:
             (SPEC_DIR / f"{w.vendor}-{cls}.json").unlink(missing_ok=True)
         w.backend.close()
 

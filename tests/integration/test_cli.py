@@ -244,12 +244,19 @@ OPTIONAL_IMPORTS = (
     "yaml", "pydantic", "prometheus_client", "h11", "nvdp.ops.web", "nvdp.ops.metrics", "nvdp.config.file",
     # The Kubernetes API client: only the config-manager (and later API features) load it.
     "lightkube", "httpx2", "nvdp.kube.client", "nvdp.app.config_manager",
+    # CDI spec writing and the MPS programs: only with a cdi-* strategy or MPS sharing.
+    "nvdp.core.cdi", "nvdp.backends.driver_root", "nvdp.backends.spec_files", "nvdp.backends.mps",
 )
+PROFILE_FILE = str(Path(__file__).parents[2] / "src/nvdp/backends/simulated/profiles/pcie-l40s.yaml")
 IMPORT_PROBE = """
 import sys
 from nvdp.config.load import load
 import nvdp.app.plugin, nvdp.cli, nvdp.backends.nvml.discovery, nvdp.backends.nvml.library
-load(CLI, {}, read_text=lambda path: "version: v1")
+from nvdp.app.discovery import check_inputs, open_backend
+cfg = load(CLI, {}, read_text=lambda path: "version: v1")
+check_inputs(cfg)  # as cli._serve does before anything starts
+if cfg.simulate:
+    open_backend(cfg).discover()
 print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
 """
 
@@ -259,6 +266,8 @@ print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
     [
         pytest.param({}, "", id="plain start: none"),
         pytest.param({"config_file": "/c.yaml"}, "yaml,pydantic,nvdp.config.file", id="config file: its parser"),
+        pytest.param({"simulate": "dgx-h100"}, "", id="built-in simulated profile: none"),
+        pytest.param({"simulate": PROFILE_FILE}, "yaml,pydantic", id="simulated profile file: its schema"),
     ],
 )
 def test_start_path_imports_only_what_the_options_need(cli: dict[str, str], loaded: str) -> None:

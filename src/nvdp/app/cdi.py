@@ -12,33 +12,29 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from nvdp.backends.base import GpuBackend
-from nvdp.backends.driver_root import DriverRootSource, Roots, roots_for, scan
-from nvdp.backends.spec_files import Written, sync_folder
 from nvdp.config.options import Config
-from nvdp.core.cdi import (
-    FEATURE_CLASSES,
-    GPU_CLASS,
-    IMEX_CLASS,
-    Spec,
-    SpecSet,
-    SpecSettings,
-    build_specs,
-    file_name,
-    to_json,
-    uses_cdi,
-)
-from nvdp.core.container import CDI_VENDOR
+from nvdp.core.container import CDI_VENDOR, uses_cdi
 from nvdp.core.devices import Node
 from nvdp.errors import CdiSpecError
 
+if TYPE_CHECKING:
+    from nvdp.backends.base import GpuBackend
+    from nvdp.backends.driver_root import Roots
+    from nvdp.backends.spec_files import Written
+    from nvdp.core.cdi import Spec, SpecSet
+
+# The spec builder, the driver-root scan and the file writer (with tempfile and shutil) are
+# imported where they are used: a plugin without a cdi-* strategy never loads them.
+
 log = logging.getLogger("nvdp.cdi")
-CLASSES = (GPU_CLASS, *FEATURE_CLASSES, IMEX_CLASS)
 
 
 def roots(cfg: Config, backend: GpuBackend | None, node: Node) -> Roots:
     """The simulated node's own roots, or the layout the flags describe."""
+    from nvdp.backends.driver_root import DriverRootSource, roots_for
+
     if isinstance(backend, DriverRootSource):
         return backend.driver_roots(node)
     return roots_for(cfg)
@@ -46,6 +42,9 @@ def roots(cfg: Config, backend: GpuBackend | None, node: Node) -> Roots:
 
 def generate(cfg: Config, node: Node, backend: GpuBackend | None, vendor: str = CDI_VENDOR) -> SpecSet:
     """Scan the driver root and build every spec for this node and config (raises CdiSpecError)."""
+    from nvdp.backends.driver_root import scan
+    from nvdp.core.cdi import SpecSettings, build_specs
+
     where = roots(cfg, backend, node)
     settings = SpecSettings.from_config(cfg, driver_root=where.host_driver, dev_root=where.host_dev, vendor=vendor)
     facts = scan(where, node, settings.features, settings.imex_channel_ids, settings.feature_flags)
@@ -53,6 +52,9 @@ def generate(cfg: Config, node: Node, backend: GpuBackend | None, vendor: str = 
 
 
 def write(folder: str, specs: SpecSet, vendor: str = CDI_VENDOR) -> Written:
+    from nvdp.backends.spec_files import sync_folder
+    from nvdp.core.cdi import CLASSES, file_name, to_json
+
     files = [(s.file_name(), to_json(s.doc)) for s in specs.specs]
     return sync_folder(folder, files, [file_name(vendor, c) for c in CLASSES])
 
@@ -68,6 +70,8 @@ class SpecPublisher:
         strategy, writing off, or it failed: Allocate then names every enabled feature)."""
         if not uses_cdi(cfg):
             return None
+        from nvdp.core.cdi import GPU_CLASS, file_name
+
         target = os.path.join(cfg.cdi_spec_dir or "/var/run/cdi", file_name(CDI_VENDOR, GPU_CLASS))
         if not cfg.cdi_spec_dir:
             self._missing(target, "--cdi-spec-dir is empty, so nvdp writes no CDI spec")

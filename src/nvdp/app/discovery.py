@@ -42,10 +42,15 @@ def check_inputs(cfg: Config) -> None:
     that a mistake exits 2 with nothing opened: the simulated profile (read and expanded) and
     the fault-injection socket path. Raises ConfigError naming what the operator gave."""
     if cfg.simulate:
-        from nvdp.backends.simulated.expand import build_node
-        from nvdp.backends.simulated.profile import load_profile
+        from nvdp.backends.simulated.builtin import builtin_node, builtin_profiles
 
-        build_node(*load_profile(cfg.simulate, cfg.source("simulate")))
+        if cfg.simulate in builtin_profiles():  # precompiled: read without YAML or the schema
+            builtin_node(cfg.simulate, cfg.source("simulate"))
+        else:
+            from nvdp.backends.simulated.expand import build_node
+            from nvdp.backends.simulated.profile import load_profile
+
+            build_node(*load_profile(cfg.simulate, cfg.source("simulate")))
     if cfg.simulate_control:
         from nvdp.backends.simulated.control import check_socket_path
 

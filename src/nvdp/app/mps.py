@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nvdp.backends.mps import MpsControl
 from nvdp.config.options import Config
 from nvdp.core.backoff import Backoff
 from nvdp.core.devices import DeviceTree
@@ -77,6 +76,8 @@ class MpsGate:
         for name, key in wanted.items():
             if name in self._tasks:
                 continue
+            from nvdp.backends.mps import MpsControl  # subprocess, tempfile, shutil: only with MPS on
+
             try:
                 control = MpsControl(key[0], key[1], self.timing.timeout_s)
             except MpsError as exc:  # e.g. an empty --mps-control

@@ -30,13 +30,15 @@ from typing import Any
 from nvdp.config import cdi as names
 from nvdp.config.options import Config
 from nvdp.core import mig
-from nvdp.core.container import CDI_STRATEGIES, CDI_VENDOR, runtime_ids
+from nvdp.core.container import CDI_VENDOR, runtime_ids
+from nvdp.core.container import uses_cdi as uses_cdi  # re-exported: it lives where the strategies do
 from nvdp.core.devices import DeviceTree, GpuInfo, MigInfo, Node
 
 GPU_CLASS = "gpu"
 IMEX_CLASS = "imex-channel"
 # The `=all` feature classes in the order Allocate names them (the official plugin's order).
 FEATURE_CLASSES = ("gdrcopy", "gds", "mofed")
+CLASSES = (GPU_CLASS, *FEATURE_CLASSES, IMEX_CLASS)  # every spec nvdp may write, the GPUs first
 RO_MOUNT = ("ro", "nosuid", "nodev", "rbind", "rprivate")
 SOCKET_MOUNT = ("nosuid", "nodev", "noexec", "rbind", "rprivate")  # writable: clients connect to it
 HOOK_ENV = ("NVIDIA_CTK_DEBUG=false",)
@@ -125,10 +127,6 @@ class SpecSettings:
 
     def hook_enabled(self, name: str) -> bool:
         return names.ALL_HOOKS not in self.disabled_hooks and name not in self.disabled_hooks
-
-
-def uses_cdi(cfg: Config) -> bool:
-    return bool(set(cfg.device_list_strategy) & CDI_STRATEGIES)
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,6 +77,17 @@ def _host_path(dev_root: str, container_path: str) -> str:
     return os.path.join(dev_root, container_path.lstrip("/")) if dev_root not in ("", "/") else container_path
 
 
+def uses_cdi(cfg: Config) -> bool:
+    """Whether a cdi-* list strategy is on (so nvdp writes CDI specs, app/cdi.py)."""
+    return bool(set(cfg.device_list_strategy) & CDI_STRATEGIES)
+
+
+def edits_repeat(cfg: Config) -> bool:
+    """Whether `edits_for` gives the same answer for the same request, resource and config: not
+    with cdi-annotations, whose annotation key is new for every container (as upstream's)."""
+    return "cdi-annotations" not in cfg.device_list_strategy
+
+
 def edits_for(
     resource: Resource,
     ids: Sequence[str],

@@ -21,7 +21,7 @@ import grpc
 from nvdp.config.inputs import KUBELET_MAX_MESSAGE_BYTES as KUBELET_MAX_MESSAGE_BYTES  # re-exported
 from nvdp.config.options import Config
 from nvdp.core.allocation import preferred
-from nvdp.core.container import ContainerEdits, edits_for
+from nvdp.core.container import ContainerEdits, edits_for, edits_repeat
 from nvdp.core.devices import Device, Health, Resource, Topology
 from nvdp.errors import AllocationError, ServeError
 from nvdp.kubelet._proto import api_pb2 as pb
@@ -33,6 +33,13 @@ AllocateHook = Callable[[str, Sequence[str], Exception | None], None]
 # PreStartContainer's check (--gpu-hygiene): the resource and the device IDs the container gets;
 # None to let it start, else why not (the kubelet fails the container start with that text).
 PreStartHook = Callable[[Resource, Sequence[str]], Awaitable[str | None]]
+
+# Allocate answers remembered per snapshot (one entry per distinct request): the kubelet asks
+# for the same few device sets over and over, and an answer depends only on the snapshot and
+# the serving context (unless edits_repeat says otherwise). The context is frozen and carries
+# all the rest: the config (strategies, MPS root and sharing), the control devices and the CDI
+# classes written; a new one (reload, CDI refresh) is a new object and drops the answers.
+ANSWER_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self._on_allocate = on_allocate
         self._pre_start = pre_start
         self._interceptors = tuple(interceptors)
+        self._answers: dict[tuple[tuple[str, ...], ...], pb.AllocateResponse] = {}
+        self._answers_for: tuple[int, Resource, ServingContext] | None = None  # what they were built from
 
     @property
     def name(self) -> str:
@@ -239,20 +248,39 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     async def Allocate(
         self, request: pb.AllocateRequest, context: Context
     ) -> pb.AllocateResponse:
-        responses = []
-        requested = [list(req.devices_ids) for req in request.container_requests]
-        for ids in requested:
-            try:
-                edits = edits_for(self.resource, ids, self.context.config, self.context.control_devices,
-                                  cdi_classes=self.context.cdi_classes)
-            except AllocationError as exc:
-                self._report_allocation(ids, exc)
-                log.warning("allocation refused", extra={"resource": self.name, "error": str(exc)})
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            responses.append(allocate_message(edits))
+        requested = tuple(tuple(req.devices_ids) for req in request.container_requests)
+        answer = self._cached_answer(requested)
+        if answer is None:
+            responses = []
+            for ids in requested:
+                try:
+                    edits = edits_for(self.resource, list(ids), self.context.config, self.context.control_devices,
+                                      cdi_classes=self.context.cdi_classes)
+                except AllocationError as exc:
+                    self._report_allocation(ids, exc)
+                    log.warning("allocation refused", extra={"resource": self.name, "error": str(exc)})
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                responses.append(allocate_message(edits))
+            answer = pb.AllocateResponse(container_responses=responses)
+            if edits_repeat(self.context.config):
+                self._remember_answer(requested, answer)
         for ids in requested:  # counted only now: one refused container fails the whole call
             self._report_allocation(ids, None)
-        return pb.AllocateResponse(container_responses=responses)
+        return answer
+
+    def _cached_answer(self, requested: tuple[tuple[str, ...], ...]) -> pb.AllocateResponse | None:
+        made_from = self._answers_for
+        if made_from is None or made_from[0] != self.version or made_from[1] is not self.resource \
+                or made_from[2] is not self.context:  # a new snapshot or a reload: start over
+            self._answers.clear()
+            self._answers_for = (self.version, self.resource, self.context)
+            return None
+        return self._answers.get(requested)
+
+    def _remember_answer(self, requested: tuple[tuple[str, ...], ...], answer: pb.AllocateResponse) -> None:
+        if len(self._answers) >= ANSWER_CACHE_SIZE:
+            del self._answers[next(iter(self._answers))]  # the oldest
+        self._answers[requested] = answer
 
     def _report_allocation(self, ids: Sequence[str], error: Exception | None) -> None:
         if self._on_allocate is not None:

@@ -54,7 +54,8 @@ def open_fds(pid: int) -> int:
 
 
 class PluginProcess:
-    """`nvidia-device-plugin --kubelet-socket <folder>/kubelet.sock <args>` as a child process."""
+    """`nvidia-device-plugin --kubelet-socket <folder>/kubelet.sock <args>` as a child process
+    (`command`: another program taking the same flags, e.g. the NVML-path benchmark's)."""
 
     def __init__(
         self,
@@ -63,11 +64,13 @@ class PluginProcess:
         env: Mapping[str, str] | None = None,
         log_path: str | None = None,
         argv0: str | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         self.folder = folder
         # Set: run `python -m nvdp.entrypoint` with this argv[0], as the image's wrapper does, so a
         # config-manager looking for the process by name finds it.
         self.argv0 = argv0
+        self.command = list(command) if command is not None else None
         self.args = [f"--kubelet-socket={os.path.join(folder, 'kubelet.sock')}", *args]
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path or os.path.join(folder, "plugin.log")
@@ -84,9 +87,9 @@ class PluginProcess:
         with open(self.log_path, "ab") as log:
             self.spawned_at = time.monotonic()
             if self.argv0 is None:
+                program = self.command or [console_script()]
                 self.process = await asyncio.create_subprocess_exec(
-                    console_script(), *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                    env=self.env,
+                    *program, *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
                 )
             else:
                 self.process = await asyncio.create_subprocess_exec(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from nvdp.core import mig, pci
 from nvdp.core.devices import VgpuInfo
@@ -15,11 +14,17 @@ from nvdp.errors import DiscoveryError
 log = logging.getLogger("nvdp.nvml")  # stable name: operators filter on it
 
 
+def _read(path: str) -> str:
+    # open(), not pathlib: pathlib costs the serve path ~5 ms of imports and nothing else needs it.
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def read_numa_node(bus_id: str, sysfs_root: str = "/sys") -> int | None:
     """NUMA node from sysfs; None when unreadable or negative. Garbage is an error (as upstream)."""
-    path = Path(sysfs_root, "bus/pci/devices", bus_key(bus_id), "numa_node")
+    path = os.path.join(sysfs_root, "bus/pci/devices", bus_key(bus_id), "numa_node")
     try:
-        text = path.read_text().strip()
+        text = _read(path).strip()
     except OSError:
         return None
     try:
@@ -32,8 +37,9 @@ def read_numa_node(bus_id: str, sysfs_root: str = "/sys") -> int | None:
 def read_pci_class(bus_id: str, sysfs_root: str = "/sys") -> int | None:
     """The GPU's PCI class code from sysfs; None when the file is missing or unreadable."""
     try:
-        text = Path(sysfs_root, "bus/pci/devices", bus_key(bus_id), "class").read_text()
-    except OSError:
+        with open(os.path.join(sysfs_root, "bus/pci/devices", bus_key(bus_id), "class"), encoding="ascii") as f:
+            text = f.read()
+    except (OSError, ValueError):
         return None
     return pci.parse_class(text)
 
@@ -41,13 +47,14 @@ def read_pci_class(bus_id: str, sysfs_root: str = "/sys") -> int | None:
 def read_vgpu(bus_id: str, sysfs_root: str = "/sys") -> VgpuInfo | None:
     """The vGPU host driver from the GPU's PCI config space; None when it is not a vGPU or the
     config space cannot be read in full (only root reads past its first 64 bytes)."""
-    path = Path(sysfs_root, "bus/pci/devices", bus_key(bus_id), "config")
+    path = os.path.join(sysfs_root, "bus/pci/devices", bus_key(bus_id), "config")
     try:
-        config = path.read_bytes()
+        with open(path, "rb") as f:
+            config = f.read()
     except OSError:
         return None
     if len(config) < pci.FULL_CONFIG:
-        log.debug("PCI config space not fully readable: vGPU not detectable", extra={"path": str(path)})
+        log.debug("PCI config space not fully readable: vGPU not detectable", extra={"path": path})
         return None
     return pci.vgpu_info(config)
 
@@ -66,7 +73,7 @@ def read_mig_minors(candidates: tuple[str, ...]) -> dict[str, int]:
     MIG devices then lack their capability nodes)."""
     for path in candidates:
         try:
-            text = Path(path).read_text()
+            text = _read(path)
         except FileNotFoundError:
             continue
         except OSError as exc:

@@ -8,21 +8,28 @@ import queue
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from nvdp.backends.driver_root import Roots
-from nvdp.backends.simulated.driver_root import SimulatedDriverRoot
-from nvdp.backends.simulated.expand import build_node, simulated_mig_minors, with_mig_layout
-from nvdp.backends.simulated.profile import MigSpec, builtin_profiles, load_profile
+from nvdp.backends.simulated.builtin import builtin_node, builtin_profiles
 from nvdp.core.devices import GpuInfo, Node
 from nvdp.core.health import EventKind, HealthEvent, ProbeSample
 from nvdp.core.hygiene import MIB, GpuUsage
 from nvdp.core.xid_policy import RecoveryAction
 from nvdp.errors import EventWaitError, config_error_from, field_in
 
+if TYPE_CHECKING:
+    from nvdp.backends.driver_root import Roots
+    from nvdp.backends.simulated.driver_root import SimulatedDriverRoot
+    from nvdp.backends.simulated.profile import Profile
+
 __all__ = ["SimulatedBackend", "SimulatedEventWaiter", "builtin_profiles", "load_profile"]
+
+
+def load_profile(name_or_path: str, source: str = "--simulate") -> tuple[str, Profile]:
+    """A profile through its schema (pydantic, PyYAML: imported only here); see profile.py."""
+    from nvdp.backends.simulated.profile import load_profile as load
+
+    return load(name_or_path, source)
 
 
 @dataclass
@@ -67,8 +74,15 @@ class SimulatedBackend:
         """`source` is how the profile was given, for errors (`--simulate`, `NVDP_SIMULATE`)."""
         self._driver_root_folder = driver_root  # None: a temporary folder, made when first asked for
         self._driver_root: SimulatedDriverRoot | None = None
-        self.profile_name, self.profile = load_profile(profile, source)
-        self.node = build_node(self.profile_name, self.profile)
+        self.profile_name = profile
+        if profile in builtin_profiles():  # the precompiled node: no YAML, no schema (builtin.py)
+            self.node, self._mig_minors_missing = builtin_node(profile, source)
+        else:
+            from nvdp.backends.simulated.expand import build_node
+
+            self.profile_name, spec = load_profile(profile, source)
+            self.node = build_node(self.profile_name, spec)
+            self._mig_minors_missing = tuple(spec.mig_minors_missing)
         self._lock = threading.Lock()
         self._events: queue.Queue[HealthEvent | None] = queue.Queue()
         self._wait_errors = 0
@@ -91,6 +105,9 @@ class SimulatedBackend:
 
     def driver_roots(self, node: Node) -> Roots:
         """The simulated driver root and dev root for this node (see `simulated.driver_root`)."""
+        # Imported here: only CDI spec generation asks (it brings pathlib, tempfile, subprocess).
+        from nvdp.backends.simulated.driver_root import SimulatedDriverRoot
+
         with self._lock:
             if self._driver_root is None:
                 self._driver_root = SimulatedDriverRoot(self._driver_root_folder)
@@ -277,6 +294,12 @@ class SimulatedBackend:
             return self._set_mig_layout(uuid, devices, enabled)
 
     def _set_mig_layout(self, uuid: str, devices: Sequence[str | Mapping[str, Any]], enabled: bool) -> GpuInfo:
+        # Fault injection only: the schema (pydantic) is loaded when a layout is first changed.
+        from pydantic import ValidationError
+
+        from nvdp.backends.simulated.expand import simulated_mig_minors, with_mig_layout
+        from nvdp.backends.simulated.profile import MigSpec
+
         gpus = list(self.node.gpus)
         position = next(i for i, g in enumerate(gpus) if g.uuid == uuid)
         gpu_index = gpus[position].index
@@ -285,7 +308,7 @@ class SimulatedBackend:
         except ValidationError as exc:
             raise config_error_from(exc, field_in("mig layout")) from exc
         gpus[position] = with_mig_layout(self.profile_name, gpus[position], spec, f"gpu {gpu_index}")
-        minors = simulated_mig_minors(gpus, self.profile.mig_minors_missing)
+        minors = simulated_mig_minors(gpus, self._mig_minors_missing)
         self.node = replace(self.node, gpus=tuple(gpus), mig_minors=minors)
         return gpus[position]
 

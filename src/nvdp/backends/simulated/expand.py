@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from nvdp.backends.simulated.checks import first_clash
 from nvdp.backends.simulated.profile import GpuSpec, MigDeviceSpec, MigSpec, Profile
 from nvdp.core import mig as migrules
 from nvdp.core import pci
@@ -31,8 +32,7 @@ def _merge(defaults: GpuSpec, spec: GpuSpec) -> dict[str, Any]:
 
 def build_node(label: str, profile: Profile) -> Node:
     """Expand a profile into the same `Node` the NVML backend would report. Every GPU and MIG
-    device must have its own UUID and every GPU its own PCI bus id, as on a real node (the
-    kubelet would see two devices with one ID; topology and health key on both)."""
+    device must have its own UUID and every GPU its own PCI bus id (`checks.first_clash`)."""
     gpus: list[GpuInfo] = []
     wheres: list[str] = []
     for position, spec in enumerate(profile.gpus):
@@ -40,7 +40,8 @@ def build_node(label: str, profile: Profile) -> Node:
         for _ in range(fields.get("count", 1)):
             gpus.append(_gpu(label, len(gpus), fields, f"gpus.{position}"))
             wheres.append(f"gpus.{position}")
-    _check_unique(label, gpus, wheres)
+    if clash := first_clash(gpus, wheres):
+        raise ConfigError(f"simulated profile {label} field {clash[0]}", clash[1])
     return Node(
         gpus=tuple(gpus),
         topology=_topology(label, profile, gpus),
@@ -58,23 +59,6 @@ def default_bus_id(index: int) -> str:
     rounds, slot = divmod(index, 15)
     domain, shift = divmod(rounds, 8)
     return f"{domain:08X}:{0x18 + 0x10 * slot + shift:02X}:00.0"
-
-
-def _check_unique(label: str, gpus: Sequence[GpuInfo], wheres: Sequence[str]) -> None:
-    def clash(what: str, seen: dict[str, str], value: str, where: str) -> None:
-        if value in seen:
-            raise ConfigError(f"simulated profile {label} field {where}.{what}",
-                              f"{value!r} is also the {what} of {seen[value]}; every device needs its own")
-        seen[value] = where
-
-    uuids: dict[str, str] = {}
-    buses: dict[str, str] = {}
-    for gpu, where in zip(gpus, wheres, strict=True):
-        clash("uuid", uuids, gpu.uuid, where)
-        clash("pci_bus_id", buses, gpu.pci_bus_id.upper(), where)
-    for gpu, where in zip(gpus, wheres, strict=True):
-        for position, device in enumerate(gpu.mig_devices):
-            clash("uuid", uuids, device.uuid, f"{where}.mig.devices.{position}")
 
 
 def _gpu(label: str, index: int, f: dict[str, Any], where: str) -> GpuInfo:

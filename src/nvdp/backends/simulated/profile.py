@@ -1,4 +1,5 @@
-"""Simulated node profiles: the YAML schema (pydantic) and the loader.
+"""Simulated node profiles: the YAML schema (pydantic) and the loader (for a profile file; the
+built-in ones are served from their precompiled form, builtin.py).
 
 Profiles ship with the package (`profiles/*.yaml`, selected by name) or come from a file path.
 The format is documented in docs/simulated-profiles.md; `load_profile` validates it and every error
@@ -7,7 +8,6 @@ names the field.
 
 from __future__ import annotations
 
-import re
 import uuid as uuidlib
 from importlib import resources
 from pathlib import Path
@@ -16,19 +16,19 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
+from nvdp.backends.simulated.builtin import PROFILES_PACKAGE, builtin_profiles
+from nvdp.backends.simulated.checks import PCI_BUS_ID
 from nvdp.config.inputs import InputFileError, read_text_file
 from nvdp.core.devices import CONTROL_DEVICES
 from nvdp.errors import ConfigError, config_error_from, field_in
 
-PROFILES_PACKAGE = "nvdp.backends.simulated.profiles"
+__all__ = ["PROFILES_PACKAGE", "Profile", "builtin_profiles", "load_profile"]
 # The control nodes a simulated node has unless its profile says otherwise: those of the real H200
 # node in the fixtures, i.e. the candidates without /dev/nvidia-modeset (headless compute nodes
 # load no modeset driver).
 DEFAULT_CONTROL_DEVICES = tuple(p for p in CONTROL_DEVICES if p != "/dev/nvidia-modeset")
 # libyaml's parser when PyYAML has it, as for the config file.
 YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-# A PCI address as NVML writes it: domain (8 hex digits; 4 also accepted), bus, device (< 0x20), function.
-PCI_BUS_ID = re.compile(r"(?:[0-9A-Fa-f]{4}){1,2}:[0-9A-Fa-f]{2}:[01][0-9A-Fa-f]\.[0-7]")
 
 
 class _Strict(BaseModel):
@@ -149,14 +149,6 @@ class Profile(_Strict):
     pcie: PcieSpec = Field(default_factory=PcieSpec)
     # Entries the simulated driver's /proc/driver/nvidia-caps/mig-minors lacks, e.g. "gpu1/gi2/access".
     mig_minors_missing: list[str] = Field(default_factory=list)
-
-
-def builtin_profiles() -> list[str]:
-    return sorted(
-        p.name.removesuffix(".yaml")
-        for p in resources.files(PROFILES_PACKAGE).iterdir()
-        if p.name.endswith(".yaml")
-    )
 
 
 def load_profile(name_or_path: str, source: str = "--simulate") -> tuple[str, Profile]:
