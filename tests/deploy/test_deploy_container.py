@@ -137,9 +137,10 @@ def install_binaries() -> list[str]:
 
 
 def test_the_image_binaries_are_the_official_names_nvdp_has() -> None:
-    """Three of the official image's four (config-manager is another issue); each one is a program
-    of the entrypoint, so no name in the image starts the wrong program."""
-    assert install_binaries() == ["nvidia-device-plugin", "gpu-feature-discovery", "mps-control-daemon"]
+    """The official image's four; each one is a program of the entrypoint, so no name in the image
+    starts the wrong program."""
+    assert install_binaries() == ["nvidia-device-plugin", "gpu-feature-discovery", "mps-control-daemon",
+                                  "config-manager"]
     assert sorted(IMAGE_PROGRAMS) == sorted(install_binaries())
 
 

@@ -57,7 +57,7 @@ CASES: dict[str, dict[str, Any]] = {
     "gfd-official-top-level-timing": {**ON, "noTimestamp": False, "sleepInterval": "infinite"},
     "gfd-config-map": {**ON, "config": {"map": {"default": "version: v1\nflags:\n  migStrategy: single\n"}}},
     "gfd-driver-root-placement": {**ON, "nvidiaDriverRoot": "/run/nvidia/driver",
-                                  "affinity": {"nodeAffinity": {}}, "nodeSelector": {"gpu": "yes"},
+                                  "affinity": {"podAntiAffinity": {}}, "nodeSelector": {"gpu": "yes"},
                                   "logLevel": "debug", "deviceDiscoveryStrategy": "nvml"},
     "gfd-own-names": {"gfd": {"enabled": True, "nameOverride": "gfd", "namespaceOverride": "nfd",
                               "securityContext": {"privileged": True, "runAsUser": 0}}},
@@ -189,12 +189,16 @@ def test_gfd_labels_the_nodes_the_mps_daemon_selects(tmp_path: Path) -> None:
     file and, on a node it can share with MPS, writes exactly that label."""
     docs = render("helm4", CASES["gfd-mps"], tmp_path)
     sets = daemonsets(docs)
-    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and "default" in d.get("data", {}))
     files = {f"/available-configs/{k}": v for k, v in cm["data"].items()}
     cfg = resolved(container(gfd_of(docs)), files)
     assert cfg.sharing.strategy == "mps"
-    plugin_file = env_of(container(sets[f"{RELEASE}-nvidia-device-plugin"]))["CONFIG_FILE"]
-    assert cfg.config_file == plugin_file == env_of(container(sets[MPS_DAEMON]))["CONFIG_FILE"]
+    # The plugin and the MPS daemon read the config-manager's link; GFD the same default config.
+    def main_container(ds: Mapping[str, Any]) -> dict[str, Any]:  # not the config-manager sidecar
+        return dict(next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"].endswith("-ctr")))
+
+    plugin_file = env_of(main_container(sets[f"{RELEASE}-nvidia-device-plugin"]))["CONFIG_FILE"]
+    assert plugin_file == env_of(main_container(sets[MPS_DAEMON]))["CONFIG_FILE"] == "/config/config.yaml"
     selector = sets[MPS_DAEMON]["spec"]["template"]["spec"]["nodeSelector"]
     assert selector == {"nvidia.com/mps.capable": "true"}
     labels = node_labels(build_node(*load_profile("dgx-h100")), cfg, None, None).labels
@@ -205,7 +209,9 @@ def test_gfd_labels_the_nodes_the_mps_daemon_selects(tmp_path: Path) -> None:
 def test_placement_and_driver_root(tmp_path: Path) -> None:
     ds = gfd_of(render("helm4", CASES["gfd-driver-root-placement"], tmp_path))
     pod = ds["spec"]["template"]["spec"]
-    assert pod["affinity"] == {"nodeAffinity": {}}  # an explicit affinity replaces the official one
+    # Helm merges an explicit affinity into the chart's default (the official GPU-node affinity,
+    # values.yaml); `affinity: null` removes the default.
+    assert "podAntiAffinity" in pod["affinity"] and "nodeAffinity" in pod["affinity"]
     assert pod["nodeSelector"] == {"gpu": "yes"}
     ctr = container(ds)
     assert {"name": "driver-root", "mountPath": "/driver-root", "readOnly": True} in ctr["volumeMounts"]

@@ -66,6 +66,37 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if kindIs "slice" $s }}{{ join "," $s }}{{ else }}{{ $s }}{{ end -}}
 {{- end -}}
 
+{{/* The config-map key GPU feature discovery's pod reads, "" for none (the plugin's and the MPS
+     daemon's pods choose theirs per node through the config-manager). Inline maps are resolved
+     here, at render time (config.default, then config.fallbackStrategies); an external ConfigMap
+     cannot be inspected, so config.default or else "default" is used. */}}
+{{- define "nvidia-device-plugin.configKey" -}}
+{{- $c := .Values.config -}}
+{{- if $c.default -}}
+{{- $c.default -}}
+{{- else if $c.name -}}
+default
+{{- else if $c.map -}}
+{{- $key := "" -}}
+{{- $done := false -}}
+{{- range $c.fallbackStrategies -}}
+{{- if not $done -}}
+{{- if and (eq . "named") (hasKey $c.map "default") -}}
+{{- $key = "default" -}}{{- $done = true -}}
+{{- else if and (eq . "single") (eq (len $c.map) 1) -}}
+{{- $key = keys $c.map | first -}}{{- $done = true -}}
+{{- else if eq . "empty" -}}
+{{- $done = true -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if not $done -}}
+{{- fail (printf "config.map has %d entries and none was chosen: set config.default to one of %s" (len $c.map) (keys $c.map | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- $key -}}
+{{- end -}}
+{{- end -}}
+
 {{/* "true" when the pod runs the config-manager: a ConfigMap of named configs is in use
      (inline `config.map` or an existing `config.name`), as in the official chart. */}}
 {{- define "nvidia-device-plugin.hasConfigMap" -}}
