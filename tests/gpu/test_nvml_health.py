@@ -6,7 +6,6 @@ counters change nothing on the GPU.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from nvdp.backends.nvml.health import event_mask
 from nvdp.backends.nvml.seam import Nvml
 from nvdp.config.load import load
 from nvdp.config.options import Config
-from nvdp.testing import FakeKubelet
+from nvdp.testing import FakeKubelet, eventually
 from tests.conftest import running_plugin
 
 pytestmark = pytest.mark.gpu
@@ -70,6 +69,5 @@ async def test_plugin_health_loop_on_real_gpus(plugin_dir: Path) -> None:
 
     async with FakeKubelet(str(plugin_dir)) as kubelet, running_plugin(cfg, backend_factory=make) as plugin:
         endpoint = await kubelet.wait_registered("nvidia.com/gpu", timeout=30)
-        await asyncio.sleep(1.0)  # several probes and event waits
-        assert plugin.health.probes_run >= 3
+        await eventually(lambda: plugin.health.probes_run >= 3, "three health probes of the real GPUs")
         assert all(d.health == "Healthy" for d in endpoint.devices.values()), plugin.health.state.faults

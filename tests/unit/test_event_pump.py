@@ -79,10 +79,11 @@ def test_stop_cuts_a_back_off_short() -> None:
         def wait(self, timeout_s: float) -> HealthEvent | None:
             raise EventWaitError("down")
 
-    pump = EventPump(AlwaysFails([]), lambda item: None, PumpTuning(backoff_first_s=30, backoff_max_s=30))
+    failed = threading.Event()
+    pump = EventPump(AlwaysFails([]), lambda item: failed.set(), PumpTuning(backoff_first_s=30, backoff_max_s=30))
     thread = threading.Thread(target=pump.run)
     thread.start()
-    time.sleep(0.05)  # now in its 30 s back-off
+    assert failed.wait(5)  # the failure is posted just before the 30 s back-off starts
     started = time.monotonic()
     pump.stop()
     thread.join(5)

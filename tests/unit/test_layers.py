@@ -209,7 +209,7 @@ def logger_names(known: Mapping[str, Path]) -> dict[str, str]:
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "getLogger"
                     and node.args):
                 arg = node.args[0]
-                found[name] = arg.value if isinstance(arg, ast.Constant) else ast.unparse(arg)
+                found[name] = str(arg.value) if isinstance(arg, ast.Constant) else ast.unparse(arg)
     return found
 
 
