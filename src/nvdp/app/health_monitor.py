@@ -38,6 +38,7 @@ from nvdp.core.health import (
     recovery_times,
 )
 from nvdp.errors import EventWaitError
+from nvdp.ops.repeated_log import RepeatedLog
 
 log = logging.getLogger("nvdp.healthwatch")  # stable name: operators filter on it
 
@@ -147,6 +148,10 @@ class HealthMonitor:
         self.events_received = 0
         self._on_event = on_event
         self.probes_run = 0
+        # An XID storm the policy ignores (e.g. XID 13 from a buggy app) would be a line per event:
+        # one line per kind and XID a minute, then the count (the metric counts every event).
+        self._ignored = RepeatedLog(log, logging.INFO, "health event ignored by policy",
+                                    "health events ignored by policy (repeats)")
 
     async def watch(self, source: HealthSource, node: Node) -> None:
         """Run the event thread and the probe/recovery timer until cancelled."""
@@ -176,6 +181,7 @@ class HealthMonitor:
                     tasks.create_task(self._consume(queue, set(gpus)))
                 tasks.create_task(self._timers(source, gpus))
         finally:
+            self._ignored.flush(everything=True)
             if pump is not None and thread is not None and waiter is not None:
                 pump.stop()
                 await asyncio.to_thread(thread.join, self._tuning.join_timeout_s)
@@ -219,9 +225,12 @@ class HealthMonitor:
             self._on_event(item)
         new = apply_event(self.state, item, self.settings.switches.xids, now)
         if new is self.state:
-            level = logging.DEBUG if item.kind is EventKind.ECC_CORRECTED else logging.INFO
-            log.log(level, "health event ignored by policy",
-                    extra=_log_fields(item.gpu, item.kind.value, item.xid))
+            fields = _log_fields(item.gpu, item.kind.value, item.xid)
+            if item.kind is EventKind.ECC_CORRECTED:  # routine on any GPU: debug only
+                log.debug("health event ignored by policy", extra=fields)
+            else:
+                self._ignored.note((item.kind, item.xid), fields,
+                                   {"reason": item.kind.value, "xid": fields["xid"]})
         self.state = new
 
     def _apply_wait(self, outcome: WaitOutcome, now: float) -> None:
