@@ -72,6 +72,23 @@ def replace_problem(path: str) -> str | None:
             "so remove it or pick another path")
 
 
+def is_listening(path: str) -> bool:
+    """Whether a process accepts connections on the socket at `path` (a live one, not stale)."""
+    if not is_socket(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except BlockingIOError:  # the listener's backlog is full: live
+            return True
+        except OSError:
+            return False
+    return True
+
+
 def remove_stale(path: str) -> None:
     """Remove a stale socket before binding (nothing else: check `replace_problem` first)."""
     if is_socket(path):
