@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from nvdp.backends.base import GpuBackend
+from nvdp.config.options import Config
 from nvdp.core.devices import Node
 from nvdp.errors import DiscoveryError
 from nvdp.kubelet.liveness import answers
@@ -29,6 +30,8 @@ class Observed(Protocol):
     def backend(self) -> GpuBackend | None: ...
     @property
     def init_error(self) -> DiscoveryError | None: ...
+    @property
+    def cfg(self) -> Config: ...
 
 
 class PluginView:
@@ -49,6 +52,7 @@ class PluginView:
             cuda_driver_version=node.cuda_driver_version if node is not None else 0,
             init_error=str(plugin.init_error) if plugin.init_error is not None else "",
             registers=manager.registers,
+            simulated=bool(plugin.cfg.simulate),
         )
 
     async def answers(self, timeout: float) -> Sequence[Check]:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from nvdp.app import preflight
 from nvdp.app.discovery import BackendFactory, discover, needs_new_backend, open_backend, plan
 from nvdp.app.health_monitor import DEFAULT_TUNING, HealthMonitor, HealthTask, PumpTuning
 from nvdp.app.ops_view import PluginView
@@ -146,6 +147,8 @@ class Plugin:
 
     async def run(self, handle_signals: bool = False) -> None:
         log.info("Running with config: %s", self.cfg.to_json())
+        preflight.check(self.cfg)  # before anything is opened: a ConfigError here touched nothing
+        preflight.announce(self.cfg)
         try:
             async with contextlib.AsyncExitStack() as resources:
                 if handle_signals:
@@ -331,7 +334,8 @@ class Plugin:
     async def _open_control(self, path: str, resources: contextlib.AsyncExitStack) -> None:
         from nvdp.backends.simulated.control import ControlContext, ControlServer
 
-        control = ControlServer(path, ControlContext(lambda: self.backend, self.request_reload, self.rescan))
+        control = ControlServer(path, ControlContext(lambda: self.backend, self.request_reload, self.rescan),
+                                kubelet_socket=self.cfg.kubelet_socket)
         await control.start()
         resources.push_async_callback(control.close)
 

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from nvdp.config.options import OPTIONS, Sharing, TimeSlicingResource
+from nvdp.config.options import FILE_REFUSED, OPTIONS, Sharing, TimeSlicingResource
 from nvdp.errors import ConfigError, config_error_from
 
 log = logging.getLogger("nvdp.configfile")  # stable name: operators filter on it
@@ -137,9 +137,9 @@ class _ConfigFile(_FileModel):
 def _struct_fields() -> dict[str, Any]:
     """The schema's struct fields as a tree of names, from the option table plus the blocks."""
     tree: dict[str, Any] = {"version": {}, "flags": {}, "sharing": {"timeSlicing": {}, "mps": {}}, "imex": {}}
-    for opt in OPTIONS:
+    for key in [*(opt.file_key for opt in OPTIONS if opt.file_key), *FILE_REFUSED]:  # refused keys: found as the others
         node = tree
-        for part in (opt.file_key or "").split(".") if opt.file_key else ():
+        for part in key.split("."):
             node = node.setdefault(part, {})
     return tree
 

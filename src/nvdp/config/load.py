@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from nvdp.config.options import OPTIONS, Config, Option, Sharing
+from nvdp.config.options import FILE_REFUSED, OPTIONS, Config, Option, Sharing
 from nvdp.config.parse import file_value, health_items, lookup, parse_text
 from nvdp.errors import ConfigError
 
@@ -42,6 +42,10 @@ def load(
         from nvdp.config.file import read_config_file
 
         doc, sharing = read_config_file(config_file, read_text)
+        for key, flag in FILE_REFUSED.items():
+            if lookup(doc, key) is not None:
+                raise ConfigError(f"config file field {key}", f"simulate mode is set only on the command line or in "
+                                  f"the environment ({flag}), never from the config file")
 
     for opt in OPTIONS:
         if values[opt.field] is _UNSET:

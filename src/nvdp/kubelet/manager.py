@@ -205,7 +205,8 @@ class Manager:
         mark = self._kubelet_mark()
         stale = [name for name, dialled in self._registered_with.items() if dialled != mark]
         if stale:  # kubelet.sock is gone or is a new file: the kubelet that knew us is gone
-            log.info("kubelet restarted", extra={"socket": self.kubelet_socket})
+            log.info("kubelet restarted", extra={"socket": self.kubelet_socket,
+                                                 "kubelet_sock": "gone" if mark.identity is None else "new"})
             self.kubelet_restarts += 1  # once: the registrations are forgotten, later events find none
             for name in stale:
                 del self._registered_with[name]

@@ -38,6 +38,7 @@ class PluginState:
     cuda_driver_version: int = 0
     init_error: str = ""  # why initialisation failed, while idling with fail-on-init-error=false
     registers: bool = True  # False with an empty --kubelet-socket: serving is all there is to do
+    simulated: bool = False  # --simulate: the GPUs are fake
 
 
 class OpsView(Protocol):
