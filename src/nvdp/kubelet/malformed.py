@@ -49,9 +49,8 @@ def safe(deserializer: Deserializer | None) -> Deserializer | None:
     def decode(raw: bytes) -> Any:
         try:
             return deserializer(raw)
-        except Exception as exc:  # DecodeError, or anything a corrupt message makes the parser raise
-            return Malformed(f"not a valid {type_name} (broken protobuf wire format, or a string field "
-                             f"that is not UTF-8): {exc}")
+        except Exception as exc:  # DecodeError ("Wire format was corrupt", "String field had bad UTF-8"...)
+            return Malformed(f"cannot decode it as {type_name}: {exc}")
 
     return decode
 
