@@ -6,7 +6,10 @@ config-manager sidecar finds the process to signal by that name, and a console s
 the interpreter there instead.
 """
 
-from nvdp.cli import serve_main
+from nvdp.app import early_signals
 
 if __name__ == "__main__":
+    early_signals.install()  # before the CLI and gRPC are imported (nvdp/launch.py says why)
+    from nvdp.cli import serve_main
+
     serve_main(prog_name="nvidia-device-plugin")

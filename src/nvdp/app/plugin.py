@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from nvdp.app import preflight
+from nvdp.app import early_signals, preflight
 from nvdp.app.discovery import BackendFactory, discover, needs_new_backend, open_backend, plan
 from nvdp.app.health_monitor import DEFAULT_TUNING, HealthMonitor, HealthTask, PumpTuning
 from nvdp.app.ops_view import PluginView
@@ -48,6 +48,12 @@ def unwrap_group(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def _restore_signal(loop: asyncio.AbstractEventLoop, sig: signal.Signals, before: Any) -> None:
+    loop.remove_signal_handler(sig)
+    if before is not None:
+        signal.signal(sig, before)
 
 
 class Request(enum.Enum):
@@ -113,6 +119,7 @@ class Plugin:
         self.init_error: DiscoveryError | None = None
         self.rescans = 0  # rescans that found a changed node and applied it
         self._requests: asyncio.Queue[Request] = asyncio.Queue()
+        self._stop_requested = asyncio.Event()
         self._tasks: asyncio.TaskGroup | None = None  # the root TaskGroup, while run() runs
         self._children: set[asyncio.Task[None]] = set()
         # One discovery-and-apply at a time: a slow rescan must not apply an older node over a reload.
@@ -140,19 +147,20 @@ class Plugin:
         self.stats.record_health_event(event.gpu, event.kind.value, event.xid)
 
     def stop(self) -> None:
+        self._stop_requested.set()
         self._requests.put_nowait(Request.STOP)
 
     def request_reload(self) -> None:
         self._requests.put_nowait(Request.RELOAD)
 
     async def run(self, handle_signals: bool = False) -> None:
-        log.info("Running with config: %s", self.cfg.to_json())
-        preflight.check(self.cfg)  # before anything is opened: a ConfigError here touched nothing
-        preflight.announce(self.cfg)
         try:
             async with contextlib.AsyncExitStack() as resources:
-                if handle_signals:
+                if handle_signals:  # first: from here on a stop request also ends a start-up under way
                     self._handle_signals(resources)
+                log.info("Running with config: %s", self.cfg.to_json())
+                preflight.check(self.cfg)  # before anything is opened: a ConfigError here touched nothing
+                preflight.announce(self.cfg)
                 resources.callback(self._close_backend)  # closed last, after every server stopped
                 resources.push_async_callback(self.manager.close)
                 if self.cfg.metrics_address:  # first, so probes answer while discovery runs
@@ -162,13 +170,13 @@ class Plugin:
                     self.ops = await resources.enter_async_context(listener)
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
-                    await self._start()
-                    if self.cfg.simulate_control:
-                        await self._open_control(self.cfg.simulate_control, resources)
-                    self._spawn(self.manager.keep_registered(), "registration")
-                    self._spawn(self.manager.watch_folder(), "folder-watch")
-                    self._spawn(self._rescan_periodically(), "rescan")
-                    await self._serve_until_stopped()
+                    if await self._start_unless_stopped():
+                        if self.cfg.simulate_control:
+                            await self._open_control(self.cfg.simulate_control, resources)
+                        self._spawn(self.manager.keep_registered(), "registration")
+                        self._spawn(self.manager.watch_folder(), "folder-watch")
+                        self._spawn(self._rescan_periodically(), "rescan")
+                        await self._serve_until_stopped()
                     await self._health_task.stop()
                     for child in list(self._children):
                         child.cancel()
@@ -177,6 +185,23 @@ class Plugin:
         finally:
             self._tasks = None
             log.info("stopped")
+
+    async def _start_unless_stopped(self) -> bool:
+        """Start; a stop requested meanwhile cancels the start-up (a slow discovery's worker
+        thread finishes on its own) and returns False."""
+        start = asyncio.ensure_future(self._start())
+        stopped = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not start.done():
+            start.cancel()
+            await asyncio.wait({start})
+            log.info("stop requested during start-up; not serving")
+            return False
+        start.result()  # a start-up error propagates
+        return True
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         assert self._tasks is not None
@@ -188,8 +213,11 @@ class Plugin:
         loop = asyncio.get_running_loop()
         handlers = {signal.SIGTERM: self.stop, signal.SIGINT: self.stop, signal.SIGHUP: self.request_reload}
         for sig, handler in handlers.items():
+            before = signal.getsignal(sig)  # the console script's early handler, or the default
             loop.add_signal_handler(sig, handler)
-            resources.callback(loop.remove_signal_handler, sig)
+            resources.callback(_restore_signal, loop, sig, before)
+        if early_signals.take_reload():  # a SIGHUP during start-up (app/early_signals.py)
+            self.request_reload()
 
     def _close_backend(self) -> None:
         backend, self.backend = self.backend, None
