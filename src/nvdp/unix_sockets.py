@@ -133,21 +133,32 @@ def close_connections(path: str) -> int:
     """Shut down every connection accepted on the unix socket bound at `path` (its listening
     socket is left alone); returns how many. The peer sees the connection end; the server's
     reads and writes on it fail at once, so a transport blocked in a write to a peer that
-    stopped reading is released."""
+    stopped reading is released.
+
+    Each descriptor is looked at in place (wrapped, then detached: no descriptor is created or
+    closed here, so this works, and leaks nothing, even with the descriptor table full)."""
     wanted = os.path.normpath(path)
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0
     closed = 0
-    for name in os.listdir("/proc/self/fd"):
+    for name in names:
+        fd = int(name)
         try:
-            sock = socket.socket(fileno=os.dup(int(name)))
-        except OSError:  # not a socket, or closed meanwhile
-            continue
-        with sock:
-            try:
-                if (sock.family != socket.AF_UNIX or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                        or not isinstance(local := sock.getsockname(), str) or os.path.normpath(local) != wanted):
-                    continue
-                sock.shutdown(socket.SHUT_RDWR)  # on the connection itself, not only on our duplicate
-            except OSError:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 continue
+            sock = socket.socket(fileno=fd)
+        except OSError:  # closed meanwhile, or not a socket after all
+            continue
+        try:
+            if (sock.family != socket.AF_UNIX or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    or not isinstance(local := sock.getsockname(), str) or os.path.normpath(local) != wanted):
+                continue
+            sock.shutdown(socket.SHUT_RDWR)  # the connection itself: whoever holds the descriptor sees it
             closed += 1
+        except OSError:
+            continue
+        finally:
+            sock.detach()  # the descriptor stays open: it is its owner's (gRPC's) to close
     return closed
