@@ -146,7 +146,7 @@ class StalledReader:
     async def start(self, timeout: float = 30.0) -> None:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "nvdp.testing.stalled_reader", self.socket_path, str(self.messages),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         )
         assert self.process.stdout is not None
         async with asyncio.timeout(timeout):
