@@ -27,6 +27,8 @@ MODULES: dict[str, str] = {
     "health": "bench.health",  # injected fault -> ListAndWatch update at the kubelet; recovery overshoot
     "allocation": "bench.allocation",  # GetPreferredAllocation time per call and exactness, per profile and size
     "workload": "bench.workload",  # allocation quality over time: nvdp vs first-fit, per-request optimum, official
+    "sharing": "bench.sharing",  # ListAndWatch size and RSS: 8 GPUs x 48 MPS replicas, x 1024 time-slicing
+    "official": "bench.official",  # issue 14: NVML-path start-up, RSS, Allocate and pod admission vs the Go plugin
 }
 
 RESULTS = Path(__file__).parent / "results"

@@ -79,17 +79,39 @@ def only(docs: Sequence[Mapping[str, Any]], kind: str) -> dict[str, Any]:
     return dict(found[0])
 
 
+MPS_SUFFIX = "-mps-control-daemon"
+
+
+def plugin_daemonset(docs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The plugin's DaemonSet (the chart may render the MPS control daemon's beside it)."""
+    return only([d for d in docs if not d["metadata"]["name"].endswith(MPS_SUFFIX)], "DaemonSet")
+
+
+def mps_daemonset(docs: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    found = [d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith(MPS_SUFFIX)]
+    assert len(found) <= 1
+    return dict(found[0]) if found else None
+
+
 def plugin_container(daemonset: Mapping[str, Any]) -> dict[str, Any]:
-    containers = daemonset["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1
-    return dict(containers[0])
+    return container(daemonset, "nvidia-device-plugin-ctr")
+
+
+def container(daemonset: Mapping[str, Any], name: str, init: bool = False) -> dict[str, Any]:
+    """The pod's container (or init container) of that name; the plugin's is nvidia-device-plugin-ctr."""
+    spec = daemonset["spec"]["template"]["spec"]
+    found = [c for c in spec.get("initContainers" if init else "containers") or [] if c["name"] == name]
+    assert len(found) == 1, f"no single container {name} in {[c['name'] for c in spec['containers']]}"
+    return dict(found[0])
 
 
 def env_of(container: Mapping[str, Any]) -> dict[str, str]:
+    """Name -> value; a value from the downward API shows as "fieldRef:<path>"."""
     env = container.get("env") or []
     names = [e["name"] for e in env]
     assert len(names) == len(set(names)), f"duplicate env vars: {names}"
-    return {e["name"]: e["value"] for e in env}
+    return {e["name"]: e["value"] if "value" in e else f"fieldRef:{e['valueFrom']['fieldRef']['fieldPath']}"
+            for e in env}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from nvdp import __version__
+from nvdp.app.procsignal import Signalled, signal_process
+from nvdp.cli import IMAGE_PROGRAMS
 from nvdp.testing import eventually_sync
 from tests.deploy.deploy_tools import CONTAINER, ROOT
 
@@ -41,10 +44,11 @@ def test_dockerfile_facts() -> None:
                     "NVIDIA_DISABLE_REQUIRE=true", "PATH=/opt/nvdp/bin:"):
         assert setting in env
     labels = " ".join(arg for op, arg in instr if op == "LABEL")
-    for key in ("title", "description", "version", "licenses"):
+    for key in ("title", "description", "version", "source", "licenses"):
         assert f"org.opencontainers.image.{key}=" in labels
     assert ("ARG", f"VERSION={__version__}") in instr
-    assert ("RUN", "deployments/container/install.sh /opt/nvdp /src") in instr
+    assert ("RUN", "deployments/container/install.sh /opt/nvdp /src /opt/nvdp-usr-bin") in instr
+    assert ("COPY", "--from=build /opt/nvdp-usr-bin/ /usr/bin/") in instr
 
 
 def dockerfile_copies() -> list[str]:
@@ -67,10 +71,15 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(source, src / rel)
     prefix = tmp / "opt-nvdp"
     env = {**os.environ, "PYTHON": getattr(sys, "_base_executable", sys.executable)}
-    result = subprocess.run([str(src / "deployments/container/install.sh"), str(prefix), str(src)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([str(src / "deployments/container/install.sh"), str(prefix), str(src),
+                             str(tmp / "usr-bin")], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return prefix
+
+
+def usr_bin(image_venv: Path) -> Path:
+    """install.sh's LINKDIR in the fixture: what the image copies to /usr/bin."""
+    return image_venv.parent / "usr-bin"
 
 
 def run_entrypoint(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -90,11 +99,69 @@ def test_entrypoint_version(image_venv: Path) -> None:
     assert result.stdout.strip() == f"nvidia-device-plugin, version {__version__}"
 
 
+def test_the_image_has_the_config_manager(image_venv: Path) -> None:
+    """The chart's init container and sidecar run `config-manager` from the same image."""
+    env = {"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", "HOME": str(image_venv)}
+    result = subprocess.run(["config-manager", "--version"], capture_output=True, text=True, env=env, cwd="/",
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"config-manager, version {__version__}"
+    check = subprocess.run([str(image_venv / "bin" / "python3"), "-c", "import lightkube, nvdp.kube.client"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+
+
 def test_entrypoint_by_path_without_the_venv_on_path(image_venv: Path) -> None:
     """E.g. a pod `command:` naming /opt/nvdp/bin/nvidia-device-plugin: Python cannot find its venv
     from the bare argv[0] then, so the wrapper names the interpreter (PYTHONEXECUTABLE)."""
     result = subprocess.run([str(image_venv / "bin" / "nvidia-device-plugin"), "--version"], capture_output=True,
                             text=True, env={"PATH": "/usr/bin:/bin"}, cwd="/", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"nvidia-device-plugin, version {__version__}"
+
+
+def test_the_image_ships_the_mps_control_daemon(image_venv: Path) -> None:
+    """The chart's MPS DaemonSet runs `mps-control-daemon` and `mps-control-daemon mount-shm` from PATH."""
+    script = image_venv / "bin" / "mps-control-daemon"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"mps-control-daemon, version {__version__}"
+    help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "mount-shm" in help_text and "--mps-dir" in help_text
+
+
+def install_binaries() -> list[str]:
+    match = re.search(r"^binaries=\(([^)]*)\)", (CONTAINER / "install.sh").read_text(), flags=re.MULTILINE)
+    assert match is not None
+    return match.group(1).split()
+
+
+def test_the_image_binaries_are_the_official_names_nvdp_has() -> None:
+    """Three of the official image's four (config-manager is another issue); each one is a program
+    of the entrypoint, so no name in the image starts the wrong program."""
+    assert install_binaries() == ["nvidia-device-plugin", "gpu-feature-discovery", "mps-control-daemon"]
+    assert sorted(IMAGE_PROGRAMS) == sorted(install_binaries())
+
+
+@pytest.mark.parametrize("name", install_binaries())
+def test_each_binary_is_the_argv0_wrapper_by_name_and_by_link(image_venv: Path, name: str) -> None:
+    installed = image_venv / "bin" / name
+    assert installed.read_bytes() == (CONTAINER / "argv0-wrapper").read_bytes()  # not pip's script
+    link = usr_bin(image_venv) / name
+    assert link.is_symlink() and link.resolve() == installed.resolve()
+    env = {"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", "HOME": str(image_venv)}
+    for argv in ([name], [str(link)]):  # by name on PATH, and as /usr/bin/<name> without the venv on PATH
+        result = subprocess.run([*argv, "--version"], capture_output=True, text=True, cwd="/", timeout=60,
+                                env=env if argv == [name] else {"PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"{name}, version {__version__}"
+
+
+def test_the_entrypoint_runs_the_plugin_for_another_argv0(image_venv: Path) -> None:
+    python = image_venv / "bin" / "python3"
+    result = subprocess.run(["bash", "-c", f'exec -a something-else "{python}" -m nvdp.entrypoint --version'],
+                            capture_output=True, text=True, cwd="/", timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONEXECUTABLE": str(python)})  # as the wrapper sets it
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"nvidia-device-plugin, version {__version__}"
 
@@ -166,3 +233,59 @@ def test_argv0_is_exactly_the_plugin_name_and_sighup_reloads(
     wait_for(log, "reloaded")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0, log.read_text()
+
+
+def start_from_the_image(image_venv: Path, log: Path, *argv: str, **env: str) -> subprocess.Popen[str]:
+    with log.open("w") as out:
+        return subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, text=True, cwd="/",
+                                env={"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", **env})
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_gfd_argv0_is_exactly_its_name_and_sighup_reloads(image_venv: Path, tmp_path: Path) -> None:
+    """The official chart's GFD config-manager signals the process named `gpu-feature-discovery`."""
+    features = tmp_path / "features.d" / "gfd"
+    log = tmp_path / "gfd.log"
+    proc = start_from_the_image(image_venv, log, "gpu-feature-discovery", "--simulate", "h200",
+                                "--output-file", str(features), "--use-node-feature-api=false",
+                                "--sleep-interval", "infinite")
+    try:
+        eventually_sync(features.exists, "the feature file", timeout_s=30, poll_s=0.05, detail=log.read_text)
+        assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == b"gpu-feature-discovery"
+        assert proc.pid in pids_named("gpu-feature-discovery")
+        assert "nvidia.com/gpu.product=NVIDIA-H200" in features.read_text()
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for(log, "reloaded on SIGHUP")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()
+    finally:
+        stop(proc)
+
+
+def test_the_mps_daemon_is_found_by_the_official_process_name(image_venv: Path, tmp_path: Path) -> None:
+    """The chart's MPS sidecar signals PROCESS_TO_SIGNAL=/usr/bin/mps-control-daemon, as the official
+    chart's does: the wrapper gives the daemon exactly that argv[0], and nvdp's config-manager finds
+    it and its SIGHUP reaches the daemon (a node without MPS resources: it waits for SIGHUP)."""
+    env = {"PATH": f"{image_venv / 'bin'}:/usr/bin:/bin", "NVDP_SIMULATE": "h200"}
+    log = tmp_path / "mps.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["mps-control-daemon", "--mps-dir", str(tmp_path / "mps")], stdout=out,
+                                stderr=subprocess.STDOUT, text=True, env=env, cwd="/")
+    try:
+        wait_for(log, "waiting for SIGHUP")
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[0] == b"/usr/bin/mps-control-daemon"
+        assert proc.pid in pids_named("/usr/bin/mps-control-daemon")
+        assert asyncio.run(signal_process("/usr/bin/mps-control-daemon", signal.SIGHUP)) is Signalled.SENT
+        wait_for(log, "SIGHUP: restarting")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

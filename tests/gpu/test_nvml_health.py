@@ -71,3 +71,26 @@ async def test_plugin_health_loop_on_real_gpus(plugin_dir: Path) -> None:
         endpoint = await kubelet.wait_registered("nvidia.com/gpu", timeout=30)
         await eventually(lambda: plugin.health.probes_run >= 3, "three health probes of the real GPUs")
         assert all(d.health == "Healthy" for d in endpoint.devices.values()), plugin.health.state.faults
+
+
+def test_recovery_action_and_usage_on_a_real_gpu() -> None:
+    """The driver's recovery action where it reports one (the H200 fixture: "None"), and what runs
+    on an idle GPU: no compute process and, in the v2 memory info, nothing beyond the driver's
+    reserve (so --gpu-hygiene's default threshold calls it clean)."""
+    import pynvml
+
+    from nvdp.core.hygiene import dirty_reason
+
+    backend = NvmlBackend()
+    try:
+        node = backend.discover()
+        for gpu in node.gpus:
+            sample = backend.probe([gpu.uuid])[gpu.uuid]
+            if int(node.driver_version.split(".")[0]) >= 580:  # the fixture's driver reports it
+                assert sample.recovery_action == pynvml.NVML_GPU_RECOVERY_ACTION_NONE, (gpu.uuid, sample)
+            usage = backend.usage(gpu.uuid)
+            assert usage.memory_used_bytes is not None
+            if not usage.pids:  # an idle GPU: clean for the default threshold
+                assert dirty_reason(usage, 1024 * 2**20) == "", (gpu.uuid, usage)
+    finally:
+        backend.close()

@@ -88,7 +88,7 @@ def test_version_and_help() -> None:
     ("args", "env", "field"),
     [
         pytest.param(["--mig-strategy", "double"], {}, "--mig-strategy", id="flag"),
-        pytest.param([], {"DEVICE_ID_STRATEGY": "serial"}, "--device-id-strategy", id="env"),
+        pytest.param([], {"DEVICE_ID_STRATEGY": "serial"}, "DEVICE_ID_STRATEGY", id="env"),
         pytest.param([], {"PASS_DEVICE_SPECS": "yes"}, "PASS_DEVICE_SPECS", id="env bool"),
         pytest.param(["--config-file", "/nonexistent.yaml"], {}, "--config-file", id="missing file"),
     ],
@@ -115,7 +115,7 @@ async def test_sigterm_stops_cleanly_and_removes_sockets(plugin_dir: Path) -> No
             code, out = stop(child)
     assert code == 0, out
     assert not (plugin_dir / "nvidia-gpu.sock").exists()
-    assert "Running with config:" in out
+    assert "Running with config" in out
 
 
 async def test_sigint_also_stops_cleanly(plugin_dir: Path) -> None:
@@ -225,6 +225,7 @@ def test_demo_runs() -> None:
     assert result.returncode == 0, result.stderr
     assert "registered again" in result.stdout
     assert "NVIDIA_VISIBLE_DEVICES=" in result.stdout
+    assert "    nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3\n" in result.stdout  # the node's GFD labels
 
 
 def test_bad_simulated_profile_exits_2(plugin_dir: Path, tmp_path: Path) -> None:
@@ -243,12 +244,21 @@ def test_bad_simulated_profile_exits_2(plugin_dir: Path, tmp_path: Path) -> None
 
 OPTIONAL_IMPORTS = (
     "yaml", "pydantic", "prometheus_client", "h11", "nvdp.ops.web", "nvdp.ops.metrics", "nvdp.config.file",
+    # The Kubernetes API client: only the config-manager (and later API features) load it.
+    "lightkube", "httpx2", "nvdp.kube.client", "nvdp.app.config_manager",
+    # CDI spec writing and the MPS programs: only with a cdi-* strategy or MPS sharing.
+    "nvdp.core.cdi", "nvdp.backends.driver_root", "nvdp.backends.spec_files", "nvdp.backends.mps",
 )
+PROFILE_FILE = str(Path(__file__).parents[2] / "src/nvdp/backends/simulated/profiles/pcie-l40s.yaml")
 IMPORT_PROBE = """
 import sys
 from nvdp.config.load import load
 import nvdp.app.plugin, nvdp.cli, nvdp.backends.nvml.discovery, nvdp.backends.nvml.library
-load(CLI, {}, read_text=lambda path: "version: v1")
+from nvdp.app.discovery import check_inputs, open_backend
+cfg = load(CLI, {}, read_text=lambda path: "version: v1")
+check_inputs(cfg)  # as cli._serve does before anything starts
+if cfg.simulate:
+    open_backend(cfg).discover()
 print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
 """
 
@@ -258,6 +268,8 @@ print(",".join(m for m in OPTIONAL_IMPORTS if m in sys.modules))
     [
         pytest.param({}, "", id="plain start: none"),
         pytest.param({"config_file": "/c.yaml"}, "yaml,pydantic,nvdp.config.file", id="config file: its parser"),
+        pytest.param({"simulate": "dgx-h100"}, "", id="built-in simulated profile: none"),
+        pytest.param({"simulate": PROFILE_FILE}, "yaml,pydantic", id="simulated profile file: its schema"),
     ],
 )
 def test_start_path_imports_only_what_the_options_need(cli: dict[str, str], loaded: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -206,7 +207,10 @@ def cdi_spec(root: Path) -> None:
         pytest.param(k3s, {}, static, {"container-runtime": W}, id="k3s: nvidia runtime not the default"),
         pytest.param(nothing, {"device_list_strategy": "cdi-cri"}, static, {"cdi-specs": F, "container-runtime": P},
                      id="CDI strategy without a spec"),
-        pytest.param(cdi_spec, {"device_list_strategy": "cdi-cri"}, static, {"cdi-specs": P}, id="CDI spec present"),
+        pytest.param(cdi_spec, {"device_list_strategy": "cdi-cri", "cdi_spec_dir": ""}, static, {"cdi-specs": P},
+                     id="CDI spec present, nvdp writes none"),
+        pytest.param(cdi_spec, {"device_list_strategy": "cdi-cri"}, static, {"cdi-specs": W},
+                     id="CDI spec from elsewhere, nvdp's own missing"),
         pytest.param(write("proc/driver/nvidia/version", "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.1.2\n"),
                      {}, static, {"kernel-driver": F}, id="kernel module and NVML disagree"),
         pytest.param(mismatched_library, {}, no_nvml, {"kernel-driver": F, "nvml": F, "gpus": S, "mig": S},
@@ -352,3 +356,52 @@ def test_operations_doc_lists_every_check() -> None:
     doc = (ROOT / "docs" / "operations.md").read_text()
     missing = [name for name, _ in CHECKS if f"`{name}`" not in doc]
     assert not missing, f"docs/operations.md does not describe {missing}"
+
+
+# --- counts match the lines (issue 12) --------------------------------------------------------------
+
+
+def _number(summary: str, noun: str) -> int:
+    match = re.search(rf"(\d+) {noun}", summary)
+    assert match, f"no count of {noun!r} in {summary!r}"
+    return int(match.group(1))
+
+
+async def test_device_node_counts_match_the_lines(tmp_path: Path, kubelet: FakeKubelet) -> None:
+    node = pcie_node()
+    build_good_node(tmp_path, node)
+    for name in ("nvidia1", "nvidia-uvm", "nvidia-uvm-tools"):
+        (tmp_path / "dev" / name).unlink()
+    doctor = Doctor(load({"kubelet_socket": kubelet.socket_path}, {}), layout(tmp_path, kubelet.socket_path),
+                    static(node))
+    result = {r.name: r for r in await doctor.run()}["device-nodes"]
+    assert result.status is F
+    required = [d for d in result.details if d.startswith("missing") and "uvm" not in d]
+    optional = [d for d in result.details if d.startswith("missing") and "uvm" in d]
+    assert (len(required), len(optional)) == (1, 2), result.details
+    assert _number(result.summary, "required device node ") == 1, result.summary
+    assert _number(result.summary, "optional") == 2, result.summary
+    assert "(s)" not in result.summary
+
+
+@pytest.mark.parametrize(
+    ("statuses_", "summary"),
+    [
+        pytest.param([P, W], "1 passed, 1 warning, 0 failed, 0 skipped", id="one warning"),
+        pytest.param([W, W, F], "0 passed, 2 warnings, 1 failed, 0 skipped", id="two warnings"),
+    ],
+)
+def test_the_summary_line_uses_plural_forms_right(statuses_: list[Status], summary: str) -> None:
+    results = [Result(s, "x", fix="do y", name=f"check-{i}") for i, s in enumerate(statuses_)]
+    assert list(render(results))[-1].startswith(summary + ":")
+
+
+async def test_no_summary_says_n_things_in_brackets(tmp_path: Path, kubelet: FakeKubelet) -> None:
+    node = pcie_node()
+    build_good_node(tmp_path, node)
+    hidden_gpu(tmp_path)
+    doctor = Doctor(load({"kubelet_socket": kubelet.socket_path}, {}), layout(tmp_path, kubelet.socket_path),
+                    with_mig(node))
+    summaries = [r.summary for r in await doctor.run()]
+    assert not [s for s in summaries if "(s)" in s], summaries
+    assert any("1 NVIDIA GPU on the PCI bus is not visible" in s for s in summaries), summaries

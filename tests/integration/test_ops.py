@@ -335,7 +335,7 @@ def test_status_command_without_a_plugin_exits_1() -> None:
 async def test_json_logs_from_the_real_process(plugin_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NVDP_")}
     env["NVDP_LOG_FORMAT"] = "json"
-    env["CONFIG_FILE"] = str(plugin_dir / "config.yaml")  # its warning is logged while the config loads
+    env["CONFIG_FILE"] = str(plugin_dir / "config.yaml")  # its sharing differs from the official plugin's: a warning
     (plugin_dir / "config.yaml").write_text(
         "version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
         "    - {name: nvidia.com/gpu, replicas: 2, devices: [0]}\n"
@@ -346,7 +346,7 @@ async def test_json_logs_from_the_real_process(plugin_dir: Path) -> None:
              "--kubelet-socket", str(plugin_dir / "kubelet.sock")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            await kubelet.wait_registered(GPU, timeout=20, min_devices=8)
+            await kubelet.wait_registered(GPU, timeout=20, min_devices=5)
             proc.terminate()
             out, _ = proc.communicate(timeout=15)
         finally:
@@ -356,7 +356,7 @@ async def test_json_logs_from_the_real_process(plugin_dir: Path) -> None:
     events = [json.loads(line) for line in out.splitlines()]  # every line is one JSON object
     registered = [e for e in events if e["message"] == "registered with the kubelet"]
     assert registered and registered[0]["resource"] == GPU and registered[0]["level"] == "info"
-    assert any("every device is shared" in e["message"] and e["level"] == "warning" for e in events)
+    assert any("nvdp honours devices=[0]" in e["message"] and e["level"] == "warning" for e in events)
     assert events[-1]["message"] == "stopped"
 
 

@@ -33,14 +33,17 @@ FREE_TEXT = {"driver_root", "dev_root", "kubelet_socket", "cdi_annotation_prefix
 WORD = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-_./"), min_size=1, max_size=16)
 # Options whose validity the OPTIONS table decides: booleans, choices, and the IMEX channel list.
 CHECKED = [o for o in OPTIONS if o.kind == "bool" or o.choices or o.field == "imex_channel_ids"]
-FUZZED = [*CHECKED, *(o for o in OPTIONS if o.field in FREE_TEXT)]
+# Booleans with a rule across options (--cluster-health needs --node-name, --taint-on-fatal needs
+# --cluster-health) are only set invalid, never in the valid combinations.
+CROSS_CHECKED = {"cluster_health", "taint_on_fatal"}
+FUZZED = [*(o for o in CHECKED if o.field not in CROSS_CHECKED), *(o for o in OPTIONS if o.field in FREE_TEXT)]
 Sources = dict[str, dict[str, Any]]  # field -> {"cli" | "env" | "file": value}
 
 
 def names_of(opt: Option) -> list[str]:
-    """Every name a message may use for an option."""
-    return [f"--{opt.flag}", *(f"--{a}" for a in opt.aliases), *opt.envs,
-            *([f"config file field {opt.file_key}"] if opt.file_key else [])]
+    """Every name a message may use for an option: the flag, an env var, or the file key and file."""
+    return [f"invalid --{opt.flag}:", *(f"invalid --{a}:" for a in opt.aliases), *(f"invalid {e}:" for e in opt.envs),
+            *([f"invalid {opt.file_key} in {FILE}:"] if opt.file_key else [])]
 
 
 def valid_text(opt: Option) -> st.SearchStrategy[str]:
@@ -80,6 +83,8 @@ def invalid_text(opt: Option) -> st.SearchStrategy[str]:
     if opt.choices and opt.kind == "list":
         good = st.lists(st.sampled_from(opt.choices), max_size=2)
         with_bad = st.tuples(good, bad_word(opt.choices)).map(lambda t: ",".join([*t[0], t[1]]))
+        if not opt.default:  # an empty list is valid where it is the default (--cdi-feature-flags)
+            return with_bad
         return st.one_of(with_bad, st.sampled_from(("", ",", " , ")))  # empty: nothing would reach the runtime
     if opt.choices:
         return bad_word(opt.choices)
@@ -227,8 +232,8 @@ def run_devices(args: list[str], env: dict[str, str], tmp_path: Path, file_text:
     [
         pytest.param(["--mig-strategy=both"], {}, None, "--mig-strategy", id="flag choice"),
         pytest.param(["--fail-on-init-error=maybe"], {}, None, "--fail-on-init-error", id="flag bool"),
-        pytest.param([], {"IMEX_CHANNEL_IDS": "0,1"}, None, "--imex-channel-ids", id="env intlist"),
-        pytest.param([], {"DEVICE_LIST_STRATEGY": "envvar,nope"}, None, "--device-list-strategy", id="env list"),
+        pytest.param([], {"IMEX_CHANNEL_IDS": "0,1"}, None, "IMEX_CHANNEL_IDS", id="env intlist"),
+        pytest.param([], {"DEVICE_LIST_STRATEGY": "envvar,nope"}, None, "DEVICE_LIST_STRATEGY", id="env list"),
         pytest.param([], {}, "flags:\n  plugin:\n    passDeviceSpecs: yes please\n",
                      "flags.plugin.passDeviceSpecs", id="file bool"),
         pytest.param([], {}, "sharing:\n  timeSlicing:\n    resources: [{name: gpu, replicas: -3}]\n",

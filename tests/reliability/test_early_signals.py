@@ -119,3 +119,39 @@ async def test_a_stop_during_a_slow_discovery_does_not_wait_for_it(
     assert done, "run() waited for the discovery to finish"
     task.result()
     assert all(e.kind != "register" for e in kubelet.events)
+
+
+# Every long-running program goes through the launcher (pyproject.toml's console scripts, and the
+# image's `python -m nvdp.entrypoint`): each is run in a fresh interpreter with --version (click
+# exits before any of the program's own handlers exist), then the SIGHUP handler is looked at.
+_PROBE = """
+import runpy, signal, sys
+from nvdp.app import early_signals
+sys.argv = [sys.argv[1], *sys.argv[2:], "--version"]
+try:
+    if sys.argv[0] == "entrypoint":
+        runpy.run_module("nvdp.entrypoint", run_name="__main__")
+    else:
+        from nvdp import launch
+        getattr(launch, sys.argv[0])()
+except SystemExit:
+    pass
+print("installed" if early_signals.installed() else "default")
+"""
+
+
+@pytest.mark.parametrize("entry", ["nvidia_device_plugin", "gpu_feature_discovery", "mps_control_daemon",
+                                   "config_manager", "entrypoint"])
+def test_every_program_installs_the_early_handlers(entry: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _PROBE, entry], capture_output=True, text=True, timeout=WAIT_S)
+    assert result.stdout.strip().splitlines()[-1] == "installed", result.stdout + result.stderr
+
+
+def test_the_console_scripts_point_at_the_launcher() -> None:
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert all(target.startswith("nvdp.launch:") for target in scripts.values()), scripts

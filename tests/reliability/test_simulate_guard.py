@@ -43,7 +43,7 @@ def test_simulate_keys_in_the_config_file_are_exit_2(plugin_dir: Path, key: str,
     result = run_plugin(f"--kubelet-socket={plugin_dir}/kubelet.sock", f"--config-file={config}",
                         *(["--simulate=dgx-h100"] if "Control" in key else []))
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"invalid config file field {flag}: simulate mode is set only on the command line" in result.stderr
+    assert f"invalid {flag} in {config}: simulate mode is set only on the command line" in result.stderr
     assert not (plugin_dir / "nvidia-gpu.sock").exists()
 
 

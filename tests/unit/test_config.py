@@ -189,7 +189,8 @@ def test_empty_config_file_is_valid() -> None:
         pytest.param("version: v2", "version", id="unknown version"),
         pytest.param("flags: {failOnInitError: 3}", "flags.failOnInitError", id="bool field"),
         pytest.param("flags: {plugin: {deviceListStrategy: 3}}", "flags.plugin.deviceListStrategy", id="list field"),
-        pytest.param("flags: {plugin: {deviceIDStrategy: serial}}", "--device-id-strategy", id="bad choice"),
+        pytest.param("flags: {plugin: {deviceIDStrategy: serial}}", "flags.plugin.deviceIDStrategy in /c.yaml",
+                     id="bad choice"),
         pytest.param("- a list", "--config-file", id="not a mapping"),
         pytest.param("flags: [", "--config-file", id="not yaml"),
         pytest.param("sharing: {timeSlicing: {resources: [{name: gpu, replicas: 0}]}}", "replicas",
@@ -269,9 +270,8 @@ _LONG = "x" * 53  # nvidia.com/ + 53 = 64 characters
 def test_sharing_validation_matches_the_official_plugin(text: str, field: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load({"config_file": "/c.yaml"}, {}, files(**{"/c.yaml": text}))
-    assert f"config file field {field if field.startswith('sharing') else 'sharing.timeSlicing.' + field}:" in str(
-        info.value
-    )
+    key = field if field.startswith("sharing") else f"sharing.timeSlicing.{field}"
+    assert f"invalid {key} in /c.yaml:" in str(info.value)
     assert message in str(info.value)
     assert "Value error" not in str(info.value)
 
@@ -279,27 +279,34 @@ def test_sharing_validation_matches_the_official_plugin(text: str, field: str, m
 @pytest.mark.parametrize(
     ("resource", "rename_by_default", "served"),
     [
-        pytest.param("{name: gpu, replicas: 2}", False, ("nvidia.com/gpu", None), id="prefix added"),
-        # The official plugin drops an explicit rename (DisableResourceNamingInConfig): pods keep
-        # asking for nvidia.com/gpu, so nvdp must keep serving it there.
-        pytest.param("{name: gpu, replicas: 2, rename: gpu-ts}", False, ("nvidia.com/gpu", None),
-                     id="rename dropped"),
-        pytest.param("{name: gpu, replicas: 2, rename: gpu-ts}", True, ("nvidia.com/gpu", "nvidia.com/gpu.shared"),
-                     id="renameByDefault wins over rename"),
-        pytest.param(f"{{name: {_LONG[:-1]}, replicas: 2}}", False, (f"nvidia.com/{_LONG[:-1]}", None),
+        pytest.param("{name: gpu, replicas: 2}", False, ("nvidia.com/gpu", None, "all"), id="prefix added"),
+        # Unlike the official plugin (DisableResourceNamingInConfig drops them), nvdp honours an
+        # explicit rename and the devices selection (docs/sharing.md).
+        pytest.param("{name: gpu, replicas: 2, rename: gpu-ts}", False, ("nvidia.com/gpu", "nvidia.com/gpu-ts", "all"),
+                     id="rename honoured"),
+        pytest.param("{name: gpu, replicas: 2, rename: gpu-ts}", True, ("nvidia.com/gpu", "nvidia.com/gpu-ts", "all"),
+                     id="an explicit rename wins over renameByDefault"),
+        pytest.param("{name: gpu, replicas: 2}", True, ("nvidia.com/gpu", "nvidia.com/gpu.shared", "all"),
+                     id="renameByDefault"),
+        pytest.param("{name: gpu, replicas: 2, rename: gpu}", False, ("nvidia.com/gpu", None, "all"),
+                     id="rename to itself is no rename"),
+        pytest.param(f"{{name: {_LONG[:-1]}, replicas: 2}}", False, (f"nvidia.com/{_LONG[:-1]}", None, "all"),
                      id="63 characters"),
-        pytest.param("{name: gpu, replicas: 2, devices: all}", False, ("nvidia.com/gpu", None), id="devices all"),
-        pytest.param("{name: gpu, replicas: 2, devices: 3}", False, ("nvidia.com/gpu", None), id="devices count"),
+        pytest.param("{name: gpu, replicas: 2, devices: all}", False, ("nvidia.com/gpu", None, "all"),
+                     id="devices all"),
+        pytest.param("{name: gpu, replicas: 2, devices: 3}", False, ("nvidia.com/gpu", None, 3), id="devices count"),
         pytest.param("{name: gpu, replicas: 2, devices: [0, '1', '0:1', GPU-a, MIG-b, MIG-GPU-c/1/0]}", False,
-                     ("nvidia.com/gpu", None), id="devices list"),
+                     ("nvidia.com/gpu", None, ("0", "1", "0:1", "GPU-a", "MIG-b", "MIG-GPU-c/1/0")), id="devices list"),
     ],
 )
-def test_sharing_names_match_the_official_plugin(
-    resource: str, rename_by_default: bool, served: tuple[str, str | None]
+def test_sharing_names_and_selection(
+    resource: str, rename_by_default: bool, served: tuple[str, str | None, object]
 ) -> None:
     cfg = load({"config_file": "/c.yaml"}, {}, files(**{"/c.yaml": _time_slicing(resource, rename_by_default)}))
     (res,) = cfg.sharing.resources
-    assert (res.name, res.rename) == served
+    assert (res.name, res.rename, res.devices) == served
+    assert res.where == "sharing.timeSlicing.resources.0" and res.rename_by_default is rename_by_default
+    assert cfg.sharing.strategy == "time-slicing" and not cfg.sharing.fail_requests_greater_than_one
 
 
 def test_every_option_has_a_config_field() -> None:

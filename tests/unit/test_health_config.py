@@ -60,15 +60,19 @@ def test_timing_options_from_env_and_file() -> None:
 @pytest.mark.parametrize(
     ("cli", "env", "field"),
     [
-        pytest.param({}, {"DP_DISABLE_HEALTHCHECKS": "xid"}, "--disable-healthchecks (DP_DISABLE_HEALTHCHECKS)",
-                     id="typo in disable"),
-        pytest.param({}, {"DP_ENABLE_HEALTHCHECKS": "48;63"}, "--enable-healthchecks (DP_ENABLE_HEALTHCHECKS)",
-                     id="wrong separator in enable"),
         pytest.param({"health_quiet_period": "-1"}, {}, "--health-quiet-period", id="negative quiet period"),
         pytest.param({"health_quiet_period": "nan"}, {}, "--health-quiet-period", id="nan quiet period"),
         pytest.param({}, {"NVDP_HEALTH_PROBE_INTERVAL": "soon"}, "NVDP_HEALTH_PROBE_INTERVAL", id="not a number"),
         pytest.param({"health_wait_error_threshold": "0"}, {}, "--health-wait-error-threshold", id="threshold 0"),
         pytest.param({"simulate_control": "/tmp/x.sock"}, {}, "--simulate-control", id="control without simulate"),
+        pytest.param({"health_nvml_timeout": "0"}, {}, "--health-nvml-timeout", id="no deadline"),
+        pytest.param({}, {"NVDP_HEALTH_NVML_TIMEOUT": "25"}, "NVDP_HEALTH_NVML_TIMEOUT",
+                     id="deadline past what PreStartContainer may take (named as set)"),
+        pytest.param({"cluster_health": "true"}, {}, "--cluster-health", id="cluster health without a node name"),
+        pytest.param({"taint_on_fatal": "true"}, {"NODE_NAME": "n1"}, "--taint-on-fatal",
+                     id="taint without cluster health"),
+        pytest.param({"gpu_hygiene_memory_threshold": "-1"}, {}, "--gpu-hygiene-memory-threshold",
+                     id="negative hygiene threshold"),
     ],
 )
 def test_bad_values_name_the_field(cli: dict[str, Any], env: dict[str, str], field: str) -> None:
@@ -80,3 +84,11 @@ def test_bad_values_name_the_field(cli: dict[str, Any], env: dict[str, str], fie
 def test_simulate_control_from_env() -> None:
     cfg = load({"simulate": "h200"}, {"NVDP_SIMULATE_CONTROL": "/run/nvdp/control.sock"})
     assert cfg.simulate_control == "/run/nvdp/control.sock"
+
+
+def test_cluster_and_hygiene_options() -> None:
+    cfg = load({"cluster_health": "true", "taint_on_fatal": "true"}, {"NODE_NAME": "gpu-node-7",
+                                                                      "NVDP_GPU_HYGIENE": "1"})
+    assert (cfg.cluster_health, cfg.taint_on_fatal, cfg.node_name, cfg.gpu_hygiene) == (True, True, "gpu-node-7", True)
+    assert settings_from(cfg).hygiene_threshold_bytes == 1024 * 2**20
+    assert settings_from(load({}, {})).hygiene_threshold_bytes is None  # off by default

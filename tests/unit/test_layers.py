@@ -27,6 +27,7 @@ RANKS: Mapping[str, int] = {
     "backends": 3,
     "ops": 4,
     "kubelet": 5,
+    "kube": 5,  # the Kubernetes API edge, beside the kubelet edge
     "app": 6,
     "testing": 6,
     "tools": 7,
@@ -41,7 +42,9 @@ ONLY: Mapping[str, frozenset[str]] = {
     "grpc": frozenset({"kubelet", "testing"}),
     "nvdp.kubelet._proto": frozenset({"kubelet", "testing"}),
     "prometheus_client": frozenset({"ops", "tools"}),  # tools: `nvdp status` parses /metrics
-    "h11": frozenset({"ops"}),
+    "h11": frozenset({"ops", "testing"}),  # testing: the fake API server
+    "lightkube": frozenset({"kube"}),
+    "httpx2": frozenset({"kube"}),
     "inotify_simple": frozenset({"kubelet"}),
 }
 # The pure core: no servers, threads, sockets or subprocesses.
@@ -199,7 +202,12 @@ def test_only_the_cli_reads_argv_and_environ() -> None:
 # package's modules, kept when the modules moved into folders.
 LOGGER_NAMES = frozenset({
     "nvdp", "nvdp.app", "nvdp.manager", "nvdp.server", "nvdp.kubelet", "nvdp.nvml", "nvdp.healthwatch",
-    "nvdp.configfile", "nvdp.simcontrol", "nvdp.web",
+    "nvdp.configfile", "nvdp.simcontrol", "nvdp.web", "nvdp.config",
+    "nvdp.gfd",  # new with GPU feature discovery (app/labeller.py)
+    "nvdp.cluster",  # new with what the cluster sees (ops/cluster.py)
+    "nvdp.cdi",  # new with the CDI spec writer (app/cdi.py)
+    "nvdp.mps", "nvdp.mpsdaemon",  # new with MPS (app/mps.py, app/mps_daemon.py)
+    "nvdp.kube", "nvdp.configmanager",  # new with the config-manager (kube/, app/config_manager.py)
 })
 
 

@@ -136,3 +136,27 @@ def test_operations_doc_lists_every_metric() -> None:
     missing = [n for n in names if f"`{n}_total`" not in doc and f"`{n}`" not in doc]
     assert not missing, f"docs/operations.md does not list {missing}"
     assert all(f"`{n}_total`" in doc for n in counters)
+
+
+def test_mps_daemon_readiness_is_a_metric() -> None:
+    held = "nvidia-cuda-mps-control exited with status 1: Cannot find MPS control daemon process"
+    _, samples = scrape(state(mps={"nvidia.com/gpu.shared": held, "nvidia.com/gpu.b": ""}))
+    assert samples["nvdp_mps_daemon_ready", frozenset({("resource", "nvidia.com/gpu.shared"), ("reason", held)})] == 0
+    assert samples["nvdp_mps_daemon_ready", frozenset({("resource", "nvidia.com/gpu.b"), ("reason", "")})] == 1
+    _, none = scrape(state())
+    assert not any(name == "nvdp_mps_daemon_ready" for name, _ in none)
+
+
+def test_a_held_back_mps_resource_makes_the_plugin_not_ready() -> None:
+    from nvdp.ops.readiness import readiness
+
+    stats = PluginStats()
+    stats.stream_opened(GPU)
+    ready = state(stats, mps={"nvidia.com/gpu.shared": ""})
+    assert readiness(ready).ok
+    held = readiness(state(stats, mps={"nvidia.com/gpu.shared": "no answer"}))
+    assert not held.ok and "[-]mps:nvidia.com/gpu.shared failed: no answer" in held.text()
+    alone = readiness(state(stats, tree={}, mps={"nvidia.com/gpu.shared": "no answer"}))
+    assert not alone.ok and alone.text().startswith("[-]mps:nvidia.com/gpu.shared failed: no answer")
+    unregistered = readiness(state(stats, registers=False, mps={"nvidia.com/gpu.shared": "no answer"}))
+    assert not unregistered.ok

@@ -7,12 +7,14 @@ import threading
 
 import pytest
 
-from nvdp.backends.nvml.health import NvmlEventWaiter, event_mask, probe_gpu
+from nvdp.backends.nvml.health import NvmlEventWaiter, event_mask, gpu_usage, probe_gpu
 from nvdp.backends.nvml.seam import Nvml
 from nvdp.core.devices import GpuInfo
 from nvdp.core.health import EventKind, HealthEvent, ProbeSample
-from nvdp.errors import EventWaitError
-from nvdp.testing.fake_nvml import ERROR_TEXT, FakeEvent, FakeGpu, FakeNvml
+from nvdp.core.hygiene import GpuUsage
+from nvdp.errors import DeviceError, EventWaitError
+from nvdp.testing import eventually_sync
+from nvdp.testing.fake_nvml import ERROR_TEXT, FakeEvent, FakeGpu, FakeNvml, FakeProcess, h200_node
 
 U0, U1 = "GPU-0000", "GPU-1111"
 XID, DOUBLE_BIT, SINGLE_BIT, PSTATE = 8, 2, 1, 4  # nvmlEventType* bits
@@ -40,7 +42,7 @@ def waiter(nv: FakeNvml) -> NvmlEventWaiter:
 def test_fake_constants_and_error_texts_match_pynvml() -> None:
     import pynvml
 
-    names = [n for n in vars(FakeNvml) if n.startswith(("NVML_", "nvmlEventType"))]
+    names = [n for n in vars(FakeNvml) if n.startswith(("NVML_", "nvmlEventType", "nvmlMemory_"))]
     assert len(names) > 40  # every constant the fake has, not a handful
     for name in names:
         assert getattr(pynvml, name) == getattr(FakeNvml, name), name
@@ -218,3 +220,77 @@ def test_probe(gpu: dict[str, object], failures: dict[str, str], expected: Probe
 def test_probe_of_an_unknown_uuid_is_lost() -> None:
     sample = probe_gpu(Nvml(fake()), "GPU-gone")
     assert (sample.reachable, sample.lost, sample.error) == (False, True, "Not Found")
+
+
+# --- the GPU recovery action (NVML_FI_DEV_GET_GPU_RECOVERY_ACTION) -------------------------------
+
+
+def test_the_probe_reads_the_recovery_action_where_the_driver_reports_it() -> None:
+    nv = fake()
+    nv.gpu(U0).recovery_action = FakeNvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET
+    assert probe_gpu(Nvml(nv), U0).recovery_action == 1
+    assert probe_gpu(Nvml(nv), U1).recovery_action is None  # the field answers NOT_SUPPORTED
+    assert nv.called("nvmlDeviceGetFieldValues")[0].args == ((FakeNvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION,),)
+    nv.fail("nvmlDeviceGetFieldValues", "UNKNOWN", gpu=U0)
+    assert probe_gpu(Nvml(nv), U0) == HEALTHY  # a failing read is "not reported", not a fault
+    nv.fail("nvmlDeviceGetFieldValues", "GPU_IS_LOST", gpu=U0)
+    assert probe_gpu(Nvml(nv), U0).lost
+
+
+def test_an_xid_event_carries_the_recovery_action_read_right_after_it() -> None:
+    nv = fake()
+    nv.gpu(U1).recovery_action = FakeNvml.NVML_GPU_RECOVERY_ACTION_DRAIN_AND_RESET
+    nv.post(FakeEvent(U1, XID, 95), FakeEvent(U0, XID, 13), FakeEvent(U1, DOUBLE_BIT))
+    w = waiter(nv)
+    assert w.wait(1) == HealthEvent(U1, EventKind.XID, xid=95, recovery_action=4)
+    assert w.wait(1) == HealthEvent(U0, EventKind.XID, xid=13)  # not reported on GPU 0
+    assert w.wait(1) == HealthEvent(U1, EventKind.ECC_UNCORRECTED)  # only XIDs read it
+
+
+def test_the_h200_fixture_reports_no_recovery_action_needed() -> None:
+    nv = h200_node(1)
+    nv.nvmlInit()
+    assert probe_gpu(Nvml(nv), nv.gpus[0].uuid).recovery_action == FakeNvml.NVML_GPU_RECOVERY_ACTION_NONE
+
+
+# --- what runs on a GPU (GPU hygiene) ------------------------------------------------------------
+
+
+def test_usage_lists_compute_processes_and_memory_without_the_driver_reserve() -> None:
+    nv = h200_node(2)
+    nv.nvmlInit()
+    idle, busy = nv.gpus
+    busy.processes = (FakeProcess(4242, 3 * 2**30), FakeProcess(4243))
+    busy.memory_used_bytes = 3 * 2**30
+    assert gpu_usage(Nvml(nv), idle.uuid) == GpuUsage(pids=(), memory_used_bytes=0)  # v2: 616 MiB are reserved
+    assert gpu_usage(Nvml(nv), busy.uuid) == GpuUsage(pids=(4242, 4243), memory_used_bytes=3 * 2**30)
+
+
+def test_usage_falls_back_to_the_v1_memory_info() -> None:
+    nv = h200_node(1)
+    nv.nvmlInit()
+    del FakeNvml.nvmlMemory_v2  # bindings older than the v2 structure
+    try:
+        assert gpu_usage(Nvml(nv), nv.gpus[0].uuid).memory_used_bytes == 644939776  # the fixture's v1 `used`
+    finally:
+        FakeNvml.nvmlMemory_v2 = 0x02000028
+    with pytest.raises(DeviceError, match="GPU is lost"):
+        nv.gpus[0].lost = True
+        gpu_usage(Nvml(nv), nv.gpus[0].uuid)
+
+
+# --- calls that hang (a wedged driver) ---------------------------------------------------------
+
+
+def test_a_hung_call_blocks_until_released() -> None:
+    nv = fake()
+    nv.hang("nvmlDeviceGetHandleByUUID", gpu=U1)
+    assert probe_gpu(Nvml(nv), U0) == HEALTHY  # another GPU's calls still answer
+    done: list[ProbeSample] = []
+    thread = threading.Thread(target=lambda: done.append(probe_gpu(Nvml(nv), U1)), daemon=True)
+    thread.start()
+    eventually_sync(lambda: nv.hanging == 1, "the probe of GPU 1 to block in the hung call")
+    assert thread.is_alive() and done == []
+    nv.release()
+    thread.join(5)
+    assert done == [HEALTHY] and nv.hanging == 0

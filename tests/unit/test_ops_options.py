@@ -53,5 +53,5 @@ def test_config_file_keys() -> None:
 
 
 def test_bad_log_format_names_the_env_var() -> None:
-    with pytest.raises(ConfigError, match="--log-format"):
+    with pytest.raises(ConfigError, match="invalid NVDP_LOG_FORMAT:"):
         load({}, {"NVDP_LOG_FORMAT": "yaml"})

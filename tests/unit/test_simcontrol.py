@@ -14,6 +14,8 @@ import pytest
 from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.backends.simulated.control import COMMANDS, Args, ControlContext, ControlServer, command, handle, request
 from nvdp.core.health import EventKind, HealthEvent
+from nvdp.core.hygiene import GpuUsage
+from nvdp.testing import eventually
 
 
 @pytest.fixture
@@ -128,3 +130,39 @@ async def test_socket_round_trip_and_cleanup(backend: SimulatedBackend, plugin_d
     assert not (plugin_dir / "control.sock").exists()
     with pytest.raises(OSError):
         request(path, {"command": "lose", "gpu": 0})
+
+
+async def test_xid_with_the_drivers_recovery_action(backend: SimulatedBackend) -> None:
+    gpu = backend.node.gpus[2].uuid
+    reply = await ask(backend, {"command": "xid", "gpu": 2, "xid": 94, "recovery_action": "gpu-reset"})
+    assert reply["message"] == f"XID 94 injected on {gpu} (the driver asks for gpu-reset)"
+    assert backend.watch_events(backend.node).wait(1) == HealthEvent(gpu, EventKind.XID, xid=94, recovery_action=1)
+    assert backend.probe([gpu])[gpu].recovery_action == 1  # until the reset
+    backend.restore(2)
+    assert backend.probe([gpu])[gpu].recovery_action == 0
+    bad = await ask(backend, {"command": "xid", "gpu": 2, "xid": 94, "recovery_action": "pray"})
+    assert not bad["ok"] and "must be one of none, gpu-reset, node-reboot" in bad["error"]
+
+
+async def test_hang_blocks_probes_and_waits_until_released(backend: SimulatedBackend) -> None:
+    gpu, other = backend.node.gpus[3].uuid, backend.node.gpus[4].uuid
+    reply = await ask(backend, {"command": "hang", "gpu": 3, "events": True})
+    assert reply == {"ok": True, "message": f"the probe of {gpu}, every event wait hang(s) until released"}
+    assert backend.probe([other])[other].reachable  # only GPU 3's probe hangs
+    probe = asyncio.create_task(asyncio.to_thread(backend.probe, [gpu]))
+    wait = asyncio.create_task(asyncio.to_thread(backend.watch_events(backend.node).wait, 0.01))
+    await eventually(lambda: backend.hung_calls == 2, "the probe and the wait to block")
+    assert not probe.done() and not wait.done()
+    assert (await ask(backend, {"command": "hang", "release": True}))["ok"]
+    assert (await probe)[gpu].reachable and await wait is None
+    assert backend.hung_calls == 0
+    assert not (await ask(backend, {"command": "hang"}))["ok"]  # say what hangs
+
+
+async def test_dirty_and_clean(backend: SimulatedBackend) -> None:
+    gpu = backend.node.gpus[1].uuid
+    assert (await ask(backend, {"command": "dirty", "gpu": 1, "pids": [4242], "memory_mib": 2048}))["ok"]
+    assert backend.usage(gpu) == GpuUsage(pids=(4242,), memory_used_bytes=2048 * 2**20)
+    assert (await ask(backend, {"command": "dirty", "gpu": 1, "clean": True}))["message"] == f"{gpu} is clean"
+    assert backend.usage(gpu) == GpuUsage(pids=(), memory_used_bytes=0)
+    assert not (await ask(backend, {"command": "dirty", "gpu": 1, "pids": ["x"]}))["ok"]

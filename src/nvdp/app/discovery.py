@@ -27,12 +27,34 @@ def open_backend(cfg: Config) -> GpuBackend:
     if cfg.simulate:
         from nvdp.backends.simulated.backend import SimulatedBackend
 
-        return SimulatedBackend(cfg.simulate)
+        # --driver-root names where the simulated driver files go (CDI specs point there); default: a temp folder.
+        return SimulatedBackend(cfg.simulate, driver_root=None if cfg.driver_root == "/" else cfg.driver_root,
+                                source=cfg.source("simulate"))
     if cfg.device_discovery_strategy == "tegra":
         raise DiscoveryError("--device-discovery-strategy=tegra: Tegra (Jetson) discovery is not supported by nvdp")
     from nvdp.backends.nvml.discovery import NvmlBackend
 
     return NvmlBackend(driver_root=cfg.container_driver_root)
+
+
+def check_inputs(cfg: Config) -> None:
+    """The input checks that need more than the config itself, run before anything starts so
+    that a mistake exits 2 with nothing opened: the simulated profile (read and expanded) and
+    the fault-injection socket path. Raises ConfigError naming what the operator gave."""
+    if cfg.simulate:
+        from nvdp.backends.simulated.builtin import builtin_node, builtin_profiles
+
+        if cfg.simulate in builtin_profiles():  # precompiled: read without YAML or the schema
+            builtin_node(cfg.simulate, cfg.source("simulate"))
+        else:
+            from nvdp.backends.simulated.expand import build_node
+            from nvdp.backends.simulated.profile import load_profile
+
+            build_node(*load_profile(cfg.simulate, cfg.source("simulate")))
+    if cfg.simulate_control:
+        from nvdp.backends.simulated.control import check_socket_path
+
+        check_socket_path(cfg.simulate_control, cfg.source("simulate_control"))
 
 
 def needs_new_backend(old: Config, new: Config) -> bool:

@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
+from nvdp.app.health_monitor import HealthMonitor
+from nvdp.app.mps import MpsGate
 from nvdp.backends.base import GpuBackend
 from nvdp.config.options import Config
 from nvdp.core.devices import Node
@@ -32,6 +34,10 @@ class Observed(Protocol):
     def init_error(self) -> DiscoveryError | None: ...
     @property
     def cfg(self) -> Config: ...
+    @property
+    def health(self) -> HealthMonitor: ...
+    @property
+    def mps(self) -> MpsGate: ...
 
 
 class PluginView:
@@ -53,6 +59,8 @@ class PluginView:
             init_error=str(plugin.init_error) if plugin.init_error is not None else "",
             registers=manager.registers,
             simulated=bool(plugin.cfg.simulate),
+            nvml_stuck_threads=plugin.health.stuck_threads,
+            mps=plugin.mps.status,
         )
 
     async def answers(self, timeout: float) -> Sequence[Check]:

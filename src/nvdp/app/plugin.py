@@ -19,19 +19,26 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from nvdp.app import early_signals, preflight
+from nvdp.app.cdi import SpecPublisher
 from nvdp.app.discovery import BackendFactory, discover, needs_new_backend, open_backend, plan
 from nvdp.app.health_monitor import DEFAULT_TUNING, HealthMonitor, HealthTask, PumpTuning
+from nvdp.app.hygiene import GpuHygiene
+from nvdp.app.mps import DEFAULT_MPS_TIMING, MpsGate, MpsTiming
 from nvdp.app.ops_view import PluginView
 from nvdp.backends.base import GpuBackend, HealthSource
-from nvdp.config.options import Config
+from nvdp.config.options import Config, changed_settings
 from nvdp.core import mig
-from nvdp.core.devices import DeviceTree, Health, Node
-from nvdp.core.health import HealthEvent, overlay, settings_from, transitions
+from nvdp.core.backoff import Backoff
+from nvdp.core.devices import DeviceTree, Health, Node, diff
+from nvdp.core.health import HealthEvent, gpu_health, overlay, settings_from, transitions
 from nvdp.core.resources import TreePlan
+from nvdp.core.xid_policy import recovery_label
 from nvdp.errors import ConfigError, DiscoveryError, PluginError, ServeError
 from nvdp.kubelet.instrument import instrumented_servers
 from nvdp.kubelet.manager import Manager, RetryPolicy
 from nvdp.kubelet.server import ServingContext
+from nvdp.ops.cluster import RETRY as CLUSTER_RETRY
+from nvdp.ops.cluster import ClusterApi, ClusterReporter
 from nvdp.ops.counters import PluginStats
 from nvdp.ops.logs import LogOnce
 
@@ -39,7 +46,9 @@ if TYPE_CHECKING:
     from nvdp.ops.web import OpsServer
 
 log = logging.getLogger("nvdp.app")  # stable name: operators filter on it
-
+# Retrying a socket folder that is missing at start-up (fail-on-init-error=false).
+SOCKET_RETRY_FIRST_S = 0.1
+SOCKET_RETRY_MAX_S = 10.0
 
 
 def unwrap_group(exc: BaseException) -> BaseException:
@@ -95,27 +104,39 @@ class Plugin:
         health_tuning: PumpTuning = DEFAULT_TUNING,
         retry: RetryPolicy | None = None,
         socket_dir: str | None = None,  # tests: where sockets go when --kubelet-socket is empty
+        cluster_api: ClusterApi | None = None,  # with --cluster-health: where Events and the condition go
+        cluster_retry: Backoff = CLUSTER_RETRY,  # tests shorten the back-off after a failed API call
+        mps_timing: MpsTiming = DEFAULT_MPS_TIMING,
     ) -> None:
         self._backend_factory = backend_factory
         self._reload_config = reload_config
         self.served = Served(cfg)
         # Counters for metrics: Allocate and gRPC calls, applied trees, health events.
         self.stats = PluginStats()
+        self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning, on_event=self._count_event,
+                                    on_timeout=self.stats.record_nvml_timeout)
+        # What the cluster sees (--cluster-health; read at start, like the API client it needs).
+        self.cluster: ClusterReporter | None = None
+        if cfg.cluster_health and cluster_api is not None:
+            self.cluster = ClusterReporter(cluster_api, cfg.node_name, cfg.taint_on_fatal, self.stats, cluster_retry)
+        # PreStartContainer's check; it acts only while --gpu-hygiene is on (docs/health.md).
+        hygiene = GpuHygiene(self.health, lambda: self.backend, lambda: self.cfg, self.stats)
         self.manager = Manager(
             cfg.kubelet_socket,
             ServingContext(cfg, Node(gpus=()).topology, ()),
             retry=retry,
             socket_dir=socket_dir,
-            server_factory=instrumented_servers(self.stats),
+            server_factory=instrumented_servers(self.stats, pre_start=hygiene),
             on_apply=self.stats.observe_tree,
         )
-        self.health = HealthMonitor(settings_from(cfg), self._publish, health_tuning, on_event=self._count_event)
         self._health_task = HealthTask(self.health)
+        self.mps = MpsGate(self._publish, mps_timing)  # MPS resources wait for their control daemon
         self.backend: GpuBackend | None = None
         self._backend_generation = 0  # bumped on every new backend: the health checks follow it
         self.view = PluginView(self)  # what metrics and probes may read
         self.ops: OpsServer | None = None  # the OpsServer (/metrics, /healthz, /readyz), when --metrics-address is set
-        self.started = asyncio.Event()  # set once serving (or idling after an init error)
+        # Set once serving (or idling after an init error), with the listeners open.
+        self.started = asyncio.Event()
         self.init_error: DiscoveryError | None = None
         self.rescans = 0  # rescans that found a changed node and applied it
         self._requests: asyncio.Queue[Request] = asyncio.Queue()
@@ -129,6 +150,7 @@ class Plugin:
         self._settings_changed = asyncio.Event()  # wakes the rescan timer after a reload
         self._problems_logged: frozenset[mig.Problem] = frozenset()
         self._rescan_failure = LogOnce()
+        self.cdi = SpecPublisher()  # the CDI spec files for the cdi-* list strategies
 
     # Read-only views of what is served (tests, tools and the ops view read these).
     @property
@@ -144,7 +166,8 @@ class Plugin:
         return self.served.tree
 
     def _count_event(self, event: HealthEvent) -> None:
-        self.stats.record_health_event(event.gpu, event.kind.value, event.xid)
+        action = None if event.recovery_action is None else recovery_label(event.recovery_action)
+        self.stats.record_health_event(event.gpu, event.kind.value, event.xid, action)
 
     def stop(self) -> None:
         self._stop_requested.set()
@@ -158,24 +181,29 @@ class Plugin:
             async with contextlib.AsyncExitStack() as resources:
                 if handle_signals:  # first: from here on a stop request also ends a start-up under way
                     self._handle_signals(resources)
-                log.info("Running with config: %s", self.cfg.to_json())
+                log.info("Running with config", extra={"config": self.cfg.to_v1()})  # as upstream, in v1 names
                 preflight.check(self.cfg)  # before anything is opened: a ConfigError here touched nothing
                 preflight.announce(self.cfg)
                 resources.callback(self._close_backend)  # closed last, after every server stopped
                 resources.push_async_callback(self.manager.close)
-                if self.cfg.metrics_address:  # first, so probes answer while discovery runs
-                    from nvdp.ops.web import OpsServer
-
-                    listener = OpsServer(self.view, self.cfg.metrics_address)
-                    self.ops = await resources.enter_async_context(listener)
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
+                    # Discovery and planning first: a config error found there (a device list over
+                    # the kubelet's limit) exits 2 before any listener is opened.
                     if await self._start_unless_stopped():
+                        if self.cfg.metrics_address:
+                            from nvdp.ops.web import OpsServer
+
+                            listener = OpsServer(self.view, self.cfg.metrics_address)
+                            self.ops = await resources.enter_async_context(listener)
                         if self.cfg.simulate_control:
                             await self._open_control(self.cfg.simulate_control, resources)
+                        if self.cluster is not None:
+                            self._spawn(self.cluster.run(), "cluster-health")
                         self._spawn(self.manager.keep_registered(), "registration")
                         self._spawn(self.manager.watch_folder(), "folder-watch")
                         self._spawn(self._rescan_periodically(), "rescan")
+                        self.started.set()
                         await self._serve_until_stopped()
                     await self._health_task.stop()
                     for child in list(self._children):
@@ -203,11 +231,12 @@ class Plugin:
         start.result()  # a start-up error propagates
         return True
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         assert self._tasks is not None
         task = self._tasks.create_task(coro, name=name)
         self._children.add(task)
         task.add_done_callback(self._children.discard)
+        return task
 
     def _handle_signals(self, resources: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
@@ -229,8 +258,10 @@ class Plugin:
             await self._load(self.cfg, new_backend=True)
             self.init_error = None
             failures = list(self.manager.serve_failures.values())
-            if failures:  # at start-up a socket folder we cannot use is fatal
+            if failures and self.cfg.fail_on_init_error:  # at start-up a socket folder we cannot use is fatal
                 raise ServeError(failures[0])
+            if failures:
+                self._spawn(self._wait_for_socket_folder(failures[0]), "socket-folder")
         except DiscoveryError as exc:
             if self.cfg.fail_on_init_error:
                 raise
@@ -239,7 +270,22 @@ class Plugin:
                 "initialisation failed; fail-on-init-error=false, so idling until SIGHUP or SIGTERM",
                 extra={"error": str(exc)},
             )
-        self.started.set()
+
+    async def _wait_for_socket_folder(self, failure: str) -> None:
+        """fail-on-init-error=false and the sockets cannot be bound (the kubelet folder is not
+        mounted yet): say so once, then retry with back-off (a folder change wakes the retry
+        sooner when registration watches the folder) until every resource is served."""
+        folder = self.manager.socket_dir
+        log.warning("cannot serve yet; fail-on-init-error=false, so waiting for the socket folder and retrying "
+                    "with back-off",
+                    extra={"socket_dir": folder, "error": failure})
+        backoff = Backoff(SOCKET_RETRY_FIRST_S, SOCKET_RETRY_MAX_S)
+        failures = 0
+        while self.manager.serve_failures:
+            failures += 1
+            await asyncio.sleep(backoff.delay(failures))
+            await self.manager.check_sockets()
+        log.info("serving", extra={"socket_dir": folder, "resources": ",".join(self.manager.servers)})
 
     async def _load(self, cfg: Config, new_backend: bool) -> None:
         async with self._apply_lock:
@@ -271,7 +317,9 @@ class Plugin:
         """The one place a discovered node becomes the served tree (start-up, reload, rescan)."""
         self._log_new_problems(planned.problems)
         self.served = Served(cfg, node, planned.tree)
-        await self._publish(ServingContext(cfg, node.topology, node.control_devices))
+        cdi_classes = await asyncio.to_thread(self.cdi.refresh, cfg, node, self.backend)  # before registering
+        self.mps.watch(planned.mps, cfg, self._spawn)
+        await self._publish(ServingContext(cfg, node.topology, node.control_devices, cdi_classes))
         await self._watch_health(cfg, node)
 
     def _log_new_problems(self, problems: tuple[mig.Problem, ...]) -> None:
@@ -298,7 +346,7 @@ class Plugin:
                     self._rescan_failure.forget()
                     return False
                 planned = await asyncio.to_thread(plan, node, self.cfg)
-            except DiscoveryError as exc:
+            except (DiscoveryError, ConfigError) as exc:  # ConfigError: the sharing no longer fits the node
                 self._rescan_failed(exc)
                 return False
             self._rescan_failure.forget()
@@ -320,7 +368,7 @@ class Plugin:
         log.info("initialised on rescan", extra={"resources": ",".join(self.manager.servers)})
         return True
 
-    def _rescan_failed(self, exc: DiscoveryError) -> None:
+    def _rescan_failed(self, exc: DiscoveryError | ConfigError) -> None:
         if self._rescan_failure.first(str(exc)):
             log.error("rescan: discovery failed, keeping the running devices", extra={"error": str(exc)})
 
@@ -340,7 +388,7 @@ class Plugin:
         health changed (one line per device)."""
         async with self._publish_lock:
             state = self.health.state
-            tree = overlay(self.discovered, state)
+            tree = self.mps.hold_back(overlay(self.discovered, state))
             for t in transitions(self.manager.tree, tree, state):
                 healthy = t.health is Health.HEALTHY
                 log.log(
@@ -350,6 +398,8 @@ class Plugin:
                            "xid": "-" if t.xid is None else t.xid},
                 )
             await self.manager.apply(tree, context)
+            if self.cluster is not None and self.node is not None:
+                self.cluster.observe(gpu_health(state, self.node.gpus))
 
     async def _watch_health(self, cfg: Config, node: Node) -> None:
         """(Re)start the health checks when the backend, the GPUs or the health settings changed."""
@@ -385,10 +435,18 @@ class Plugin:
             log.error("reload: invalid configuration, keeping the running one", extra={"error": str(exc)})
             return
         new_backend = self.init_error is not None or needs_new_backend(self.cfg, cfg)
+        before = self.served
         try:
             await self._load(cfg, new_backend=new_backend)
             self.init_error = None
-            log.info("reloaded", extra={"resources": ",".join(self.manager.servers)})
+            change = diff(before.tree, self.discovered)
+            log.info("reloaded", extra={
+                "resources": ",".join(self.manager.servers),
+                "added": ",".join(change.added) or "-",
+                "removed": ",".join(change.removed) or "-",
+                "changed": ",".join(change.updated) or "-",
+                "settings": ",".join(changed_settings(before.cfg, cfg)) or "-",
+            })
         except DiscoveryError as exc:
             log.error("reload: discovery failed, keeping the running devices", extra={"error": str(exc)})
         except PluginError as exc:  # e.g. ConfigError: the backend factory rejects a --simulate profile

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from nvdp.core.devices import Node
 from nvdp.core.health import HealthEvent, ProbeSample
+from nvdp.core.hygiene import GpuUsage
 
 
 class GpuBackend(Protocol):
@@ -52,3 +53,11 @@ class HealthSource(Protocol):
     def watch_events(self, node: Node) -> EventWaiter: ...
 
     def probe(self, gpus: Sequence[str]) -> Mapping[str, ProbeSample]: ...
+
+
+@runtime_checkable
+class UsageSource(Protocol):
+    """A backend that can say what runs on a GPU (GPU hygiene before hand-out; a blocking call,
+    run in a thread with a deadline)."""
+
+    def usage(self, gpu: str) -> GpuUsage: ...

@@ -12,12 +12,24 @@ from collections.abc import Callable
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
-from nvdp.config.options import FILE_REFUSED, OPTIONS, Sharing, TimeSlicingResource
+from nvdp.config.inputs import KUBELET_MAX_MESSAGE_BYTES, MAX_DEVICES, InputFileError, check_size
+from nvdp.config.options import (
+    FILE_REFUSED,
+    GFD_OPTIONS,
+    OPTIONS,
+    DeviceSelection,
+    SharedResource,
+    Sharing,
+    XidClassName,
+    XidOverride,
+)
 from nvdp.errors import ConfigError, config_error_from
 
 log = logging.getLogger("nvdp.configfile")  # stable name: operators filter on it
+# libyaml's parser when PyYAML has it (about 10x faster than the pure-Python one), same results.
+YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _FileModel(BaseModel):
@@ -50,8 +62,8 @@ def resource_name(text: str) -> str:
 
 
 def _check_devices(value: Any) -> Any:
-    """`devices`: "all", a count > 0 or a list of device references (all three are then served
-    as "all", as the official plugin does)."""
+    """`devices`: "all", a count > 0 or a list of device references (the official plugin's
+    rules; nvdp then shares only the devices selected, see docs/sharing.md)."""
     if isinstance(value, str):
         if value != "all":
             raise ValueError(f"devices set as {value!r} but the only valid string input is 'all'")
@@ -65,6 +77,16 @@ def _check_devices(value: Any) -> Any:
                 raise ValueError(f"unsupported type for device in devices list: {item!r}")
     else:
         raise ValueError(f"{value!r}: use 'all', a count of devices or a list of device indexes/UUIDs")
+    return value
+
+
+def _selection(value: Any) -> DeviceSelection:
+    """The checked `devices` value as the core takes it: list items become strings ("0", "0:1")."""
+    if isinstance(value, list):
+        return tuple(str(item) for item in value)
+    if value == "all":
+        return "all"
+    assert isinstance(value, int)  # _check_devices allows nothing else
     return value
 
 
@@ -89,6 +111,10 @@ class _ReplicatedResourceFile(_FileModel):
             raise ValueError("no replicas specified")
         if v < 2:
             raise ValueError(f"number of replicas must be >= 2; found {v}")
+        if v > MAX_DEVICES:  # refused here, before anything builds a million devices
+            raise ValueError(f"{v} replicas can never be served: the replicas of even one device make a "
+                             f"device list over the kubelet's {KUBELET_MAX_MESSAGE_BYTES}-byte (4 MiB) limit "
+                             f"for ListAndWatch (at most {MAX_DEVICES} fit)")
         return v
 
     @field_validator("rename")
@@ -103,8 +129,9 @@ class _ReplicatedResourceFile(_FileModel):
 
 
 class _SharingStrategyFile(_FileModel):
-    renameByDefault: bool = False
-    failRequestsGreaterThanOne: bool | None = None
+    # Strict, as upstream's encoding/json: "yes" or "true" (a string) is not a boolean.
+    renameByDefault: StrictBool = False
+    failRequestsGreaterThanOne: StrictBool | None = None
     resources: list[_ReplicatedResourceFile] = Field(default_factory=list, validate_default=True)
 
     @field_validator("resources")
@@ -135,9 +162,11 @@ class _ConfigFile(_FileModel):
 
 
 def _struct_fields() -> dict[str, Any]:
-    """The schema's struct fields as a tree of names, from the option table plus the blocks."""
+    """The schema's struct fields as a tree of names, from the option tables plus the blocks."""
     tree: dict[str, Any] = {"version": {}, "flags": {}, "sharing": {"timeSlicing": {}, "mps": {}}, "imex": {}}
-    for key in [*(opt.file_key for opt in OPTIONS if opt.file_key), *FILE_REFUSED]:  # refused keys: found as the others
+    # refused keys (FILE_REFUSED): found as the others, then refused with an error by load()
+    keys = [*(opt.file_key for opt in (*OPTIONS, *GFD_OPTIONS) if opt.file_key), *FILE_REFUSED]
+    for key in keys:
         node = tree
         for part in key.split("."):
             node = node.setdefault(part, {})
@@ -162,56 +191,143 @@ def canonical_keys(doc: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def read_config_file(path: str, read_text: Callable[[str], str]) -> tuple[dict[str, Any], Sharing]:
-    """Parse a config file into {dotted key: raw value} lookups and the sharing block."""
+def read_config_file(
+    path: str, read_text: Callable[[str], str], source: str = "--config-file"
+) -> tuple[dict[str, Any], Sharing, tuple[XidOverride, ...]]:
+    """Parse a config file into {dotted key: raw value} lookups, the sharing block and the XID
+    policy overrides (`flags.nvdp.health.xids`). `source` is how the file was named
+    (`--config-file` or `CONFIG_FILE`); errors about one field name the field and the file
+    instead ("flags.migStrategy in /etc/nvdp/config.yaml")."""
     try:
         text = read_text(path)
+        check_size(path, len(text.encode("utf-8", "surrogatepass")))  # also for injected readers
     except OSError as exc:
-        raise ConfigError("--config-file", f"error opening config file {path}: {exc.strerror or exc}") from exc
+        raise ConfigError(source, f"error opening config file {path}: {exc.strerror or exc}") from exc
+    except InputFileError as exc:
+        raise ConfigError(source, str(exc)) from None
     try:
-        doc = yaml.safe_load(text) or {}
+        doc = yaml.load(text, Loader=YAML_LOADER) or {}  # a safe loader (C or Python)
     except yaml.YAMLError as exc:
-        raise ConfigError("--config-file", f"{path} is not valid YAML or JSON: {exc}") from exc
+        raise ConfigError(source, f"{path} is not valid YAML or JSON: {exc}") from exc
     if not isinstance(doc, dict):
-        raise ConfigError("--config-file", f"{path}: the top level must be a mapping")
+        raise ConfigError(source, f"{path}: the top level must be a mapping")
     doc = canonical_keys(doc, _STRUCT_FIELDS)
     if "resources" in doc:
         log.warning("Customizing the 'resources' field is not yet supported in the config. Ignoring...")
     try:
         model = _ConfigFile.model_validate(doc)
     except ValidationError as exc:
-        raise config_error_from(exc, "config file") from exc
-    return doc, _sharing_from(model.sharing)
+        raise config_error_from(exc, lambda key: f"{key} in {path}" if key else path) from exc
+    health = _health_block(doc)
+    _fold_quiet_periods(health, path)
+    return doc, _sharing_from(model.sharing, path), _xid_overrides(health.get("xids"), path)
 
 
-def _sharing_from(block: _SharingFile | None) -> Sharing:
+# --- the XID policy (flags.nvdp.health; docs/health.md "XID policy in the config file") ---------
+
+HEALTH_KEY = "flags.nvdp.health"
+
+
+def _health_block(doc: dict[str, Any]) -> dict[str, Any]:
+    node: Any = doc
+    for part in ("flags", "nvdp", "health"):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
+def _fold_quiet_periods(health: dict[str, Any], path: str) -> None:
+    """`quietPeriods: {transient, fatal}`: `transient` is another spelling of `quietPeriod`
+    (both in one file is an error), `fatal` is its own option; `ignored` has no quiet period."""
+    periods = health.get("quietPeriods")
+    if periods is None:
+        return
+    where = f"{HEALTH_KEY}.quietPeriods"
+    if not isinstance(periods, dict):
+        raise ConfigError(f"{where} in {path}", f"{periods!r} is not a mapping of class -> seconds (transient, fatal)")
+    unknown = sorted(str(k) for k in periods if k not in ("transient", "fatal"))
+    if unknown:
+        why = "ignored XIDs raise no fault, so they have no quiet period" if unknown == ["ignored"] else (
+            "the classes with a quiet period are transient and fatal")
+        raise ConfigError(f"{where}.{unknown[0]} in {path}", why)
+    if "transient" in periods:
+        if "quietPeriod" in health:
+            raise ConfigError(f"{where}.transient in {path}",
+                              f"the same setting as {HEALTH_KEY}.quietPeriod: give one of them")
+        health["quietPeriod"] = periods["transient"]
+
+
+class _XidEntryFile(_FileModel):
+    cls: XidClassName = Field(alias="class")
+    reason: str = ""
+
+
+def _entry_field(entry_key: str, path: str) -> Callable[[str], str]:
+    return lambda field: f"{entry_key}.{field} in {path}" if field else f"{entry_key} in {path}"
+
+
+def _xid_number(key: Any, where: str) -> int:
+    if isinstance(key, bool) or not isinstance(key, int | str) or not str(key).strip().isdigit():
+        raise ConfigError(where, f"{key!r} is not an XID number (a whole number >= 0)")
+    return int(str(key).strip())
+
+
+def _xid_overrides(raw: Any, path: str) -> tuple[XidOverride, ...]:
+    """`xids: {79: {class: fatal, reason: ...}, 13: transient, ...}`: per XID a class (transient,
+    fatal or ignored), as a mapping or the class name alone, and optionally the reason to show."""
+    where = f"{HEALTH_KEY}.xids"
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} in {path}", f"{raw!r} is not a mapping of XID -> {{class, reason}}")
+    overrides: dict[int, XidOverride] = {}
+    for key, value in raw.items():
+        entry_key = f"{where}.{key}"
+        xid = _xid_number(key, f"{entry_key} in {path}")
+        entry = {"class": value} if isinstance(value, str) else value
+        try:
+            parsed = _XidEntryFile.model_validate(entry)
+        except ValidationError as exc:
+            raise config_error_from(exc, _entry_field(entry_key, path)) from exc
+        if xid in overrides:
+            raise ConfigError(f"{entry_key} in {path}", f"XID {xid} is listed twice")
+        overrides[xid] = XidOverride(xid, parsed.cls, parsed.reason.strip())
+    return tuple(overrides[x] for x in sorted(overrides))
+
+
+def _sharing_from(block: _SharingFile | None, path: str) -> Sharing:
     if block is None or (block.timeSlicing is None and block.mps is None):
         return Sharing()
-    if block.mps is not None:
-        raise ConfigError("config file field sharing.mps", "MPS sharing is not supported by nvdp yet")
-    ts = block.timeSlicing
-    assert ts is not None  # the block is non-empty and has no mps
+    mps = block.mps is not None
+    if mps and block.timeSlicing is not None:
+        log.warning("sharing.timeSlicing is ignored: sharing.mps is set too, and MPS wins (as in the official plugin)")
+    chosen = block.mps if block.mps is not None else block.timeSlicing
+    assert chosen is not None  # one of the two blocks is set
+    kind = "mps" if mps else "timeSlicing"
     resources = []
-    for i, r in enumerate(ts.resources):
+    for i, r in enumerate(chosen.resources):
         assert r.name is not None and r.replicas is not None  # the validators reject None
-        where = f"sharing.timeSlicing.resources.{i}"
-        # As the official plugin (DisableResourceNamingInConfig): an explicit `rename` is dropped,
-        # and renameByDefault serves every shared resource as `<name>.shared`, so pods keep
-        # asking for the names the official plugin would advertise.
-        rename = f"{r.name}.shared" if ts.renameByDefault else None
-        if r.rename is not None and r.rename != rename:
-            log.warning("%s.rename=%s is ignored (as in the official plugin); serving %s",
-                        where, r.rename, rename or r.name)
-        if rename is not None and len(rename) > MAX_RESOURCE_NAME:
-            raise ConfigError(
-                f"config file field {where}.name",
-                f"with renameByDefault the resource is served as {rename}, longer than "
-                f"{MAX_RESOURCE_NAME} characters (the kubelet would refuse it)",
-            )
-        if r.devices != "all":
-            log.warning("%s.devices=%r: every device is shared (as in the official plugin)", where, r.devices)
-        resources.append(TimeSlicingResource(name=r.name, replicas=r.replicas, rename=rename))
+        where = f"sharing.{kind}.resources.{i}"
+        # renameByDefault names every entry without its own `rename` `<name>.shared`. Unlike the
+        # official plugin (DisableResourceNamingInConfig), an explicit `rename` and `devices` are
+        # honoured: the plugin warns once at start when that changes what is served.
+        rename = r.rename
+        if rename is None and chosen.renameByDefault:
+            rename = f"{r.name}.shared"
+            if len(rename) > MAX_RESOURCE_NAME:
+                raise ConfigError(
+                    f"{where}.name in {path}",
+                    f"with renameByDefault the resource is served as {rename}, longer than "
+                    f"{MAX_RESOURCE_NAME} characters (the kubelet would refuse it)",
+                )
+        if rename == r.name:
+            rename = None
+        resources.append(SharedResource(name=r.name, replicas=r.replicas, rename=rename,
+                                        devices=_selection(r.devices), where=where, source_file=path,
+                                        rename_by_default=chosen.renameByDefault))
+    # MPS: failRequestsGreaterThanOne unset means true (the official plugin forces it at load).
+    fail = chosen.failRequestsGreaterThanOne
     return Sharing(
-        fail_requests_greater_than_one=bool(ts.failRequestsGreaterThanOne),
+        fail_requests_greater_than_one=mps if fail is None else fail,
         resources=tuple(resources),
+        mps=mps,
     )

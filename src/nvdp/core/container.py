@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from nvdp.config.options import Config
+from nvdp.core import mps
 from nvdp.core.devices import Device, Resource
 from nvdp.core.resources import physical_id
 from nvdp.errors import AllocationError, UnhealthyDevice, UnknownDevice, invalid_request
@@ -76,14 +77,31 @@ def _host_path(dev_root: str, container_path: str) -> str:
     return os.path.join(dev_root, container_path.lstrip("/")) if dev_root not in ("", "/") else container_path
 
 
+def uses_cdi(cfg: Config) -> bool:
+    """Whether a cdi-* list strategy is on (so nvdp writes CDI specs, app/cdi.py)."""
+    return bool(set(cfg.device_list_strategy) & CDI_STRATEGIES)
+
+
+def edits_repeat(cfg: Config) -> bool:
+    """Whether `edits_for` gives the same answer for the same request, resource and config: not
+    with cdi-annotations, whose annotation key is new for every container (as upstream's)."""
+    return "cdi-annotations" not in cfg.device_list_strategy
+
+
 def edits_for(
     resource: Resource,
     ids: Sequence[str],
     cfg: Config,
     control_devices: Sequence[str],
     new_annotation_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    cdi_classes: frozenset[str] | None = None,
 ) -> ContainerEdits:
-    """Build the edits for one container request (raises AllocationError on a bad request)."""
+    """Build the edits for one container request (raises AllocationError on a bad request).
+
+    `cdi_classes`: the CDI classes whose specs nvdp wrote (`core.cdi`); a feature class missing
+    from it (no device nodes on the node) is not named. None: nvdp wrote no spec, every enabled
+    feature is named, as the official plugin does.
+    """
     devices = requested_devices(resource, ids)
     if (
         cfg.sharing.fail_requests_greater_than_one
@@ -98,15 +116,25 @@ def edits_for(
     envs: dict[str, str] = {}
     annotations: dict[str, str] = {}
     cdi_devices: tuple[str, ...] = ()
+    mounts: list[Mount] = []
 
     if strategies & CDI_STRATEGIES:
+        def written(cls: str) -> bool:
+            return cdi_classes is None or cls in cdi_classes
+
         names = [f"{CDI_VENDOR}/gpu={i}" for i in ids_for_runtime]
-        names += [f"{CDI_VENDOR}/imex-channel={c}" for c in cfg.imex_channel_ids]
+        if written("imex-channel"):
+            names += [f"{CDI_VENDOR}/imex-channel={c}" for c in cfg.imex_channel_ids]
+        features = (("gdrcopy", cfg.gdrcopy_enabled), ("gds", cfg.gds_enabled), ("mofed", cfg.mofed_enabled))
+        names += [f"{CDI_VENDOR}/{cls}=all" for cls, enabled in features if enabled and written(cls)]
         if "cdi-annotations" in strategies and names:
             prefix = cfg.cdi_annotation_prefix
             annotations[f"{prefix}nvidia-device-plugin_{new_annotation_id()}"] = ",".join(names)
         if "cdi-cri" in strategies:
             cdi_devices = tuple(names)
+
+    if cfg.sharing.strategy == "mps" and any(d.replica is not None for d in devices):
+        mounts += _mps_edits(resource.name, cfg.mps_root, envs)
 
     for enabled, name in (
         (cfg.gdrcopy_enabled, "NVIDIA_GDRCOPY"),
@@ -118,9 +146,8 @@ def edits_for(
 
     # As the official plugin: with only CDI strategies, nothing else is injected, not even specs.
     if strategies <= CDI_STRATEGIES:
-        return ContainerEdits(envs=envs, annotations=annotations, cdi_devices=cdi_devices)
+        return ContainerEdits(envs=envs, mounts=tuple(mounts), annotations=annotations, cdi_devices=cdi_devices)
 
-    mounts: list[Mount] = []
     if "envvar" in strategies:
         envs[VISIBLE_DEVICES] = ",".join(ids_for_runtime)
         if cfg.imex_channel_ids:
@@ -144,3 +171,14 @@ def edits_for(
         annotations=annotations,
         cdi_devices=cdi_devices,
     )
+
+
+def _mps_edits(resource: str, mps_root: str, envs: dict[str, str]) -> list[Mount]:
+    """MPS clients find their resource's control daemon through its pipe folder, and talk to it
+    through shared memory: the daemon's /dev/shm (a tmpfs under the MPS root)."""
+    container_pipe = mps.pipe_dir(mps.CONTAINER_ROOT, resource)
+    envs[mps.PIPE_ENV] = container_pipe
+    return [
+        Mount(container_pipe, mps.pipe_dir(mps_root, resource)),
+        Mount("/dev/shm", f"{mps_root.rstrip('/')}/{mps.SHM_DIR}"),
+    ]

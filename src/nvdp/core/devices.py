@@ -61,8 +61,32 @@ class MigInfo:
 
 
 @dataclass(frozen=True)
+class FabricInfo:
+    """Where a fabric-attached GPU (multi-node NVLink) sits: NVML's GPU fabric info, kept only
+    when the GPU's registration with the fabric manager completed successfully."""
+
+    cluster_uuid: str  # the NVLink domain, as a UUID string
+    clique_id: int  # the clique (NVLink partition) within it
+
+
+@dataclass(frozen=True)
+class VgpuInfo:
+    """The vGPU host's driver, from the PCI vendor-specific capability of a vGPU guest device
+    (empty strings when the capability carries no driver-version record)."""
+
+    host_driver_version: str
+    host_driver_branch: str
+
+
+@dataclass(frozen=True)
 class GpuInfo:
-    """One physical GPU as discovery reports it."""
+    """One physical GPU as discovery reports it.
+
+    The last four facts are what GPU feature discovery labels besides the plugin's: whether the
+    GPU can do MIG at all (NVML answers its MIG mode), its PCI class from sysfs (0x030200 for a
+    3D controller, 0x030000 for VGA; None when unreadable), its fabric clique and, on a vGPU guest,
+    the host's driver.
+    """
 
     index: int
     uuid: str
@@ -74,6 +98,10 @@ class GpuInfo:
     numa_node: int | None = None
     mig_enabled: bool = False
     mig_devices: tuple[MigInfo, ...] = ()
+    mig_capable: bool = False
+    pci_class: int | None = None
+    fabric: FabricInfo | None = None
+    vgpu: VgpuInfo | None = None
 
     @property
     def device_path(self) -> str:

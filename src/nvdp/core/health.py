@@ -14,8 +14,9 @@ severity that says how it clears:
 - CONDITION: as soon as the check that raised it passes again (a lost GPU answers, the event
   wait works again, a row-remapping failure is gone).
 
-The XID table below is the documented policy (docs/health.md); XIDs not in it are FATAL, as in
-the official plugin, which never clears anything.
+The XID table is data (`xid_policy.py`: built-in, config-file overrides, the DP_* switches on
+top, the driver's recovery action at run time); XIDs not in it are FATAL, as in the official
+plugin, which never clears anything.
 """
 
 from __future__ import annotations
@@ -26,56 +27,24 @@ from dataclasses import dataclass, field, replace
 
 from nvdp.config.options import Config
 from nvdp.config.parse import health_items
-from nvdp.core.devices import Device, DeviceTree, Health, Resource
+from nvdp.core.devices import Device, DeviceTree, GpuInfo, Health, Resource
+from nvdp.core.xid_policy import (
+    BUILTIN_TABLE,
+    DEFAULT_IGNORED_XIDS,
+    XID_POLICY,
+    EffectiveXid,
+    RecoveryAction,
+    Severity,
+    XidClass,
+    XidTable,
+    classify_xid,
+    effective_policy,
+    recovery_label,
+    recovery_severity,
+)
 
-# The official plugin's default ignore set (application errors, not GPU faults).
-DEFAULT_IGNORED_XIDS = frozenset({13, 31, 43, 45, 68, 109})
-
-
-class Severity(enum.StrEnum):
-    TRANSIENT = "transient"
-    FATAL = "fatal"
-    CONDITION = "condition"
-
-
-@dataclass(frozen=True)
-class XidClass:
-    meaning: str
-    severity: Severity
-
-
-_T, _F = Severity.TRANSIENT, Severity.FATAL
-
-# Our reading of NVIDIA's XID catalog (Ampere and later). TRANSIENT: the error ends with the
-# application that caused it, or the driver contained it, and the GPU keeps working. FATAL: the
-# catalog's answer is a GPU reset (or worse). See docs/health.md for the reasoning per row.
-XID_POLICY: Mapping[int, XidClass] = {
-    8: XidClass("GPU stopped processing (channel idle timeout)", _T),
-    13: XidClass("graphics engine exception", _T),
-    31: XidClass("GPU memory page fault", _T),
-    32: XidClass("invalid or corrupted push buffer stream", _T),
-    43: XidClass("GPU stopped processing (application error)", _T),
-    45: XidClass("preemptive cleanup after an earlier error", _T),
-    48: XidClass("double-bit ECC error", _F),
-    62: XidClass("internal micro-controller halt", _F),
-    63: XidClass("ECC page retirement or row remapping recorded", _T),
-    64: XidClass("ECC page retirement or row remapping failed", _F),
-    68: XidClass("video decoder exception", _T),
-    69: XidClass("graphics engine class error", _T),
-    74: XidClass("NVLink error", _F),
-    79: XidClass("GPU has fallen off the bus", _F),
-    92: XidClass("high single-bit ECC error rate", _T),
-    94: XidClass("contained uncorrectable ECC error", _T),
-    95: XidClass("uncontained uncorrectable ECC error", _F),
-    109: XidClass("context switch timeout", _T),
-    119: XidClass("GSP RPC timeout", _F),
-    120: XidClass("GSP error", _F),
-    154: XidClass("GPU recovery action changed (reset or reboot required)", _F),
-}
-
-
-def classify_xid(xid: int) -> XidClass:
-    return XID_POLICY.get(xid, XidClass("unknown XID", Severity.FATAL))
+# The XID table moved to xid_policy.py; these names are still imported from here (re-exported).
+__all__ = ["DEFAULT_IGNORED_XIDS", "XID_POLICY", "RecoveryAction", "Severity", "XidClass", "classify_xid"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,31 +71,29 @@ class CheckSwitches:
     xids: XidFilter = field(default_factory=XidFilter)
 
 
-def check_switches(disable: Sequence[str], enable: Sequence[str]) -> CheckSwitches:
+def check_switches(
+    disable: Sequence[str], enable: Sequence[str], default_ignored: frozenset[int] = DEFAULT_IGNORED_XIDS
+) -> CheckSwitches:
     """The official meanings, with one deliberate fix (docs/health.md has the full table):
 
-    - nothing set: every check on, XIDs 13, 31, 43, 45, 68, 109 ignored;
+    - nothing set: every check on, the `default_ignored` XIDs ignored (the official plugin's 13,
+      31, 43, 45, 68, 109, unless the config file's XID policy changed them);
     - DISABLE=<n,...>: those XIDs are ignored too; ENABLE=<n,...>: those are not ignored
       (defaults included), ENABLE wins over DISABLE for the same number;
     - ENABLE=all: nothing ignored, and it overrides DISABLE=all;
-    - DISABLE=all: no check at all; with ENABLE=<n,...> (the official plugin still disables
-      everything) only those XIDs are watched;
-    - DISABLE=xids: XIDs are not acted on (except the ENABLE numbers) but the probe and ECC
-      checks, which the official plugin does not have, stay on.
+    - DISABLE=all or DISABLE=xids (the same, as upstream): no check at all; with ENABLE=<n,...>
+      (the official plugin still disables everything) only those XIDs are watched.
 
-    Raises ConfigError for an item that is not 'all', 'xids' or a non-negative number.
+    Malformed entries are ignored, as upstream (config loading warns about each one).
     """
-    d_words, d_numbers = health_items("disable_healthchecks", disable)
-    e_words, e_numbers = health_items("enable_healthchecks", enable)
-    if e_words:  # "all" (or "xids") re-enables every XID and every check
+    d, e = health_items(disable), health_items(enable)
+    if e.words:  # "all" (or "xids") re-enables every XID and every check
         return CheckSwitches(xids=XidFilter(ignored=frozenset()))
-    if "all" in d_words:
-        if not e_numbers:
+    if d.words:  # "all" or "xids"
+        if not e.numbers:
             return CheckSwitches(events=False, probes=False, xids=XidFilter(only=frozenset()))
-        return CheckSwitches(events=True, probes=False, xids=XidFilter(only=frozenset(e_numbers)))
-    if "xids" in d_words:
-        return CheckSwitches(xids=XidFilter(only=frozenset(e_numbers)))
-    return CheckSwitches(xids=XidFilter(ignored=frozenset((DEFAULT_IGNORED_XIDS | d_numbers) - e_numbers)))
+        return CheckSwitches(events=True, probes=False, xids=XidFilter(only=e.numbers))
+    return CheckSwitches(xids=XidFilter(ignored=frozenset((default_ignored | d.numbers) - e.numbers)))
 
 
 @dataclass(frozen=True)
@@ -135,6 +102,11 @@ class HealthSettings:
     quiet_period_s: float = 60.0
     probe_interval_s: float = 10.0  # 0: no periodic probe (one still runs before a recovery)
     wait_error_threshold: int = 5  # consecutive event-wait failures before devices are marked
+    table: XidTable = BUILTIN_TABLE  # the built-in XID table with the config file's overrides
+    fatal_quiet_period_s: float | None = None  # None: a fatal XID clears only with a GPU reset
+    use_recovery_action: bool = True  # the driver's GPU recovery action decides an XID's class
+    nvml_timeout_s: float = 10.0  # deadline of every NVML call on the health path
+    hygiene_threshold_bytes: int | None = None  # GPU hygiene on: memory in use above this is dirty
 
     @property
     def enabled(self) -> bool:
@@ -146,12 +118,28 @@ class HealthSettings:
 
 
 def settings_from(cfg: Config) -> HealthSettings:
+    table = XidTable(cfg.xid_overrides)
     return HealthSettings(
-        switches=check_switches(cfg.disable_healthchecks, cfg.enable_healthchecks),
+        switches=check_switches(cfg.disable_healthchecks, cfg.enable_healthchecks, table.ignored()),
         quiet_period_s=cfg.health_quiet_period,
         probe_interval_s=cfg.health_probe_interval,
         wait_error_threshold=cfg.health_wait_error_threshold,
+        table=table,
+        fatal_quiet_period_s=cfg.health_fatal_quiet_period,
+        use_recovery_action=cfg.health_recovery_action,
+        nvml_timeout_s=cfg.health_nvml_timeout,
+        hygiene_threshold_bytes=cfg.gpu_hygiene_memory_threshold * 2**20 if cfg.gpu_hygiene else None,
     )
+
+
+def effective_xids(cfg: Config) -> list[EffectiveXid]:
+    """The XID table as it applies after the config file and the DP_* switches (`nvdp health policy`)."""
+    table = XidTable(cfg.xid_overrides)
+    switches = check_switches(cfg.disable_healthchecks, cfg.enable_healthchecks, table.ignored())
+    d, e = health_items(cfg.disable_healthchecks), health_items(cfg.enable_healthchecks)
+    word = "all" if "all" in d.words else "xids"
+    return effective_policy(table, switches.xids.ignored, switches.xids.only, d.numbers, e.numbers,
+                            only_source=f"DP_DISABLE_HEALTHCHECKS={word}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +162,7 @@ class HealthEvent:
     xid: int | None = None
     gi: int | None = None
     ci: int | None = None
+    recovery_action: int | None = None  # what the driver asked for right after the event, where it says
 
 
 @dataclass(frozen=True)
@@ -187,10 +176,13 @@ class ProbeSample:
     remap_pending: bool | None = None
     remap_failed: bool | None = None
     retired_pending: bool | None = None
+    recovery_action: int | None = None  # NVML_FI_DEV_GET_GPU_RECOVERY_ACTION, where the driver reports it
+    timed_out: bool = False  # the probe did not answer within its deadline (`error` says which call)
+    dirty: str | None = None  # GPU hygiene: why the GPU is not clean; "": clean; None: not checked
 
     @property
     def passing(self) -> bool:
-        return self.reachable and not self.remap_failed
+        return self.reachable and not self.remap_failed and not self.timed_out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +215,12 @@ class FaultSource(enum.StrEnum):
     REMAP_FAILED = "remap-failed"  # the probe sees a failed row remapping
     WAIT = "wait"  # the event wait keeps failing (every GPU)
     REGISTER = "register"  # the GPU's events could not be registered
+    TIMEOUT = "nvml-timeout"  # an NVML call for this GPU (or a global one: every GPU) passed its deadline
+    RECOVERY = "recovery-action"  # the driver asks for a recovery action (a reset, a reboot, a drain)
+    DIRTY = "dirty"  # GPU hygiene: compute processes or memory left on an exclusive GPU
+
+
+NVML_TIMEOUT = "nvml-timeout"  # the reason's first word for a call past its deadline
 
 
 @dataclass(frozen=True)
@@ -233,6 +231,13 @@ class Fault:
     reason: str
     xid: int | None = None
     last: float = 0.0  # when the last event for it arrived
+    meaning: str = ""  # an XID's meaning, to rewrite the reason when its recovery action changes
+    recovery_action: int | None = None  # the driver's recovery action that decided the severity
+
+    @property
+    def recovery_expected(self) -> bool:
+        """Whether the fault clears by itself (transient, or a condition that may pass)."""
+        return self.severity is not Severity.FATAL
 
     @property
     def key(self) -> tuple[Scope, FaultSource, int | None]:
@@ -265,23 +270,37 @@ def drop_faults(state: HealthState, keep: Callable[[Fault], bool]) -> HealthStat
     return state if len(faults) == len(state.faults) else replace(state, faults=faults)
 
 
-def fault_for_event(event: HealthEvent, xids: XidFilter, now: float) -> Fault | None:
-    """The fault an event raises, or None when policy ignores it."""
+def xid_reason(xid: int, meaning: str, severity: Severity, action: int | None) -> str:
+    if action is None:
+        return f"XID {xid}: {meaning} ({severity})"
+    return f"XID {xid}: {meaning} ({severity}; the driver asks for {recovery_label(action)})"
+
+
+def fault_for_event(
+    event: HealthEvent, xids: XidFilter, now: float, table: XidTable = BUILTIN_TABLE, use_recovery_action: bool = True
+) -> Fault | None:
+    """The fault an event raises, or None when policy ignores it. Where the event carries the
+    driver's recovery action (and `use_recovery_action`), that action decides the severity."""
     scope = Scope(event.gpu, event.gi, event.ci if event.gi is not None else None)
     if event.kind is EventKind.XID:
         if event.xid is None or not xids.acts_on(event.xid):
             return None
-        cls = classify_xid(event.xid)
-        reason = f"XID {event.xid}: {cls.meaning} ({cls.severity})"
-        return Fault(scope, FaultSource.XID, cls.severity, reason, event.xid, now)
+        cls = table.rule(event.xid)
+        action = event.recovery_action if use_recovery_action else None
+        severity = cls.severity if action is None else recovery_severity(action)
+        reason = xid_reason(event.xid, cls.meaning, severity, action)
+        return Fault(scope, FaultSource.XID, severity, reason, event.xid, now, cls.meaning, action)
     if event.kind is EventKind.ECC_UNCORRECTED:
         return Fault(scope, FaultSource.ECC, Severity.TRANSIENT, "uncorrectable ECC error event (transient)", None, now)
     return None
 
 
-def apply_event(state: HealthState, event: HealthEvent, xids: XidFilter, now: float) -> HealthState:
+def apply_event(
+    state: HealthState, event: HealthEvent, xids: XidFilter, now: float, table: XidTable = BUILTIN_TABLE,
+    use_recovery_action: bool = True,
+) -> HealthState:
     """Fold one event into the state; `state` itself comes back when policy ignores the event."""
-    fault = fault_for_event(event, xids, now)
+    fault = fault_for_event(event, xids, now, table, use_recovery_action)
     return state if fault is None else add_fault(state, fault)
 
 
@@ -335,14 +354,30 @@ def _rose(before: ProbeSample | None, now: ProbeSample) -> str | None:
 
 
 def apply_probe(
-    state: HealthState, samples: Mapping[str, ProbeSample], quiet_period_s: float, now: float
+    state: HealthState,
+    samples: Mapping[str, ProbeSample],
+    quiet_period_s: float,
+    now: float,
+    fatal_quiet_period_s: float | None = None,
+    use_recovery_action: bool = True,
 ) -> HealthState:
-    """Fold one probe round into the state: lost GPUs, resets, ECC rises, and transient faults
-    whose quiet period is over on a GPU that passed this probe."""
+    """Fold one probe round into the state: lost GPUs, resets, ECC rises, the driver's recovery
+    action, NVML calls past their deadline, and faults whose quiet period is over on a GPU that
+    passed this probe (transient ones; fatal XIDs too when `fatal_quiet_period_s` is set).
+
+    A sample that timed out raises an `nvml-timeout` fault and is not kept as the GPU's baseline:
+    the next real answer is compared with the last real one."""
     faults = dict(state.faults)
+    kept: dict[str, ProbeSample] = {}
     for gpu, sample in samples.items():
-        before = state.samples.get(gpu)
         scope = Scope(gpu)
+        timeout = Fault(scope, FaultSource.TIMEOUT, Severity.CONDITION, "", None, now)
+        if sample.timed_out:
+            faults.setdefault(timeout.key, replace(timeout, reason=f"{NVML_TIMEOUT}: {sample.error}"))
+            continue
+        faults.pop(timeout.key, None)
+        kept[gpu] = sample
+        before = state.samples.get(gpu)
         if _reset_seen(before, sample):
             faults = {k: f for k, f in faults.items() if not (f.scope.gpu == gpu and f.severity is Severity.FATAL)}
         lost = Fault(scope, FaultSource.LOST, Severity.CONDITION, "", None, now)
@@ -362,13 +397,52 @@ def apply_probe(
         if rise is not None:
             ecc = Fault(scope, FaultSource.ECC, Severity.TRANSIENT, f"{rise} (transient)", None, now)
             faults[ecc.key] = ecc
+        if use_recovery_action and sample.reachable and sample.recovery_action is not None:
+            faults = _follow_recovery_action(faults, gpu, sample.recovery_action, now)
+        if sample.dirty is not None:
+            dirty = Fault(scope, FaultSource.DIRTY, Severity.CONDITION, f"dirty: {sample.dirty}", None, now)
+            current = faults.get(dirty.key)
+            if sample.dirty and (current is None or current.reason != dirty.reason):
+                faults[dirty.key] = dirty
+            elif not sample.dirty:
+                faults.pop(dirty.key, None)
         if sample.passing:
-            faults = {
-                k: f
-                for k, f in faults.items()
-                if not (f.scope.gpu == gpu and f.severity is Severity.TRANSIENT and now >= f.last + quiet_period_s)
-            }
-    return HealthState(faults=faults, samples={**state.samples, **samples})
+            faults = {k: f for k, f in faults.items()
+                      if not (f.scope.gpu == gpu and _quiet_over(f, now, quiet_period_s, fatal_quiet_period_s))}
+    return HealthState(faults=faults, samples={**state.samples, **kept})
+
+
+def _quiet_over(fault: Fault, now: float, quiet_period_s: float, fatal_quiet_period_s: float | None) -> bool:
+    if fault.severity is Severity.TRANSIENT:
+        return now >= fault.last + quiet_period_s
+    if fault.severity is Severity.FATAL and fault.source is FaultSource.XID and fatal_quiet_period_s is not None:
+        return now >= fault.last + fatal_quiet_period_s
+    return False
+
+
+def _follow_recovery_action(
+    faults: dict[tuple[Scope, FaultSource, int | None], Fault], gpu: str, action: int, now: float
+) -> dict[tuple[Scope, FaultSource, int | None], Fault]:
+    """The driver's current recovery action for a GPU: XID faults it decided take the class of
+    the new action (a reset done turns "gpu-reset" into "none": the fault becomes transient), and
+    an action other than none is a condition of its own, so a GPU that needs a reset is marked
+    even when the XID that said so came before the plugin started."""
+    out = {}
+    for key, fault in faults.items():
+        if (fault.scope.gpu == gpu and fault.source is FaultSource.XID and fault.recovery_action is not None
+                and fault.recovery_action != action and fault.xid is not None):
+            severity = recovery_severity(action)
+            fault = replace(fault, severity=severity, recovery_action=action,
+                            reason=xid_reason(fault.xid, fault.meaning, severity, action))
+        out[key] = fault
+    asked = Fault(Scope(gpu), FaultSource.RECOVERY, Severity.CONDITION,
+                  f"the driver asks for {recovery_label(action)} (GPU recovery action)", None, now,
+                  recovery_action=action)
+    if action == RecoveryAction.NONE:
+        out.pop(asked.key, None)
+    elif out.get(asked.key) is None or out[asked.key].recovery_action != action:
+        out[asked.key] = asked
+    return out
 
 
 def forget_gpus(state: HealthState, present: Iterable[str]) -> HealthState:
@@ -380,9 +454,14 @@ def forget_gpus(state: HealthState, present: Iterable[str]) -> HealthState:
     )
 
 
-def recovery_times(state: HealthState, quiet_period_s: float) -> list[float]:
-    """When each transient fault may clear (a probe of its GPU is due then)."""
-    return [f.last + quiet_period_s for f in state.faults.values() if f.severity is Severity.TRANSIENT]
+def recovery_times(state: HealthState, quiet_period_s: float, fatal_quiet_period_s: float | None = None) -> list[float]:
+    """When each transient fault (and, with a fatal quiet period, each fatal XID) may clear: a
+    probe of its GPU is due then."""
+    times = [f.last + quiet_period_s for f in state.faults.values() if f.severity is Severity.TRANSIENT]
+    if fatal_quiet_period_s is not None:
+        times += [f.last + fatal_quiet_period_s for f in state.faults.values()
+                  if f.severity is Severity.FATAL and f.source is FaultSource.XID]
+    return times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,3 +507,33 @@ def transitions(old: DeviceTree, new: DeviceTree, state: HealthState) -> list[Tr
             xid = faults[0].xid if faults else None
             out.append(Transition(name, device.id, device.health, device.reason, xid))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per GPU (what the cluster sees: docs/health.md "What the cluster sees")
+
+
+@dataclass(frozen=True)
+class GpuHealth:
+    """One physical GPU's health: Unhealthy when any fault is about it (or about every GPU); the
+    fault that explains it is the one that lasts longest (as for devices)."""
+
+    uuid: str
+    index: int
+    healthy: bool = True
+    reason: str = ""
+    xid: int | None = None
+    severity: Severity | None = None
+    recovery_expected: bool = True  # False for a fatal fault: it needs a reset (or a reboot)
+
+
+def gpu_health(state: HealthState, gpus: Iterable[GpuInfo]) -> tuple[GpuHealth, ...]:
+    out = []
+    for gpu in gpus:
+        found = [f for f in state.faults.values() if f.scope.gpu in (None, gpu.uuid)]
+        if not found:
+            out.append(GpuHealth(gpu.uuid, gpu.index))
+            continue
+        top = sorted(found, key=lambda f: (_RANK[f.severity], -f.last))[0]
+        out.append(GpuHealth(gpu.uuid, gpu.index, False, top.reason, top.xid, top.severity, top.recovery_expected))
+    return tuple(out)

@@ -17,7 +17,7 @@ import grpc
 
 from nvdp.core.devices import Resource
 from nvdp.kubelet.liveness import PROBE_METADATA
-from nvdp.kubelet.server import ResourceServer, ServingContext
+from nvdp.kubelet.server import PreStartHook, ResourceServer, ServingContext
 from nvdp.ops.counters import PluginStats
 
 Clock = Callable[[], float]
@@ -27,8 +27,11 @@ if TYPE_CHECKING:  # RpcMethodHandler is generic only in the type stubs
     Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
 
 
-def instrumented_servers(stats: PluginStats) -> Callable[[Resource, ServingContext, str], ResourceServer]:
-    """The Manager's server factory: every new resource server counts into `stats`."""
+def instrumented_servers(
+    stats: PluginStats, pre_start: PreStartHook | None = None
+) -> Callable[[Resource, ServingContext, str], ResourceServer]:
+    """The Manager's server factory: every new resource server counts into `stats` (and asks
+    `pre_start` before container starts, with --gpu-hygiene)."""
 
     def build(resource: Resource, context: ServingContext, socket_dir: str) -> ResourceServer:
         return ResourceServer(
@@ -37,6 +40,7 @@ def instrumented_servers(stats: PluginStats) -> Callable[[Resource, ServingConte
             socket_dir,
             interceptors=(MetricsInterceptor(resource.name, stats),),
             on_allocate=stats.record_allocation,
+            pre_start=pre_start,
         )
 
     return build
@@ -61,6 +65,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         self.resource = resource
         self.stats = stats
         self.clock = clock
+        # The timed handler per method, built once: the service's handlers never change, and
+        # building one per call cost more than the Allocate handler itself (docs/benchmarks.md).
+        self._timed: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -68,7 +75,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or _from_probe(handler_call_details):
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        cached = self._timed.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        timed = self._timed_handler(handler_call_details.method.rsplit("/", 1)[-1], handler)
+        self._timed[handler_call_details.method] = (handler, timed)
+        return timed
+
+    def _timed_handler(self, method: str, handler: Handler) -> Handler:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, handler.unary_unary),

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -19,9 +19,10 @@ from typing import Any
 import grpc
 
 from nvdp import unix_sockets
+from nvdp.config.inputs import KUBELET_MAX_MESSAGE_BYTES as KUBELET_MAX_MESSAGE_BYTES  # re-exported
 from nvdp.config.options import Config
 from nvdp.core.allocation import preferred
-from nvdp.core.container import ContainerEdits, edits_for
+from nvdp.core.container import ContainerEdits, edits_for, edits_repeat
 from nvdp.core.devices import Device, Health, Resource, Topology
 from nvdp.errors import AllocationError, ServeError
 from nvdp.kubelet._proto import api_pb2 as pb
@@ -30,14 +31,22 @@ from nvdp.kubelet.malformed import MalformedRequests
 
 log = logging.getLogger("nvdp.server")  # stable name: operators filter on it
 Context = grpc.aio.ServicerContext[Any, Any]
-# The kubelet reads ListAndWatch with gRPC's default receive limit, and the list cannot be split.
-KUBELET_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 AllocateHook = Callable[[str, Sequence[str], Exception | None], None]
 # Stopping: calls get STOP_GRACE_S to finish; after that the connections still open are closed
 # from our side (a client that stopped reading keeps grpc.aio's stop waiting forever otherwise),
 # and `stop()` returns by STOP_DEADLINE_S whatever the clients do.
 STOP_GRACE_S = 0.5
 STOP_DEADLINE_S = STOP_GRACE_S + 1.0
+# PreStartContainer's check (--gpu-hygiene): the resource and the device IDs the container gets;
+# None to let it start, else why not (the kubelet fails the container start with that text).
+PreStartHook = Callable[[Resource, Sequence[str]], Awaitable[str | None]]
+
+# Allocate answers remembered per snapshot (one entry per distinct request): the kubelet asks
+# for the same few device sets over and over, and an answer depends only on the snapshot and
+# the serving context (unless edits_repeat says otherwise). The context is frozen and carries
+# all the rest: the config (strategies, MPS root and sharing), the control devices and the CDI
+# classes written; a new one (reload, CDI refresh) is a new object and drops the answers.
+ANSWER_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class ServingContext:
     config: Config
     topology: Topology
     control_devices: tuple[str, ...]
+    cdi_classes: frozenset[str] | None = None  # CDI specs nvdp wrote (None: none; see container.edits_for)
 
 
 def socket_name(resource: str) -> str:
@@ -102,9 +112,11 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         socket_dir: str,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         on_allocate: AllocateHook | None = None,
+        pre_start: PreStartHook | None = None,
     ) -> None:
         """`interceptors` wrap every call (timing for metrics); `on_allocate` sees each Allocate's
-        (resource name, request ids, error or None) once the call is decided."""
+        (resource name, request ids, error or None) once the call is decided; `pre_start`, when
+        given and --gpu-hygiene is on, is asked before each container start (PreStartContainer)."""
         self.resource = resource
         self.context = context
         self.socket_path = os.path.join(socket_dir, socket_name(resource.name))
@@ -118,16 +130,27 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self._writing: set[asyncio.Task[Any]] = set()  # stream handlers with a list handed to gRPC
         self._left_behind: set[asyncio.Future[None]] = set()  # stops that missed the deadline
         self._on_allocate = on_allocate
+        self._pre_start = pre_start
         # Innermost: a request that does not decode is refused before any handler (or metrics) sees it.
         self._interceptors = (*interceptors, MalformedRequests(resource.name))
+        self._answers: dict[tuple[tuple[str, ...], ...], pb.AllocateResponse] = {}
+        self._answers_for: tuple[int, Resource, ServingContext] | None = None  # what they were built from
 
     @property
     def name(self) -> str:
         return self.resource.name
 
+    @property
+    def pre_start_required(self) -> bool:
+        """PreStartContainer is advertised only with --gpu-hygiene (the kubelet then calls it
+        before every container start, with a 30 s deadline). The kubelet reads the options at
+        registration: a reload that switches it takes effect when the resource registers again."""
+        return self._pre_start is not None and self.context.config.gpu_hygiene
+
     def options(self) -> pb.DevicePluginOptions:
         """The one source of the options sent in Register and in GetDevicePluginOptions."""
-        return pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
+        return pb.DevicePluginOptions(pre_start_required=self.pre_start_required,
+                                      get_preferred_allocation_available=True)
 
     async def update(self, resource: Resource) -> None:
         """A new device snapshot: every open ListAndWatch stream sends the full list again."""
@@ -271,19 +294,39 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     async def Allocate(
         self, request: pb.AllocateRequest, context: Context
     ) -> pb.AllocateResponse:
-        responses = []
-        requested = [list(req.devices_ids) for req in request.container_requests]
-        for ids in requested:
-            try:
-                edits = edits_for(self.resource, ids, self.context.config, self.context.control_devices)
-            except AllocationError as exc:
-                self._report_allocation(ids, exc)
-                log.warning("allocation refused", extra={"resource": self.name, "error": str(exc)})
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            responses.append(allocate_message(edits))
+        requested = tuple(tuple(req.devices_ids) for req in request.container_requests)
+        answer = self._cached_answer(requested)
+        if answer is None:
+            responses = []
+            for ids in requested:
+                try:
+                    edits = edits_for(self.resource, list(ids), self.context.config, self.context.control_devices,
+                                      cdi_classes=self.context.cdi_classes)
+                except AllocationError as exc:
+                    self._report_allocation(ids, exc)
+                    log.warning("allocation refused", extra={"resource": self.name, "error": str(exc)})
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                responses.append(allocate_message(edits))
+            answer = pb.AllocateResponse(container_responses=responses)
+            if edits_repeat(self.context.config):
+                self._remember_answer(requested, answer)
         for ids in requested:  # counted only now: one refused container fails the whole call
             self._report_allocation(ids, None)
-        return pb.AllocateResponse(container_responses=responses)
+        return answer
+
+    def _cached_answer(self, requested: tuple[tuple[str, ...], ...]) -> pb.AllocateResponse | None:
+        made_from = self._answers_for
+        if made_from is None or made_from[0] != self.version or made_from[1] is not self.resource \
+                or made_from[2] is not self.context:  # a new snapshot or a reload: start over
+            self._answers.clear()
+            self._answers_for = (self.version, self.resource, self.context)
+            return None
+        return self._answers.get(requested)
+
+    def _remember_answer(self, requested: tuple[tuple[str, ...], ...], answer: pb.AllocateResponse) -> None:
+        if len(self._answers) >= ANSWER_CACHE_SIZE:
+            del self._answers[next(iter(self._answers))]  # the oldest
+        self._answers[requested] = answer
 
     def _report_allocation(self, ids: Sequence[str], error: Exception | None) -> None:
         if self._on_allocate is not None:
@@ -292,4 +335,9 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     async def PreStartContainer(
         self, request: pb.PreStartContainerRequest, context: Context
     ) -> pb.PreStartContainerResponse:
+        if self._pre_start is not None and self.context.config.gpu_hygiene:
+            problem = await self._pre_start(self.resource, list(request.devices_ids))
+            if problem is not None:
+                log.warning("container start refused", extra={"resource": self.name, "error": problem})
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         return pb.PreStartContainerResponse()

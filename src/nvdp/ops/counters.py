@@ -72,6 +72,10 @@ class StatsSnapshot:
     health_transitions: Mapping[tuple[str, str, str], int]  # (resource, new health, reason) -> count
     health_events: Mapping[tuple[str, str], int]  # (GPU UUID, event kind) -> events
     xid_events: Mapping[tuple[str, int], int]  # (GPU UUID, XID) -> events
+    xid_recovery_actions: Mapping[tuple[str, int, str], int] = field(default_factory=dict)  # (GPU, XID, action)
+    nvml_timeouts: Mapping[str, int] = field(default_factory=dict)  # kind of call -> calls past their deadline
+    hygiene_refusals: Mapping[tuple[str, str, str], int] = field(default_factory=dict)  # (resource, GPU, why)
+    cluster_updates: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (kind, outcome) -> API calls
 
 
 def error_kind(error: BaseException) -> str:
@@ -91,6 +95,10 @@ class PluginStats:
         self._health_transitions: Counter[tuple[str, str, str]] = Counter()
         self._health_events: Counter[tuple[str, str]] = Counter()
         self._xid_events: Counter[tuple[str, int]] = Counter()
+        self._xid_recovery_actions: Counter[tuple[str, int, str]] = Counter()
+        self._nvml_timeouts: Counter[str] = Counter()
+        self._hygiene_refusals: Counter[tuple[str, str, str]] = Counter()
+        self._cluster_updates: Counter[tuple[str, str]] = Counter()
 
     # --- writers ----------------------------------------------------------------------------------
 
@@ -124,13 +132,32 @@ class PluginStats:
         with self._lock:
             self._health_transitions[resource, health.value, reason] += 1
 
-    def record_health_event(self, gpu_uuid: str, kind: str, xid: int | None = None) -> None:
+    def record_health_event(self, gpu_uuid: str, kind: str, xid: int | None = None,
+                            recovery_action: str | None = None) -> None:
         """One event the driver reported for a GPU ("xid", "ecc", ...), counted whether or not the
-        health policy acts on it; XID events are also counted by XID number."""
+        health policy acts on it; XID events are also counted by XID number, and by the recovery
+        action the driver asked for with it, where it said ("gpu-reset", "none", ...)."""
         with self._lock:
             self._health_events[gpu_uuid, kind] += 1
             if xid is not None:
                 self._xid_events[gpu_uuid, xid] += 1
+                if recovery_action is not None:
+                    self._xid_recovery_actions[gpu_uuid, xid, recovery_action] += 1
+
+    def record_nvml_timeout(self, call: str) -> None:
+        """An NVML call on the health path passed its deadline ("probe", "subscribe", "event-wait", "usage")."""
+        with self._lock:
+            self._nvml_timeouts[call] += 1
+
+    def record_hygiene_refusal(self, resource: str, gpu_uuid: str, why: str) -> None:
+        """PreStartContainer refused a GPU: "dirty" (processes or memory left), "nvml-timeout"."""
+        with self._lock:
+            self._hygiene_refusals[resource, gpu_uuid, why] += 1
+
+    def record_cluster_update(self, kind: str, ok: bool) -> None:
+        """One call to the Kubernetes API for --cluster-health ("event", "condition", "taint")."""
+        with self._lock:
+            self._cluster_updates[kind, "ok" if ok else "error"] += 1
 
     def observe_tree(self, old: DeviceTree, new: DeviceTree) -> None:
         """Count every device whose health or reason differs between two applied trees (as the
@@ -162,4 +189,8 @@ class PluginStats:
                 health_transitions=dict(self._health_transitions),
                 health_events=dict(self._health_events),
                 xid_events=dict(self._xid_events),
+                xid_recovery_actions=dict(self._xid_recovery_actions),
+                nvml_timeouts=dict(self._nvml_timeouts),
+                hygiene_refusals=dict(self._hygiene_refusals),
+                cluster_updates=dict(self._cluster_updates),
             )

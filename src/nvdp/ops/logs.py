@@ -1,10 +1,10 @@
 """Log formatting: one line per event, with the event's fields under stable keys.
 
 Code logs with `log.info("registered", extra={"resource": name})`. The text formatter appends the
-extra fields as `key=value`; the JSON formatter writes one object per line with the fixed keys
-`time`, `level`, `logger`, `message`, then the extra fields (`resource`, `device`, `reason`,
-`xid`, `error`, ...), then `exception` when a traceback was asked for. Set up by the CLI only
-(nothing is configured at import time).
+extra fields as logfmt `key=value` (quoted and escaped where needed); the JSON formatter writes
+one object per line with the fixed keys `time`, `level`, `logger`, `message`, then the extra
+fields (`resource`, `device`, `reason`, `xid`, `error`, `config`, ...), then `exception` when a
+traceback was asked for. Set up by the CLI only (nothing is configured at import time).
 """
 
 from __future__ import annotations
@@ -32,8 +32,16 @@ class TextFormatter(logging.Formatter):
 
 
 def _quote(value: object) -> str:
-    text = str(value)
-    return f'"{text}"' if (" " in text or not text) else text
+    """A logfmt value: bare when it can be, else in double quotes with `"`, `\\` and control
+    characters escaped (JSON string escapes), so one event stays one parseable line. Structured
+    values (the config) are written as compact JSON first."""
+    if isinstance(value, dict | list | tuple):
+        text = json.dumps(value, separators=(",", ":"), default=str, ensure_ascii=False)
+    else:
+        text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 class JsonFormatter(logging.Formatter):

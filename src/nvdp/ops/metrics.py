@@ -37,11 +37,17 @@ KUBELET_RESTARTS = "nvdp_kubelet_restarts"
 HEALTH_TRANSITIONS = "nvdp_health_transitions"
 HEALTH_EVENTS = "nvdp_health_events"
 XID_EVENTS = "nvdp_xid_events"
+XID_RECOVERY_ACTIONS = "nvdp_xid_recovery_actions"
+NVML_TIMEOUTS = "nvdp_nvml_timeouts"
+NVML_STUCK_THREADS = "nvdp_nvml_stuck_threads"
+HYGIENE_REFUSALS = "nvdp_gpu_hygiene_refusals"
+CLUSTER_UPDATES = "nvdp_cluster_updates"
 ALLOCATIONS = "nvdp_allocations"
 ALLOCATED_DEVICES = "nvdp_allocated_devices"
 ALLOCATION_ERRORS = "nvdp_allocation_errors"
 GRPC_DURATION = "nvdp_grpc_request_duration_seconds"
 GRPC_REQUESTS = "nvdp_grpc_requests"
+MPS_DAEMON_READY = "nvdp_mps_daemon_ready"
 
 
 def _cuda_version(encoded: int) -> str:
@@ -61,7 +67,9 @@ class PluginCollector(Collector):
         yield from self._info(state)
         yield from self._devices(state)
         yield from self._kubelet(state)
+        yield from self._mps(state)
         yield from self._health(state.stats)
+        yield from self._steering(state)
         yield from self._allocations(state.stats)
         yield from self._grpc(state.stats)
 
@@ -102,6 +110,14 @@ class PluginCollector(Collector):
         yield CounterMetricFamily(KUBELET_RESTARTS, "kubelet restarts seen (kubelet.sock re-created)",
                                   value=state.kubelet_restarts)
 
+    def _mps(self, state: PluginState) -> Iterator[Metric]:
+        ready = GaugeMetricFamily(MPS_DAEMON_READY, "1 when the MPS resource's control daemon answers (it is "
+                                  "served), 0 while it does not (held back; reason says why)",
+                                  labels=["resource", "reason"])
+        for name, why in sorted(state.mps.items()):
+            ready.add_metric([name, why], 0 if why else 1)
+        yield ready
+
     def _health(self, stats: StatsSnapshot) -> Iterator[Metric]:
         transitions = CounterMetricFamily(
             HEALTH_TRANSITIONS, "devices changing health, by the new health and the reason",
@@ -119,6 +135,33 @@ class PluginCollector(Collector):
         for (gpu, xid), n in sorted(stats.xid_events.items()):
             xids.add_metric([gpu, str(xid)], n)
         yield xids
+
+    def _steering(self, state: PluginState) -> Iterator[Metric]:
+        """Recovery actions, NVML deadlines, GPU hygiene and --cluster-health (docs/health.md)."""
+        stats = state.stats
+        actions = CounterMetricFamily(XID_RECOVERY_ACTIONS, "XID events by the GPU recovery action the driver asked "
+                                      "for with them (where it reports one)", labels=["gpu_uuid", "xid", "action"])
+        for (gpu, xid, action), n in sorted(stats.xid_recovery_actions.items()):
+            actions.add_metric([gpu, str(xid), action], n)
+        yield actions
+        timeouts = CounterMetricFamily(NVML_TIMEOUTS, "NVML calls on the health path that passed their deadline, "
+                                       "by kind (probe, subscribe, event-wait, usage)", labels=["call"])
+        for call, n in sorted(stats.nvml_timeouts.items()):
+            timeouts.add_metric([call], n)
+        yield timeouts
+        yield GaugeMetricFamily(NVML_STUCK_THREADS, "threads left behind inside an NVML call that passed its "
+                                "deadline and has not returned", value=state.nvml_stuck_threads)
+        refusals = CounterMetricFamily(HYGIENE_REFUSALS, "PreStartContainer calls refused by --gpu-hygiene, by "
+                                       "resource, GPU and why (dirty, nvml-timeout)",
+                                       labels=["resource", "gpu_uuid", "why"])
+        for (resource, gpu, why), n in sorted(stats.hygiene_refusals.items()):
+            refusals.add_metric([resource, gpu, why], n)
+        yield refusals
+        updates = CounterMetricFamily(CLUSTER_UPDATES, "Kubernetes API calls made for --cluster-health, by kind "
+                                      "(event, condition, taint) and outcome (ok, error)", labels=["kind", "outcome"])
+        for (kind, outcome), n in sorted(stats.cluster_updates.items()):
+            updates.add_metric([kind, outcome], n)
+        yield updates
 
     def _allocations(self, stats: StatsSnapshot) -> Iterator[Metric]:
         allocations = CounterMetricFamily(ALLOCATIONS, "container requests answered by Allocate",

@@ -7,7 +7,8 @@ idling after an initialisation failure serves nothing and is alive: restarting i
 Readiness: every served resource is registered with the kubelet and the kubelet holds its
 ListAndWatch stream, i.e. the node advertises our devices. It turns false when the kubelet goes
 away or restarts, and true again once the plugin has registered again. With an empty
---kubelet-socket (no registration) serving every resource is enough.
+--kubelet-socket (no registration) serving every resource is enough. An MPS resource held back
+because its control daemon does not answer makes the plugin not ready, with the reason.
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ async def liveness(view: OpsView, timeout: float = ANSWER_TIMEOUT_S) -> ProbeRes
 
 
 def readiness(state: PluginState) -> ProbeResult:
+    held_back = tuple(Check(f"mps:{name}", False, why) for name, why in state.mps.items() if why)
+    if not state.tree and held_back:
+        return ProbeResult(held_back, False)
     if not state.tree:
         why = f"initialisation failed: {state.init_error}" if state.init_error else "no resource served yet"
         return ProbeResult((Check("resources", False, why),), False)
     if not state.registers:  # --kubelet-socket is empty: serving is all there is to do
-        return ProbeResult(tuple(Check(f"serving:{name}", True) for name in state.tree), True)
+        serving = tuple(Check(f"serving:{name}", True) for name in state.tree)
+        return ProbeResult(serving + held_back, not held_back)
     checks = []
     for name in state.tree:
         why = ""
@@ -50,4 +55,5 @@ def readiness(state: PluginState) -> ProbeResult:
         elif state.stats.streams.get(name, 0) < 1:
             why = "registered, but the kubelet holds no ListAndWatch stream"
         checks.append(Check(f"registered:{name}", not why, why))
+    checks += held_back
     return ProbeResult(tuple(checks), all(c.ok for c in checks))

@@ -7,8 +7,8 @@ on the event loop; `answers()` asks every resource server for a real gRPC answer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from nvdp.core.devices import DeviceTree
@@ -39,6 +39,9 @@ class PluginState:
     init_error: str = ""  # why initialisation failed, while idling with fail-on-init-error=false
     registers: bool = True  # False with an empty --kubelet-socket: serving is all there is to do
     simulated: bool = False  # --simulate: the GPUs are fake
+    nvml_stuck_threads: int = 0  # threads still inside an NVML call that passed its deadline
+    # MPS resources -> "" while their control daemon answers, else why they are held back (not served)
+    mps: Mapping[str, str] = field(default_factory=dict)
 
 
 class OpsView(Protocol):

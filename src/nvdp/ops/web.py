@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Self
 
 import h11
 from prometheus_client.exposition import choose_encoder
@@ -41,11 +42,13 @@ class Reply:
     content_type: str = "text/plain; charset=utf-8"
 
 
-class OpsServer:
-    """An async context manager: entering binds (ListenError when it cannot), leaving closes."""
+class HttpListener:
+    """The HTTP side: an async context manager (entering binds, ListenError when it cannot;
+    leaving closes); a subclass names its `paths` and writes `answer`."""
 
-    def __init__(self, view: OpsView, address: str) -> None:
-        self.view = view
+    paths: tuple[str, ...] = ()
+
+    def __init__(self, address: str) -> None:
         self.address = address
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
@@ -64,7 +67,7 @@ class OpsServer:
             raise ListenError(f"--metrics-address {self.address}: cannot listen: {exc.strerror or exc}") from exc
         log.info("serving metrics and probes", extra={"address": self.address, "port": self.port})
 
-    async def __aenter__(self) -> OpsServer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -81,19 +84,16 @@ class OpsServer:
 
     async def reply(self, method: str, target: str, accept: str) -> Reply:
         path = target.split("?", 1)[0]
-        if path not in PATHS:
-            return Reply(404, f"not found; try {', '.join(PATHS)}\n".encode())
+        if path not in self.paths:
+            return Reply(404, f"not found; try {', '.join(self.paths)}\n".encode())
         if method not in ("GET", "HEAD"):
             return Reply(405, b"only GET and HEAD\n")
-        if path == "/metrics":
-            encoder, content_type = choose_encoder(accept)
-            # Copied on the loop (consistent, and the state is only touched there), rendered in a
-            # thread: text encoding is most of a scrape's cost (~7 ms for 384 devices).
-            state = self.view.state()
-            body = await asyncio.to_thread(encoder, make_registry(lambda: state))
-            return Reply(200, body, content_type)
-        result = await liveness(self.view) if path == "/healthz" else readiness(self.view.state())
-        return Reply(200 if result.ok else 503, result.text().encode())
+        return await self.answer(path, accept)
+
+    async def answer(self, path: str, accept: str) -> Reply:
+        """The reply to a GET of one of `paths`."""
+        raise NotImplementedError
+
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
@@ -147,3 +147,24 @@ def _send(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, head
     if not head:
         writer.write(conn.send(h11.Data(data=reply.body)) or b"")
     writer.write(conn.send(h11.EndOfMessage()) or b"")
+
+
+class OpsServer(HttpListener):
+    """The plugin's /metrics, /healthz and /readyz, from its OpsView."""
+
+    paths = PATHS
+
+    def __init__(self, view: OpsView, address: str) -> None:
+        super().__init__(address)
+        self.view = view
+
+    async def answer(self, path: str, accept: str) -> Reply:
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(accept)
+            # Copied on the loop (consistent, and the state is only touched there), rendered in a
+            # thread: text encoding is most of a scrape's cost (~7 ms for 384 devices).
+            state = self.view.state()
+            body = await asyncio.to_thread(encoder, make_registry(lambda: state))
+            return Reply(200, body, content_type)
+        result = await liveness(self.view) if path == "/healthz" else readiness(self.view.state())
+        return Reply(200 if result.ok else 503, result.text().encode())

@@ -7,10 +7,12 @@ What it does, as the kubelet does it:
   GetDevicePluginOptions before answering (a plugin that cannot be dialled fails registration);
   a second Register for a name replaces the earlier endpoint;
 - then holds ListAndWatch open; every message replaces the device list (capacity = all devices,
-  allocatable = healthy ones); when the stream ends, every device of the resource is unhealthy;
+  allocatable = healthy ones); when the stream ends, every device of the resource is unhealthy
+  (`updates` records both, in order: what the node advertised after each);
 - GetPreferredAllocation (only when the options advertise it) and Allocate send exactly one
   container per call and check the answer: exactly one container response, preferred IDs a
   subset of the available ones, no duplicates, must-include IDs kept, at most the size asked;
+- admit: a pod's devices chosen as the device manager chooses them, then Allocate;
 - restart: stop serving, delete every non-directory file in the folder (its own socket and the
   plugins' sockets; the checkpoint file survives), then serve a new kubelet.sock.
 """
@@ -36,6 +38,9 @@ CHECKPOINT = "kubelet_internal_checkpoint"
 SUPPORTED_VERSIONS = ("v1beta1",)
 _QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+PRE_START_TIMEOUT_S = 30.0  # the kubelet's deadline for PreStartContainer
 
 
 class KubeletError(Exception):
@@ -72,6 +77,16 @@ class PluginEndpoint:
         return [i for i, d in self.devices.items() if d.health == "Healthy" and self.connected]
 
 
+@dataclass(frozen=True)
+class Update:
+    """One ListAndWatch message as the device manager applied it: what the node then advertises."""
+
+    at: float
+    resource: str
+    capacity: int  # every device in the message
+    allocatable: int  # the healthy ones
+
+
 @dataclass
 class Event:
     kind: str  # "serving" (kubelet.sock about to appear), "register", "rejected", "devices", "disconnected"
@@ -83,14 +98,18 @@ class Event:
 class FakeKubelet(pb_grpc.RegistrationServicer):
     """Resource handling: `start()` creates kubelet.sock, `stop()` closes every connection."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, on_event: Callable[[Event], None] | None = None) -> None:
+        """`on_event` sees every event as it is recorded (`nvdp testing fake-kubelet` prints them)."""
         self.folder = folder
+        self._on_event = on_event
         self.socket_path = os.path.join(folder, "kubelet.sock")
         self.plugins: dict[str, PluginEndpoint] = {}
         self.events: list[Event] = []
         self.errors: list[str] = []  # protocol violations seen in plugin answers
+        self.updates: list[Update] = []  # every ListAndWatch message and stream end, in order
         self.refuse_with: str | None = None  # make Register fail with this message
         self.register_delay: float = 0.0  # make Register hang this long
+        self.allocated: dict[str, set[str]] = {}  # resource -> device IDs given to pods by admit()
         self._server: grpc.aio.Server | None = None
         self._changed = asyncio.Condition()
 
@@ -188,6 +207,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
                 async with self._changed:
                     plugin.devices = devices
                     plugin.updates += 1
+                    self.updates.append(Update(time.monotonic(), plugin.resource, len(devices), len(plugin.healthy)))
                     self._changed.notify_all()
                 self._record("devices", plugin.resource, f"{len(devices)} devices")
         except grpc.aio.AioRpcError as exc:
@@ -195,6 +215,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         finally:
             async with self._changed:
                 plugin.connected = False
+                self.updates.append(Update(time.monotonic(), plugin.resource, len(plugin.devices), 0))
                 self._changed.notify_all()
             self._record("disconnected", plugin.resource, ended)
 
@@ -206,7 +227,10 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         await plugin.channel.close()
 
     def _record(self, kind: str, resource: str, detail: str = "") -> None:
-        self.events.append(Event(kind, resource, time.monotonic(), detail))
+        event = Event(kind, resource, time.monotonic(), detail)
+        self.events.append(event)
+        if self._on_event is not None:
+            self._on_event(event)
 
     # --- what the device manager does at pod admission ------------------------------------------
 
@@ -256,6 +280,23 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
             return f"{exc.code().name}: {exc.details()}"
         return None
 
+    async def admit(self, resource: str, count: int) -> tuple[list[str], pb.ContainerAllocateResponse]:
+        """Admit a pod asking for `count` devices, as the device manager does: choose among the
+        healthy devices no admitted pod holds (GetPreferredAllocation when offered, the first free
+        ones when its answer does not fit), then Allocate them; gRPC errors propagate."""
+        plugin = self.plugin(resource)
+        taken = self.allocated.setdefault(resource, set())
+        free = [i for i in plugin.healthy if i not in taken]
+        if len(free) < count:
+            raise KubeletError(f"{resource}: {count} requested, {len(free)} allocatable")
+        chosen = free[:count]
+        if plugin.options.get_preferred_allocation_available:
+            preferred = await self.preferred_allocation(resource, free, [], count)
+            chosen = preferred if len(preferred) == count else chosen
+        response = await self.allocate(resource, chosen)
+        taken.update(chosen)
+        return chosen, response
+
     async def allocate(self, resource: str, device_ids: Sequence[str]) -> pb.ContainerAllocateResponse:
         """Allocate for one container; gRPC errors propagate (grpc.aio.AioRpcError)."""
         plugin = self.plugin(resource)
@@ -265,6 +306,23 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         if len(response.container_responses) != 1:
             raise KubeletError(f"{resource}: {len(response.container_responses)} container responses for 1")
         return response.container_responses[0]
+
+    async def pre_start(self, resource: str, device_ids: Sequence[str]) -> None:
+        """PreStartContainer before a container start, as the kubelet calls it: only for a plugin
+        that asked for it in its options, with the kubelet's 30 s deadline. gRPC errors propagate."""
+        plugin = self.plugin(resource)
+        if not plugin.options.pre_start_required:
+            raise KubeletError(f"{resource} did not ask for PreStartContainer: the kubelet would not call it")
+        await plugin.stub.PreStartContainer(pb.PreStartContainerRequest(devices_ids=list(device_ids)),
+                                            timeout=PRE_START_TIMEOUT_S)
+
+    async def start_refusal(self, resource: str, device_ids: Sequence[str]) -> str | None:
+        """PreStartContainer for one container; why the start was refused ("CODE: details"), or None."""
+        try:
+            await self.pre_start(resource, device_ids)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        return None
 
     # --- waiting for things (tests and the demo) -----------------------------------------------
 

@@ -3,15 +3,19 @@
 `FakeNvml` is a module-like object with pynvml's names (functions, constants with pynvml's
 numeric values, an `NVMLError` with `.value` and pynvml's `str()`), so it can stand in for the
 module wherever nvdp takes one: `NvmlBackend(nvml=FakeNvml(...))`. It covers discovery (GPUs,
-versions, NVLinks, PCIe ancestors), MIG (MIG devices, GPU instances, GPU-instance profiles),
-health events (a queue that `nvmlEventSetWait_v2` takes from, blocking up to its timeout) and the
-probe's counters (ECC, remapped rows, retired pages). Any call can be made to fail with an NVML
-return code, for every GPU or for one (`fail`). It only answers queries: a call that would
-change a GPU or MIG setting does not exist on it, so code that tries one fails loudly.
+driver and CUDA versions, NVLinks, PCIe ancestors, fabric cliques; `write_node_files` writes the
+sysfs files beside it: NUMA node, PCI class, PCI config space), MIG (MIG devices, GPU
+instances, GPU-instance profiles), health events (a queue that `nvmlEventSetWait_v2` takes
+from, blocking up to its timeout), the probe's counters (ECC, remapped rows, retired pages, the
+GPU recovery action field) and what runs on a GPU (compute processes, memory in use). Any call
+can be made to fail with an NVML return code, for every GPU or for one (`fail`), or to hang until
+released (`hang`), as a wedged driver does. It only answers queries: a call that would change a
+GPU or MIG setting does not exist on it, so code that tries one fails loudly.
 
     fake = h200_node()                      # 8 x H200, as on an HGX H200 board
     fake.fail("nvmlDeviceGetUUID", "GPU_IS_LOST", gpu=3)
     fake.post(FakeEvent(gpu=0, event_type=FakeNvml.nvmlEventTypeXidCriticalError, data=79))
+    fake.hang("nvmlDeviceGetHandleByUUID", gpu=5)   # blocks until fake.release()
     backend = NvmlBackend(nvml=fake)
 
 Handles are the fake's own objects (a `FakeGpu` for a GPU); like real handles, they are opaque
@@ -113,6 +117,16 @@ class FakeNvLink:
 
 
 @dataclass
+class FakeFabric:
+    """A GPU's NVLink fabric registration (`nvmlDeviceGetGpuFabricInfoV`)."""
+
+    cluster_uuid: bytes  # 16 bytes
+    clique_id: int
+    state: int = 3  # NVML_GPU_FABRIC_STATE_COMPLETED
+    status: int = 0  # NVML_SUCCESS
+
+
+@dataclass
 class FakeGpu:
     """One physical GPU. A counter left None is one the GPU does not report (NOT_SUPPORTED)."""
 
@@ -134,6 +148,21 @@ class FakeGpu:
     remapped_rows: tuple[int, int, int, int] | None = (0, 0, 0, 0)  # corrected, uncorrected, pending, failed
     retired_pending: int | None = 0  # NVML_FEATURE_ENABLED (1) when pages wait to be retired
     lost: bool = False  # fallen off the bus: every call about it answers GPU_IS_LOST
+    fabric: FakeFabric | None = None  # None: the fabric info calls answer NOT_SUPPORTED
+    pci_class: int | None = 0x030200  # sysfs `class` (see `write_node_files`); None: no file
+    pci_config: bytes | None = None  # sysfs `config` (see `write_node_files`); None: no file
+    recovery_action: int | None = None  # NVML_FI_DEV_GET_GPU_RECOVERY_ACTION; None: the field is not supported
+    processes: tuple[FakeProcess, ...] = ()  # compute processes running on the GPU
+    memory_reserved_bytes: int = 0  # what the driver keeps for itself (in `used` of the v1 memory info)
+    memory_used_bytes: int = 0  # what processes use
+
+
+@dataclass(frozen=True)
+class FakeProcess:
+    """One compute process on a GPU, as nvmlDeviceGetComputeRunningProcesses lists it."""
+
+    pid: int
+    used_memory_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,6 +200,47 @@ class MemoryInfo:
     total: int
     free: int
     used: int
+
+
+@dataclass(frozen=True)
+class MemoryInfoV2:
+    version: int
+    total: int
+    reserved: int
+    free: int
+    used: int
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    usedGpuMemory: int
+    gpuInstanceId: int = 0xFFFFFFFF
+    computeInstanceId: int = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class FieldValueData:
+    """The value union of c_nvmlFieldValue_t (the members nvdp reads)."""
+
+    uiVal: int = 0
+    ulVal: int = 0
+    ullVal: int = 0
+    siVal: int = 0
+    sllVal: int = 0
+    usVal: int = 0
+    dVal: float = 0.0
+
+
+@dataclass(frozen=True)
+class FieldValue:
+    fieldId: int
+    scopeId: int
+    timestamp: int
+    latencyUsec: int
+    valueType: int
+    nvmlReturn: int
+    value: FieldValueData
 
 
 @dataclass(frozen=True)
@@ -214,6 +284,16 @@ class EventData:
     eventData: int
     gpuInstanceId: int
     computeInstanceId: int
+
+
+class GpuFabricInfo:
+    """pynvml's c_nvmlGpuFabricInfo_t / c_nvmlGpuFabricInfoV_t, filled by the fabric info calls."""
+
+    def __init__(self) -> None:
+        self.clusterUuid = bytes(16)
+        self.status = 0
+        self.cliqueId = 0
+        self.state = 0  # NVML_GPU_FABRIC_STATE_NOT_SUPPORTED
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,6 +350,7 @@ class FakeNvml:
     NVML_ERROR_IN_USE = 19
     NVML_ERROR_MEMORY = 20
     NVML_ERROR_NO_DATA = 21
+    NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
     NVML_ERROR_UNKNOWN = 999
 
     NVML_FEATURE_DISABLED = 0
@@ -292,6 +373,26 @@ class FakeNvml:
     NVML_TOPOLOGY_HOSTBRIDGE = 30
     NVML_TOPOLOGY_NODE = 40
     NVML_TOPOLOGY_SYSTEM = 50
+    NVML_GPU_FABRIC_STATE_NOT_SUPPORTED = 0
+    NVML_GPU_FABRIC_STATE_NOT_STARTED = 1
+    NVML_GPU_FABRIC_STATE_IN_PROGRESS = 2
+    NVML_GPU_FABRIC_STATE_COMPLETED = 3
+    c_nvmlGpuFabricInfo_t = GpuFabricInfo
+    c_nvmlGpuFabricInfoV_t = GpuFabricInfo
+    NVML_VALUE_TYPE_DOUBLE = 0
+    NVML_VALUE_TYPE_UNSIGNED_INT = 1
+    NVML_VALUE_TYPE_UNSIGNED_LONG = 2
+    NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 3
+    NVML_VALUE_TYPE_SIGNED_LONG_LONG = 4
+    NVML_VALUE_TYPE_SIGNED_INT = 5
+    NVML_VALUE_TYPE_UNSIGNED_SHORT = 6
+    NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = 230
+    NVML_GPU_RECOVERY_ACTION_NONE = 0
+    NVML_GPU_RECOVERY_ACTION_GPU_RESET = 1
+    NVML_GPU_RECOVERY_ACTION_NODE_REBOOT = 2
+    NVML_GPU_RECOVERY_ACTION_DRAIN_P2P = 3
+    NVML_GPU_RECOVERY_ACTION_DRAIN_AND_RESET = 4
+    nvmlMemory_v2 = 0x02000028
 
     nvmlEventTypeSingleBitEccError = 0x1
     nvmlEventTypeDoubleBitEccError = 0x2
@@ -323,6 +424,9 @@ class FakeNvml:
         self.wait_timeouts: list[int] = []  # the timeout of every nvmlEventSetWait_v2, in ms
         self._events: deque[FakeEvent | int] = deque()
         self._events_changed = threading.Condition()
+        self.hangs: dict[tuple[str, str | None], threading.Event] = {}  # (call, GPU UUID or None) -> release
+        self._hanging = 0
+        self._hang_lock = threading.Lock()
 
     # --- set-up ----------------------------------------------------------------------------------
 
@@ -343,6 +447,35 @@ class FakeNvml:
         """Undo one `fail`."""
         self.failures.pop((call, None if gpu is None else self.gpu(gpu).uuid), None)
 
+    def hang(self, call: str, gpu: str | int | None = None) -> None:
+        """Make `call` block (for every GPU, or only for `gpu`) until `release`, as a call into a
+        wedged driver does. The call is recorded in `calls` before it blocks."""
+        with self._hang_lock:
+            self.hangs[(call, None if gpu is None else self.gpu(gpu).uuid)] = threading.Event()
+
+    def release(self, call: str | None = None, gpu: str | int | None = None) -> None:
+        """Let hung calls return (all of them, or those of one `hang`), and stop hanging them."""
+        key = None if call is None else (call, None if gpu is None else self.gpu(gpu).uuid)
+        with self._hang_lock:
+            for k in [k for k in self.hangs if key is None or k == key]:
+                self.hangs.pop(k).set()
+
+    @property
+    def hanging(self) -> int:
+        """Calls blocked in a hang right now."""
+        with self._hang_lock:
+            return self._hanging
+
+    def _block_if_hung(self, call: str, uuid: str | None) -> None:
+        with self._hang_lock:
+            release = self.hangs.get((call, uuid)) or self.hangs.get((call, None))
+            if release is None:
+                return
+            self._hanging += 1
+        release.wait()
+        with self._hang_lock:
+            self._hanging -= 1
+
     def post(self, *events: FakeEvent | int) -> None:
         """Queue what the next waits return, in order: an event, or an NVML return code that
         wait answers with. Wakes a wait blocked in another thread."""
@@ -359,15 +492,19 @@ class FakeNvml:
         return [c for c in self.calls if c.name == name]
 
     def write_node_files(self, root: Path) -> None:
-        """The node files discovery reads beside NVML, under `root`: each GPU's NUMA node in
-        sysfs (`sysfs_root=root`) and, when a GPU has MIG enabled, the driver's mig-minors
-        (`driver_root=root`), numbered as the driver does (15 GPU instances of 8 compute
-        instances each per GPU minor)."""
+        """The node files discovery reads beside NVML, under `root`: each GPU's NUMA node, PCI
+        class and PCI config space in sysfs (`sysfs_root=root`) and, when a GPU has MIG enabled,
+        the driver's mig-minors (`driver_root=root`), numbered as the driver does (15 GPU
+        instances of 8 compute instances each per GPU minor)."""
         for gpu in self.gpus:
+            folder = root / "bus/pci/devices" / bus_key(gpu.bus_id)
+            folder.mkdir(parents=True, exist_ok=True)
             if gpu.numa_node is not None:
-                folder = root / "bus/pci/devices" / bus_key(gpu.bus_id)
-                folder.mkdir(parents=True, exist_ok=True)
                 (folder / "numa_node").write_text(f"{gpu.numa_node}\n")
+            if gpu.pci_class is not None:
+                (folder / "class").write_text(f"0x{gpu.pci_class:06x}\n")
+            if gpu.pci_config is not None:
+                (folder / "config").write_bytes(gpu.pci_config)
         if any(g.mig_enabled for g in self.gpus):
             path = root / mig.MIG_MINORS_PATH.lstrip("/")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -376,8 +513,9 @@ class FakeNvml:
     # --- internals -------------------------------------------------------------------------------
 
     def _enter(self, call: str, gpu: FakeGpu | None = None, *args: object) -> None:
-        """Log the call, then answer an injected failure or a lost GPU."""
+        """Log the call, block while it is hung, then answer an injected failure or a lost GPU."""
         self.calls.append(FakeCall(call, None if gpu is None else gpu.uuid, args))
+        self._block_if_hung(call, None if gpu is None else gpu.uuid)
         for key in ((call, None if gpu is None else gpu.uuid), (call, None)):
             if key in self.failures:
                 raise NVMLError(self.failures[key])
@@ -449,6 +587,7 @@ class FakeNvml:
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> FakeGpu:
         gpu = next((g for g in self.gpus if g.uuid == uuid), None)
         self.calls.append(FakeCall("nvmlDeviceGetHandleByUUID", uuid))
+        self._block_if_hung("nvmlDeviceGetHandleByUUID", uuid)
         for key in (("nvmlDeviceGetHandleByUUID", uuid), ("nvmlDeviceGetHandleByUUID", None)):
             if key in self.failures:
                 raise NVMLError(self.failures[key])
@@ -486,10 +625,39 @@ class FakeNvml:
         self._enter("nvmlDeviceGetCudaComputeCapability", gpu)
         return gpu.compute_capability
 
-    def nvmlDeviceGetMemoryInfo(self, handle: object) -> MemoryInfo:
+    def nvmlDeviceGetMemoryInfo(self, handle: object, version: int | None = None) -> MemoryInfo | MemoryInfoV2:
+        """v1 (no version): `used` includes what the driver reserves, as on real GPUs; v2
+        (`version=nvmlMemory_v2`) reports `reserved` apart."""
         gpu = self._gpu_of(handle)
-        self._enter("nvmlDeviceGetMemoryInfo", gpu)
-        return MemoryInfo(total=gpu.memory_bytes, free=gpu.memory_bytes, used=0)
+        self._enter("nvmlDeviceGetMemoryInfo", gpu, version)
+        used = gpu.memory_used_bytes
+        if version is None:
+            used_v1 = used + gpu.memory_reserved_bytes
+            return MemoryInfo(total=gpu.memory_bytes, free=gpu.memory_bytes - used_v1, used=used_v1)
+        if version != self.nvmlMemory_v2:
+            raise NVMLError(self.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        return MemoryInfoV2(version=version, total=gpu.memory_bytes, reserved=gpu.memory_reserved_bytes,
+                            free=gpu.memory_bytes - gpu.memory_reserved_bytes - used, used=used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: object) -> list[ProcessInfo]:
+        gpu = self._gpu_of(handle)
+        self._enter("nvmlDeviceGetComputeRunningProcesses", gpu)
+        return [ProcessInfo(pid=p.pid, usedGpuMemory=p.used_memory_bytes) for p in gpu.processes]
+
+    def nvmlDeviceGetFieldValues(self, handle: object, field_ids: Sequence[int]) -> list[FieldValue]:
+        """Only NVML_FI_DEV_GET_GPU_RECOVERY_ACTION is known; other fields (and that one on a GPU
+        whose `recovery_action` is None) answer NOT_SUPPORTED in their own `nvmlReturn`."""
+        gpu = self._gpu_of(handle)
+        self._enter("nvmlDeviceGetFieldValues", gpu, tuple(field_ids))
+        values = []
+        for field_id in field_ids:
+            known = field_id == self.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION and gpu.recovery_action is not None
+            values.append(FieldValue(
+                fieldId=field_id, scopeId=0, timestamp=0, latencyUsec=0, valueType=self.NVML_VALUE_TYPE_UNSIGNED_INT,
+                nvmlReturn=self.NVML_SUCCESS if known else self.NVML_ERROR_NOT_SUPPORTED,
+                value=FieldValueData(uiVal=gpu.recovery_action or 0),
+            ))
+        return values
 
     def nvmlDeviceGetMigMode(self, handle: object) -> tuple[int, int]:
         gpu = self._gpu_of(handle)
@@ -498,6 +666,25 @@ class FakeNvml:
             raise NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
         mode = self.NVML_DEVICE_MIG_ENABLE if gpu.mig_enabled else self.NVML_DEVICE_MIG_DISABLE
         return (mode, mode)
+
+    def _fabric_info(self, call: str, handle: object, info: object) -> int:
+        gpu = self._gpu_of(handle)
+        self._enter(call, gpu)
+        if gpu.fabric is None:
+            raise NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+        if not isinstance(info, GpuFabricInfo):
+            raise NVMLError(self.NVML_ERROR_INVALID_ARGUMENT)
+        info.clusterUuid = gpu.fabric.cluster_uuid
+        info.cliqueId = gpu.fabric.clique_id
+        info.state = gpu.fabric.state
+        info.status = gpu.fabric.status
+        return self.NVML_SUCCESS
+
+    def nvmlDeviceGetGpuFabricInfoV(self, handle: object, info: object) -> int:
+        return self._fabric_info("nvmlDeviceGetGpuFabricInfoV", handle, info)
+
+    def nvmlDeviceGetGpuFabricInfo(self, handle: object, info: object) -> int:
+        return self._fabric_info("nvmlDeviceGetGpuFabricInfo", handle, info)
 
     def nvmlDeviceGetTopologyCommonAncestor(self, a: object, b: object) -> int:
         gpu_a, gpu_b = self._gpu_of(a), self._gpu_of(b)
@@ -680,15 +867,18 @@ def mig_minors_text(gpu_minors: Iterable[int], gis: int = 15, cis: int = 8) -> s
 # --- a ready-made node -------------------------------------------------------------------------
 
 # Per-GPU facts of the real H200 in the nvidia-h200 fixture (NVML on driver 580.159.04): its UUID
-# (GPU 0 here), name, memory, compute capability, MIG profiles (nvdp.core.migprofiles.H200),
-# supported event types, ECC counters at 0, remapped rows all 0, retired pages not supported,
-# CUDA driver version 13000. That node was a single PCIe GPU in a VM; the board around the GPUs
+# (GPU 0 here), name, memory (644939776 bytes "used" in the v1 memory info on the idle GPU: the
+# driver's reserve; nvidia-smi shows 616 MiB reserved, 0 MiB used), compute capability, MIG
+# profiles (nvdp.core.migprofiles.H200), supported event types, ECC counters at 0, remapped rows
+# all 0, retired pages not supported, GPU recovery action "None", no processes, CUDA driver
+# version 13000. That node was a single PCIe GPU in a VM; the board around the GPUs
 # below (bus IDs, the other UUIDs, two NUMA nodes, 18 NVLinks each to the NVSwitches) is made up
 # to look like an 8-GPU HGX H200 baseboard and is not from a fixture.
 H200_FIXTURE_UUID = "GPU-561c5ac8-2525-530f-236a-f8e1e82e0c3b"
 HGX_BUS_IDS = ("18", "2A", "3A", "5D", "9A", "AB", "BA", "DB")
 NVSWITCH_BUS_IDS = ("00000000:05:00.0", "00000000:06:00.0", "00000000:07:00.0", "00000000:08:00.0")
 H200_NVLINKS = 18
+H200_RESERVED_BYTES = 644939776  # v1 `used` of the idle fixture GPU
 
 
 def h200_gpu(index: int, nvlinks: bool = True) -> FakeGpu:
@@ -702,6 +892,8 @@ def h200_gpu(index: int, nvlinks: bool = True) -> FakeGpu:
         numa_node=0 if index < 4 else 1,
         nvlinks=links if nvlinks else (),
         retired_pending=None,  # "Pending Page Blacklist: N/A" on the fixture's H200
+        recovery_action=FakeNvml.NVML_GPU_RECOVERY_ACTION_NONE,  # "GPU Recovery Action: None"
+        memory_reserved_bytes=H200_RESERVED_BYTES,
     )
 
 

@@ -55,7 +55,8 @@ def open_fds(pid: int) -> int:
 
 
 class PluginProcess:
-    """`nvidia-device-plugin --kubelet-socket <folder>/kubelet.sock <args>` as a child process."""
+    """`nvidia-device-plugin --kubelet-socket <folder>/kubelet.sock <args>` as a child process
+    (`command`: another program taking the same flags, e.g. the NVML-path benchmark's)."""
 
     def __init__(
         self,
@@ -63,8 +64,14 @@ class PluginProcess:
         args: Sequence[str] = ("--simulate", "dgx-h100"),
         env: Mapping[str, str] | None = None,
         log_path: str | None = None,
+        argv0: str | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         self.folder = folder
+        # Set: run `python -m nvdp.entrypoint` with this argv[0], as the image's wrapper does, so a
+        # config-manager looking for the process by name finds it.
+        self.argv0 = argv0
+        self.command = list(command) if command is not None else None
         self.args = [f"--kubelet-socket={os.path.join(folder, 'kubelet.sock')}", *args]
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path or os.path.join(folder, "plugin.log")
@@ -80,9 +87,17 @@ class PluginProcess:
     async def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.spawned_at = time.monotonic()
-            self.process = await asyncio.create_subprocess_exec(
-                console_script(), *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
-            )
+            if self.argv0 is None:
+                program = self.command or [console_script()]
+                self.process = await asyncio.create_subprocess_exec(
+                    *program, *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
+                )
+            else:
+                self.process = await asyncio.create_subprocess_exec(
+                    self.argv0, "-m", "nvdp.entrypoint", *self.args, executable=sys.executable,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                    env={**self.env, "PYTHONEXECUTABLE": sys.executable},
+                )
 
     def signal(self, sig: signal.Signals) -> None:
         if self.process is not None and self.process.returncode is None:

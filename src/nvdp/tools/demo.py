@@ -11,20 +11,25 @@ from collections.abc import Callable, Sequence
 
 from nvdp.app.plugin import Plugin
 from nvdp.config.load import load
+from nvdp.core.cdi import uses_cdi
 from nvdp.core.devices import Node
+from nvdp.core.labels import label_lines, node_labels
 from nvdp.core.resources import GPU_RESOURCE
 from nvdp.core.scoring import pair_score, set_score
 from nvdp.testing import FakeKubelet
+from nvdp.tools.demo_cdi import cdi_story
 from nvdp.tools.demo_health import DEMO_SETTINGS, health_story
 from nvdp.tools.report import table
 
 Say = Callable[[str], None]
 
 
-async def run_demo(profile: str, say: Say) -> None:
+async def run_demo(profile: str, say: Say, device_list_strategy: str | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="nvdp-demo-") as folder:
         kubelet_socket = f"{folder}/kubelet.sock"
-        cfg = load({"simulate": profile, "kubelet_socket": kubelet_socket, **DEMO_SETTINGS}, {})
+        # CDI specs go to the demo's own folder, not the node's /var/run/cdi.
+        extra = {"device_list_strategy": device_list_strategy, "cdi_spec_dir": f"{folder}/cdi"}
+        cfg = load({"simulate": profile, "kubelet_socket": kubelet_socket, **DEMO_SETTINGS, **extra}, {})
         say(f"== nvdp demo: simulated node '{profile}', fake kubelet in {folder}")
         async with FakeKubelet(folder) as kubelet:
             plugin = Plugin(cfg)
@@ -51,6 +56,10 @@ async def _narrate(plugin: Plugin, kubelet: FakeKubelet, say: Say) -> None:
         rows.append([device_id, d.health, numa, names.get(device_id, "")])
     say(f"kubelet: ListAndWatch holds {len(endpoint.devices)} devices:")
     say(_indent(table(rows)))
+    # The same discovered node, as `gpu-feature-discovery` labels it (no machine-type file here).
+    labelled = node_labels(plugin.node, plugin.cfg, machine_type=None, timestamp=None)
+    say(f"gpu-feature-discovery: {len(labelled.labels)} node labels for NFD (docs/labels.md):")
+    say(_indent(label_lines(labelled.labels)))
 
     available = endpoint.healthy
     size = min(2, len(available))
@@ -65,6 +74,8 @@ async def _narrate(plugin: Plugin, kubelet: FakeKubelet, say: Say) -> None:
         "docs/allocation.md)")
     response = await kubelet.allocate(GPU_RESOURCE, chosen)
     say("kubelet: Allocate -> envs " + ", ".join(f"{k}={v}" for k, v in sorted(response.envs.items())))
+    if uses_cdi(plugin.cfg):
+        cdi_story(plugin.cfg.cdi_spec_dir, [d.name for d in response.cdi_devices], dict(response.annotations), say)
 
     say("kubelet: restarting (deletes every socket in the folder, serves a new kubelet.sock)")
     restart = time.monotonic()

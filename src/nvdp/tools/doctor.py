@@ -28,14 +28,13 @@ from nvdp.backends.base import GpuBackend
 from nvdp.backends.nvml.library import LIBRARY, LIBRARY_DIRS
 from nvdp.config.options import Config
 from nvdp.core import mig
-from nvdp.core.container import CDI_STRATEGIES, CDI_VENDOR
+from nvdp.core.container import CDI_STRATEGIES
 from nvdp.core.devices import DeviceTree, GpuInfo, Node
 from nvdp.core.resources import plan_tree
 from nvdp.core.topology import bus_key
 from nvdp.errors import DiscoveryError, NvmlUnavailable
 from nvdp.kubelet.registration import kubelet_answers
 from nvdp.tools.nodefacts import (
-    cdi_specs,
     inotify_in_use,
     kernel_gpus,
     kernel_module_version,
@@ -254,11 +253,12 @@ class Doctor:
         seen = {bus_key(g.pci_bus_id) for g in self.node.gpus}
         hidden = set() if self.simulated else (pci_gpus(self.layout.sys) | kernel_gpus(self.layout.proc)) - seen
         if hidden:
-            return Verdict(Status.WARN, f"{len(hidden)} NVIDIA GPU(s) on the PCI bus are not visible to NVML: "
+            return Verdict(Status.WARN, f"{plural(len(hidden), 'NVIDIA GPU')} on the PCI bus "
+                          f"{'is' if len(hidden) == 1 else 'are'} not visible to NVML: "
                           f"{', '.join(sorted(hidden))}", details,
                           fix="look for XID 79 (fallen off the bus) in the kernel log and run nvidia-smi; in a "
                           "container, NVIDIA_VISIBLE_DEVICES must be 'all'")
-        return Verdict(Status.PASS, f"{len(self.node.gpus)} GPU(s): "
+        return Verdict(Status.PASS, f"{plural(len(self.node.gpus), 'GPU')}: "
                       f"{', '.join(sorted({g.name for g in self.node.gpus}))}", details)
 
     def device_nodes(self) -> Verdict:
@@ -277,16 +277,19 @@ class Doctor:
         denied = [n for n in required if (dev / n).exists() and not os.access(dev / n, os.R_OK | os.W_OK)]
         details = [f"missing {dev / n}" for n in missing + absent] + [f"no read/write access to {dev / n}"
                                                                       for n in denied]
-        if missing:
-            return Verdict(Status.FAIL, f"{len(missing)} device node(s) missing under {dev}", tuple(details),
+        others = f"; {len(absent)} optional missing" if absent else ""
+        others += f"; {len(denied)} not accessible by uid {self.uid}" if denied else ""
+        if missing:  # the summary counts every line below it
+            return Verdict(Status.FAIL, f"{plural(len(missing), 'required device node')} missing under {dev}"
+                           f"{others}", tuple(details),
                           fix="create them (nvidia-modprobe, or nvidia-ctk system create-dev-char-symlinks "
                           "--create-all) or set --dev-root to the root whose /dev has them")
         if absent or denied:
-            return Verdict(Status.WARN, f"{len(absent)} optional node(s) missing, {len(denied)} not "
-                          f"accessible by uid {self.uid}", tuple(details),
+            return Verdict(Status.WARN, f"{plural(len(absent), 'optional device node')} missing, "
+                          f"{len(denied)} not accessible by uid {self.uid}", tuple(details),
                           fix="nvidia-uvm is created on first CUDA use (nvidia-modprobe -u -c=0); MIG needs "
                           "/dev/nvidia-caps (nvidia-ctk system create-device-nodes --control-devices)")
-        return Verdict(Status.PASS, f"{len(required)} device node(s) present under {dev}")
+        return Verdict(Status.PASS, f"{plural(len(required), 'device node')} present under {dev}")
 
     def mig(self) -> Verdict:
         """The plugin's own MIG planning (resources.plan_tree) on the discovered node."""
@@ -301,17 +304,17 @@ class Doctor:
                            fix="use --mig-strategy=mixed, or give every GPU the same MIG mode and one profile "
                            "(docs/mig.md)")
         if strategy == "none" and on:
-            return Verdict(Status.WARN, f"MIG is on for {len(on)} GPU(s) but --mig-strategy=none: they are "
+            return Verdict(Status.WARN, f"MIG is on for {plural(len(on), 'GPU')} but --mig-strategy=none: they are "
                            "advertised as whole GPUs and pods on them see no device", details,
                            fix="use --mig-strategy=single or mixed, or turn MIG off (nvidia-smi -mig 0)")
         if self.found.problems:
-            return Verdict(Status.WARN, f"{len(self.found.problems)} MIG problem(s): "
+            return Verdict(Status.WARN, f"{plural(len(self.found.problems), 'MIG problem')}: "
                            f"{self.found.problems[0].message}", details,
                            fix="recreate the MIG devices (nvidia-smi mig, or the MIG manager); docs/mig.md")
         if not on:
             return Verdict(Status.PASS, f"MIG is off on every GPU (--mig-strategy={strategy})", details)
-        return Verdict(Status.PASS, f"--mig-strategy={strategy} serves MIG on {len(on)} of {len(self.node.gpus)} "
-                       "GPU(s)", details)
+        return Verdict(Status.PASS, f"--mig-strategy={strategy} serves MIG on {len(on)} of "
+                       f"{plural(len(self.node.gpus), 'GPU')}", details)
 
     # --- the kubelet ------------------------------------------------------------------------------
 
@@ -399,27 +402,15 @@ class Doctor:
                       files, fix=CONFIGURE[c.runtime])
 
     def cdi_specs(self) -> Verdict:
-        folders = [self.layout.etc / "cdi", self.layout.run / "cdi"]
-        kinds = cdi_specs(folders)
-        details = tuple(f"{kind}: {len(names)} device(s)" for kind, names in sorted(kinds.items()))
-        strategies = set(self.cfg.device_list_strategy)
-        if not strategies & CDI_STRATEGIES:
-            return Verdict(Status.SKIP, f"not used with --device-list-strategy={','.join(sorted(strategies))}",
-                          details)
-        kind = f"{CDI_VENDOR}/gpu"
-        fix = (f"generate it: nvidia-ctk cdi generate --vendor={CDI_VENDOR} --class=gpu "
-               f"--device-name-strategy={'uuid' if self.cfg.device_id_strategy == 'uuid' else 'index'} "
-               f"--output=/var/run/cdi/{CDI_VENDOR}-gpu.yaml")
-        if kind not in kinds:
-            return Verdict(Status.FAIL, f"no CDI spec of kind {kind} in {', '.join(map(str, folders))}: the "
-                          "runtime cannot resolve the device names the plugin returns", details, fix)
-        if self.node is not None:
-            wanted = {g.uuid if self.cfg.device_id_strategy == "uuid" else str(g.index) for g in self.node.gpus}
-            missing = sorted(wanted - kinds[kind])
-            if missing:
-                return Verdict(Status.FAIL, f"the {kind} spec lacks {len(missing)} GPU(s): "
-                              f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}", details, fix)
-        return Verdict(Status.PASS, f"{kind} spec found with {len(kinds[kind])} device(s)", details)
+        """The gpu CDI spec defines every name the plugin hands out (tools/cdi.py)."""
+        from nvdp.backends.driver_root import Roots
+        from nvdp.tools.cdi import doctor_check
+
+        roots = Roots(scan_driver=str(self.layout.driver_root), scan_dev=str(self.layout.dev_root),
+                      host_driver=self.cfg.driver_root, host_dev=self.cfg.dev_root, sys=str(self.layout.sys))
+        found = doctor_check(self.cfg, self.node, self.found.tree, roots, self.layout.run, self.layout.etc,
+                             self.simulated)
+        return Verdict(Status(found.status), found.summary, found.details, found.fix)
 
     # --- the host ---------------------------------------------------------------------------------
 
@@ -466,6 +457,11 @@ CHECKS: tuple[tuple[str, Check], ...] = (
 )
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 GPU`, `2 GPUs`, `0 warnings`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def blocking(results: Sequence[Result]) -> bool:
     return any(r.status is Status.FAIL for r in results)
 
@@ -480,7 +476,7 @@ def render(results: Sequence[Result]) -> Iterator[str]:
             yield f"{'':4}  {'':<{width}}  fix: {r.fix}"
     counts = {s: sum(r.status is s for r in results) for s in Status}
     verdict = "something blocks the plugin" if blocking(results) else "nothing blocks the plugin"
-    yield (f"{counts[Status.PASS]} passed, {counts[Status.WARN]} warnings, {counts[Status.FAIL]} failed, "
+    yield (f"{counts[Status.PASS]} passed, {plural(counts[Status.WARN], 'warning')}, {counts[Status.FAIL]} failed, "
            f"{counts[Status.SKIP]} skipped: {verdict}")
 
 

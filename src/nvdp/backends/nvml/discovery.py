@@ -10,16 +10,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid as uuidlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nvdp.backends.nvml.health import NvmlEventWaiter, probe_gpu
+from nvdp.backends.nvml.health import NvmlEventWaiter, gpu_usage, probe_gpu
 from nvdp.backends.nvml.library import open_nvml
 from nvdp.backends.nvml.seam import Nvml, text
-from nvdp.backends.nvml.sysfs import mig_minors_candidates, read_mig_minors, read_numa_node
+from nvdp.backends.nvml.sysfs import (
+    mig_minors_candidates,
+    read_mig_minors,
+    read_numa_node,
+    read_pci_class,
+    read_vgpu,
+)
 from nvdp.core import mig
-from nvdp.core.devices import CONTROL_DEVICES, GpuInfo, MigInfo, Node, PcieLevel, Topology
+from nvdp.core.devices import CONTROL_DEVICES, FabricInfo, GpuInfo, MigInfo, Node, PcieLevel, Topology
 from nvdp.core.health import ProbeSample
+from nvdp.core.hygiene import GpuUsage
 from nvdp.core.topology import Far, NvLinkEnd, build_topology
 from nvdp.errors import DeviceError, DiscoveryError
 
@@ -29,6 +37,7 @@ NVLINK_MAX_LINKS = 18  # link indices probed per GPU when the bindings do not sa
 SKIPPED_NAMES = ("DGX Display", "NVIDIA DGX Display")
 EMPTY_MIG_SLOT = ("NOT_FOUND", "INVALID_ARGUMENT")  # j is NVML's slot index, not a dense counter
 PROFILE_ABSENT = ("NOT_SUPPORTED", "INVALID_ARGUMENT")  # a GPU-instance profile this GPU does not have
+FABRIC_STATE_COMPLETED = 3  # NVML_GPU_FABRIC_STATE_COMPLETED, for bindings that lack the name
 MIG_HINT = " (the plugin needs NVIDIA_MIG_MONITOR_DEVICES=all or root to read MIG instances)"
 
 
@@ -107,7 +116,21 @@ class NvmlBackend:
             numa_node=read_numa_node(bus_id, self._sysfs_root),
             mig_enabled=mig_enabled,
             mig_devices=self._mig_devices(gpu, handle) if mig_enabled else (),
+            mig_capable=modes is not None,  # as go-nvlib: a GPU that answers its MIG mode can do MIG
+            pci_class=read_pci_class(bus_id, self._sysfs_root),
+            fabric=self._fabric(handle),
+            vgpu=read_vgpu(bus_id, self._sysfs_root),
         )
+
+    def _fabric(self, handle: Any) -> FabricInfo | None:
+        """The GPU's NVLink fabric clique, when its fabric registration completed without error."""
+        info = self._nv.fabric_info(handle)
+        if info is None:
+            return None
+        completed = self._nv.constant("NVML_GPU_FABRIC_STATE_COMPLETED", FABRIC_STATE_COMPLETED)
+        if int(info.state) != completed or int(info.status) != self._nv.constant("NVML_SUCCESS", 0):
+            return None
+        return FabricInfo(str(uuidlib.UUID(bytes=bytes(info.clusterUuid))), int(info.cliqueId))
 
     def _mig_devices(self, gpu: str, handle: Any) -> tuple[MigInfo, ...]:
         """Every MIG device of a MIG-enabled GPU. Read-only: only queries, never a MIG setting."""
@@ -228,3 +251,6 @@ class NvmlBackend:
 
     def probe(self, gpus: Sequence[str]) -> Mapping[str, ProbeSample]:
         return {uuid: probe_gpu(self._nv, uuid) for uuid in gpus}
+
+    def usage(self, gpu: str) -> GpuUsage:
+        return gpu_usage(self._nv, gpu)

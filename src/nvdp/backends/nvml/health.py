@@ -1,4 +1,5 @@
-"""GPU health through NVML: the event set (`NvmlEventWaiter`) and the periodic probe.
+"""GPU health through NVML: the event set (`NvmlEventWaiter`), the periodic probe, the driver's
+GPU recovery action (a field value on recent drivers) and what runs on a GPU (GPU hygiene).
 
 Every NVML call goes through the seam (`seam.Nvml`); what a return code means here (a GPU too
 old for events, a quiet wait, a lost GPU) is decided by its name, never by catching NVMLError.
@@ -14,6 +15,7 @@ from typing import Any
 from nvdp.backends.nvml.seam import Nvml, text
 from nvdp.core.devices import GpuInfo
 from nvdp.core.health import EventKind, HealthEvent, ProbeSample
+from nvdp.core.hygiene import GpuUsage
 from nvdp.errors import DeviceError, EventWaitError
 
 log = logging.getLogger("nvdp.nvml")  # stable name: operators filter on it
@@ -21,6 +23,29 @@ log = logging.getLogger("nvdp.nvml")  # stable name: operators filter on it
 NO_INSTANCE = 0xFFFFFFFF  # gpuInstanceId / computeInstanceId of an event that names none
 GONE = ("GPU_IS_LOST", "NOT_FOUND")  # the GPU left the bus, or NVML no longer knows the UUID
 ANSWERED = ("NOT_SUPPORTED", "NO_PERMISSION")  # a clear answer from the driver, not a failure
+RECOVERY_ACTION_FIELD = "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION"
+# c_nvmlValue_t's member for each NVML_VALUE_TYPE_* (double, uint, ulong, ulonglong, slonglong, sint, ushort).
+_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+
+def field_value(value: Any) -> int | None:
+    """One c_nvmlFieldValue_t as an int; None when NVML answered the field with an error (an
+    older driver or a GPU without it answers NOT_SUPPORTED in the field's own return code)."""
+    if int(value.nvmlReturn) != 0:
+        return None
+    kind = int(value.valueType)
+    member = _VALUE_MEMBERS[kind] if 0 <= kind < len(_VALUE_MEMBERS) else "uiVal"
+    return int(getattr(value.value, member))
+
+
+def recovery_action(nv: Nvml, handle: Any, uuid: str) -> int | None:
+    """The GPU recovery action the driver asks for (NVML_GPU_RECOVERY_ACTION_*), or None where
+    the bindings, the driver or the GPU do not report it. Raises DeviceError when the call fails."""
+    field = nv.optional_constant(RECOVERY_ACTION_FIELD)
+    if field is None or not nv.has("nvmlDeviceGetFieldValues"):
+        return None
+    values = nv.call("nvmlDeviceGetFieldValues", handle, [field], gpu=uuid)
+    return field_value(values[0]) if len(values) else None
 
 
 def event_mask(nv: Nvml) -> int:
@@ -109,12 +134,19 @@ class NvmlEventWaiter:
             named = nv.try_call("nvmlDeviceGetUUID", data.device)
             uuid = "" if named is None else text(named)  # "": reported as an event for an unknown GPU
         gi, ci = int(data.gpuInstanceId), int(data.computeInstanceId)
+        action = None
+        if kind is EventKind.XID and uuid:
+            try:  # what the driver asks for now (XID 154 follows when it changes; the probe re-reads it)
+                action = recovery_action(nv, data.device, uuid)
+            except DeviceError as exc:
+                log.debug("cannot read the GPU recovery action", extra={"device": uuid, "error": nv.reason(exc)})
         return HealthEvent(
             gpu=uuid,
             kind=kind,
             xid=int(data.eventData) if kind is EventKind.XID else None,
             gi=None if gi == NO_INSTANCE else gi,
             ci=None if ci == NO_INSTANCE or gi == NO_INSTANCE else ci,
+            recovery_action=action,
         )
 
     def interrupt(self) -> None:
@@ -155,6 +187,12 @@ def probe_gpu(nv: Nvml, uuid: str) -> ProbeSample:
                             nv.constant("NVML_VOLATILE_ECC"))
         rows = optional("nvmlDeviceGetRemappedRows")
         retired = optional("nvmlDeviceGetRetiredPagesPendingStatus")
+        try:
+            action = recovery_action(nv, handle, uuid)
+        except DeviceError as exc:
+            if nv.failed_with(exc, "GPU_IS_LOST"):
+                raise
+            action = None
     except DeviceError as exc:  # only GPU_IS_LOST gets out of `optional`
         return ProbeSample(reachable=False, lost=True, error=nv.reason(exc))
     return ProbeSample(
@@ -162,4 +200,23 @@ def probe_gpu(nv: Nvml, uuid: str) -> ProbeSample:
         remap_pending=None if rows is None else bool(rows[2]),
         remap_failed=None if rows is None else bool(rows[3]),
         retired_pending=None if retired is None else retired == nv.constant("NVML_FEATURE_ENABLED"),
+        recovery_action=action,
     )
+
+
+def gpu_usage(nv: Nvml, uuid: str) -> GpuUsage:
+    """Compute processes on the GPU and the memory in use. The v2 memory info separates what the
+    driver reserves (about 616 MiB on an idle H200, all of v1's `used`); where only v1 exists,
+    `used` includes it. Raises DeviceError when a call fails."""
+    handle = nv.call("nvmlDeviceGetHandleByUUID", uuid, gpu=uuid)
+    processes = nv.call("nvmlDeviceGetComputeRunningProcesses", handle, gpu=uuid)
+    version = nv.optional_constant("nvmlMemory_v2")
+    memory = None
+    if version is not None:
+        memory = nv.call_or_none("nvmlDeviceGetMemoryInfo", handle, version=version,
+                                 none_on=("NOT_SUPPORTED", "FUNCTION_NOT_FOUND", "ARGUMENT_VERSION_MISMATCH"),
+                                 gpu=uuid)
+    if memory is None:
+        memory = nv.call_or_none("nvmlDeviceGetMemoryInfo", handle, none_on=ANSWERED, gpu=uuid)
+    used = None if memory is None else int(memory.used)
+    return GpuUsage(pids=tuple(int(p.pid) for p in processes), memory_used_bytes=used)

@@ -62,6 +62,11 @@ class Nvml:
             raise AttributeError(f"the NVML bindings have no {name}")
         return int(value)
 
+    def optional_constant(self, name: str) -> int | None:
+        """A constant, or None where the bindings are too old to have it."""
+        value = getattr(self._module, name, None)
+        return None if value is None else int(value)
+
     def code(self, name: str) -> int:
         """The value of a return code by name: `code("NOT_SUPPORTED")` is NVML_ERROR_NOT_SUPPORTED."""
         return int(getattr(self._module, ERROR_PREFIX + name))
@@ -133,6 +138,27 @@ class Nvml:
         if gpu is not None:
             return DeviceError(gpu, f"{what}: {exc}")
         return DiscoveryError(f"{what}: {exc}")
+
+    def fabric_info(self, handle: Any) -> Any:
+        """The GPU's fabric info: nvmlDeviceGetGpuFabricInfoV, or the older call where the driver
+        lacks it, filled into the module's own structure (clusterUuid, status, cliqueId, state).
+        None where the bindings, the driver or the GPU have none: the fact is optional."""
+        for fn, struct in (("nvmlDeviceGetGpuFabricInfoV", "c_nvmlGpuFabricInfoV_t"),
+                           ("nvmlDeviceGetGpuFabricInfo", "c_nvmlGpuFabricInfo_t")):
+            make = getattr(self._module, struct, None)
+            if make is None or not self.has(fn):
+                continue
+            info = make()
+            # pynvml passes the pointer on to the C call; a fake fills the object it is given.
+            pointer = ctypes.byref(info) if isinstance(info, ctypes.Structure) else info
+            try:
+                getattr(self._module, fn)(handle, pointer)
+            except self._error as exc:
+                if self._name_of(exc) == "FUNCTION_NOT_FOUND":
+                    continue  # a driver older than this call: try the next one
+                return None
+            return info
+        return None
 
     # --- library state -------------------------------------------------------------------------
 

@@ -1,24 +1,30 @@
-"""Node files the NVML backend reads beside NVML: a GPU's NUMA node from sysfs and the MIG
-capability minors from /proc."""
+"""Node files the NVML backend reads beside NVML: a GPU's NUMA node, PCI class and PCI config
+space (for the vGPU capability) from sysfs, and the MIG capability minors from /proc."""
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
-from nvdp.core import mig
+from nvdp.core import mig, pci
+from nvdp.core.devices import VgpuInfo
 from nvdp.core.topology import bus_key
 from nvdp.errors import DiscoveryError
 
 log = logging.getLogger("nvdp.nvml")  # stable name: operators filter on it
 
 
+def _read(path: str) -> str:
+    # open(), not pathlib: pathlib costs the serve path ~5 ms of imports and nothing else needs it.
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def read_numa_node(bus_id: str, sysfs_root: str = "/sys") -> int | None:
     """NUMA node from sysfs; None when unreadable or negative. Garbage is an error (as upstream)."""
-    path = Path(sysfs_root, "bus/pci/devices", bus_key(bus_id), "numa_node")
+    path = os.path.join(sysfs_root, "bus/pci/devices", bus_key(bus_id), "numa_node")
     try:
-        text = path.read_text().strip()
+        text = _read(path).strip()
     except OSError:
         return None
     try:
@@ -26,6 +32,31 @@ def read_numa_node(bus_id: str, sysfs_root: str = "/sys") -> int | None:
     except ValueError:
         raise DiscoveryError(f"{path}: numa_node is not an integer: {text!r}") from None
     return node if node >= 0 else None
+
+
+def read_pci_class(bus_id: str, sysfs_root: str = "/sys") -> int | None:
+    """The GPU's PCI class code from sysfs; None when the file is missing or unreadable."""
+    try:
+        with open(os.path.join(sysfs_root, "bus/pci/devices", bus_key(bus_id), "class"), encoding="ascii") as f:
+            text = f.read()
+    except (OSError, ValueError):
+        return None
+    return pci.parse_class(text)
+
+
+def read_vgpu(bus_id: str, sysfs_root: str = "/sys") -> VgpuInfo | None:
+    """The vGPU host driver from the GPU's PCI config space; None when it is not a vGPU or the
+    config space cannot be read in full (only root reads past its first 64 bytes)."""
+    path = os.path.join(sysfs_root, "bus/pci/devices", bus_key(bus_id), "config")
+    try:
+        with open(path, "rb") as f:
+            config = f.read()
+    except OSError:
+        return None
+    if len(config) < pci.FULL_CONFIG:
+        log.debug("PCI config space not fully readable: vGPU not detectable", extra={"path": path})
+        return None
+    return pci.vgpu_info(config)
 
 
 def mig_minors_candidates(driver_root: str) -> tuple[str, ...]:
@@ -42,7 +73,7 @@ def read_mig_minors(candidates: tuple[str, ...]) -> dict[str, int]:
     MIG devices then lack their capability nodes)."""
     for path in candidates:
         try:
-            text = Path(path).read_text()
+            text = _read(path)
         except FileNotFoundError:
             continue
         except OSError as exc:

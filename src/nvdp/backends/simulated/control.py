@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 from nvdp import unix_sockets
 from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.core.mig import describe_layout
+from nvdp.core.xid_policy import RecoveryAction, recovery_label
 from nvdp.errors import ConfigError, PluginError
 
 log = logging.getLogger("nvdp.simcontrol")  # stable name: operators filter on it
@@ -88,6 +90,19 @@ class Args:
             raise ControlError(f"field {name!r} must be true or false, not {value!r}")
         return value
 
+    def recovery_action(self) -> int | None:
+        """A recovery action by NVML value or by name ("gpu-reset", "node-reboot", ...)."""
+        value = self.raw.get("recovery_action")
+        if value is None:
+            return None
+        if isinstance(value, str):
+            names = {recovery_label(a): int(a) for a in RecoveryAction}
+            if value not in names:
+                raise ControlError(f"field 'recovery_action' must be one of {', '.join(names)} or a number, "
+                                   f"not {value!r}")
+            return names[value]
+        return self.integer("recovery_action", minimum=0)
+
     def gpu(self) -> int | str:
         value = self.raw.get("gpu")
         if isinstance(value, bool) or not isinstance(value, int | str):
@@ -110,10 +125,39 @@ def command(name: str) -> Callable[[Handler], Handler]:
 @command("xid")
 def _xid(ctx: ControlContext, args: Args) -> Reply:
     event = ctx.simulated().inject_xid(args.gpu(), args.integer("xid", minimum=0), args.optional_int("gi"),
-                                       args.optional_int("ci"))
+                                       args.optional_int("ci"), args.recovery_action())
     where = f" GI {event.gi}" if event.gi is not None else ""
     where += f" CI {event.ci}" if event.ci is not None else ""
+    if event.recovery_action is not None:
+        where += f" (the driver asks for {recovery_label(event.recovery_action)})"
     return {"message": f"XID {event.xid} injected on {event.gpu}{where}", "gpu": event.gpu}
+
+
+@command("hang")
+def _hang(ctx: ControlContext, args: Args) -> Reply:
+    """NVML calls that do not return: the probe of one GPU and/or every event wait; or release them."""
+    backend = ctx.simulated()
+    if args.flag("release"):
+        backend.release()
+        return {"message": "every hung NVML call returns"}
+    gpu = args.gpu() if args.raw.get("gpu") is not None else None
+    what = backend.hang(gpu, events=args.flag("events"))
+    return {"message": f"{what} hang(s) until released"}
+
+
+@command("dirty")
+def _dirty(ctx: ControlContext, args: Args) -> Reply:
+    """Compute processes and/or memory left on a GPU (GPU hygiene); `clean` removes them."""
+    backend = ctx.simulated()
+    if args.flag("clean"):
+        uuid = backend.clean(args.gpu())
+        return {"message": f"{uuid} is clean", "gpu": uuid}
+    pids = args.raw.get("pids", [])
+    if not isinstance(pids, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in pids):
+        raise ControlError(f"field 'pids' must be a list of process IDs, not {pids!r}")
+    uuid = backend.make_dirty(args.gpu(), pids, args.integer("memory_mib", default=0, minimum=0))
+    return {"message": f"{uuid} has {len(pids)} compute processes and {args.raw.get('memory_mib', 0)} MiB in use",
+            "gpu": uuid}
 
 
 @command("lose")
@@ -196,6 +240,24 @@ def path_problem(path: str, kubelet_socket: str = "") -> str | None:
     if problem is None and unix_sockets.is_listening(path):
         problem = f"{path} is a socket another process listens on; pick another path"
     return problem
+
+
+def check_socket_path(path: str, field: str = "--simulate-control") -> None:
+    """Refuse, before anything starts, a control socket path that cannot work: a directory, an
+    existing file that is not a socket (it would be deleted), or a folder that does not exist."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            raise ConfigError(field, f"{path}: the folder {folder} does not exist") from None
+        return
+    except OSError as exc:
+        raise ConfigError(field, f"{path}: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(mode):
+        raise ConfigError(field, f"{path} is a directory; give the path of a socket to create, e.g. {path}/nvdp.sock")
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(field, f"{path} exists and is not a socket (nvdp would have to delete it)")
 
 
 class ControlServer:

@@ -10,9 +10,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from nvdp.backends.simulated.checks import first_clash
 from nvdp.backends.simulated.profile import GpuSpec, MigDeviceSpec, MigSpec, Profile
 from nvdp.core import mig as migrules
-from nvdp.core.devices import GpuInfo, MigInfo, Node, PcieLevel, Topology
+from nvdp.core import pci
+from nvdp.core.devices import FabricInfo, GpuInfo, MigInfo, Node, PcieLevel, Topology, VgpuInfo
 from nvdp.core.migprofiles import MODELS
 from nvdp.errors import ConfigError
 
@@ -29,12 +31,17 @@ def _merge(defaults: GpuSpec, spec: GpuSpec) -> dict[str, Any]:
 
 
 def build_node(label: str, profile: Profile) -> Node:
-    """Expand a profile into the same `Node` the NVML backend would report."""
+    """Expand a profile into the same `Node` the NVML backend would report. Every GPU and MIG
+    device must have its own UUID and every GPU its own PCI bus id (`checks.first_clash`)."""
     gpus: list[GpuInfo] = []
+    wheres: list[str] = []
     for position, spec in enumerate(profile.gpus):
         fields = _merge(profile.defaults, spec)
         for _ in range(fields.get("count", 1)):
             gpus.append(_gpu(label, len(gpus), fields, f"gpus.{position}"))
+            wheres.append(f"gpus.{position}")
+    if clash := first_clash(gpus, wheres):
+        raise ConfigError(f"simulated profile {label} field {clash[0]}", clash[1])
     return Node(
         gpus=tuple(gpus),
         topology=_topology(label, profile, gpus),
@@ -45,6 +52,15 @@ def build_node(label: str, profile: Profile) -> Node:
     )
 
 
+def default_bus_id(index: int) -> str:
+    """A distinct, valid PCI bus id per GPU index: buses 18, 28, ... F8 for the first 15 GPUs;
+    each later round of 15 is shifted by one bus (19, 29, ...), and after 8 rounds the PCI domain
+    grows, so the bus number always stays a byte."""
+    rounds, slot = divmod(index, 15)
+    domain, shift = divmod(rounds, 8)
+    return f"{domain:08X}:{0x18 + 0x10 * slot + shift:02X}:00.0"
+
+
 def _gpu(label: str, index: int, f: dict[str, Any], where: str) -> GpuInfo:
     uuid = f.get("uuid") if f.get("count", 1) == 1 and f.get("uuid") else _stable_uuid("GPU", label, index)
     memory = f.get("memory_bytes") or (f.get("memory_mib") or 81559) * 2**20
@@ -53,11 +69,16 @@ def _gpu(label: str, index: int, f: dict[str, Any], where: str) -> GpuInfo:
         uuid=str(uuid),
         minor=f.get("minor", index) if f.get("count", 1) == 1 else index,
         name=f.get("name") or "NVIDIA H100 80GB HBM3",
-        pci_bus_id=f.get("pci_bus_id") or f"00000000:{0x18 + 0x10 * index:02X}:00.0",
+        pci_bus_id=f.get("pci_bus_id") or default_bus_id(index),
         memory_bytes=int(memory),
         compute_capability=f.get("compute_capability") or "9.0",
         numa_node=f.get("numa_node"),
+        pci_class=f.get("pci_class", pci.CLASS_3D_CONTROLLER),
+        fabric=FabricInfo(**f["fabric"]) if f.get("fabric") else None,
+        vgpu=VgpuInfo(**f["vgpu"]) if f.get("vgpu") else None,
     )
+    capable = f.get("mig_capable")
+    gpu = replace(gpu, mig_capable=(gpu.name in MODELS or bool(f.get("mig"))) if capable is None else capable)
     spec = MigSpec.model_validate(f["mig"]) if f.get("mig") else MigSpec()
     return with_mig_layout(label, gpu, spec, f"{where}.mig")
 

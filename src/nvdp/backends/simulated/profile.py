@@ -1,4 +1,5 @@
-"""Simulated node profiles: the YAML schema (pydantic) and the loader.
+"""Simulated node profiles: the YAML schema (pydantic) and the loader (for a profile file; the
+built-in ones are served from their precompiled form, builtin.py).
 
 Profiles ship with the package (`profiles/*.yaml`, selected by name) or come from a file path.
 The format is documented in docs/simulated-profiles.md; `load_profile` validates it and every error
@@ -7,21 +8,27 @@ names the field.
 
 from __future__ import annotations
 
+import uuid as uuidlib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
+from nvdp.backends.simulated.builtin import PROFILES_PACKAGE, builtin_profiles
+from nvdp.backends.simulated.checks import PCI_BUS_ID
+from nvdp.config.inputs import InputFileError, read_text_file
 from nvdp.core.devices import CONTROL_DEVICES
-from nvdp.errors import ConfigError, config_error_from
+from nvdp.errors import ConfigError, config_error_from, field_in
 
-PROFILES_PACKAGE = "nvdp.backends.simulated.profiles"
+__all__ = ["PROFILES_PACKAGE", "Profile", "builtin_profiles", "load_profile"]
 # The control nodes a simulated node has unless its profile says otherwise: those of the real H200
 # node in the fixtures, i.e. the candidates without /dev/nvidia-modeset (headless compute nodes
 # load no modeset driver).
 DEFAULT_CONTROL_DEVICES = tuple(p for p in CONTROL_DEVICES if p != "/dev/nvidia-modeset")
+# libyaml's parser when PyYAML has it, as for the config file.
+YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _Strict(BaseModel):
@@ -45,7 +52,7 @@ class MigDeviceSpec(_Strict):
 
 
 class MigSpec(_Strict):
-    enabled: bool = False
+    enabled: StrictBool = False
     devices: list[MigDeviceSpec] = Field(default_factory=list)
 
     @field_validator("devices", mode="before")
@@ -55,6 +62,25 @@ class MigSpec(_Strict):
         if isinstance(value, list):
             return [{"profile": v} if isinstance(v, str) else v for v in value]
         return value
+
+
+class FabricSpec(_Strict):
+    """A fabric-attached GPU's NVLink domain and clique (GB200 NVL72-like racks)."""
+
+    cluster_uuid: str
+    clique_id: int = Field(ge=0)
+
+    @field_validator("cluster_uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        return str(uuidlib.UUID(value))  # ValueError names a malformed UUID
+
+
+class VgpuSpec(_Strict):
+    """What a vGPU guest device's PCI capability says about the host's vGPU manager."""
+
+    host_driver_version: str
+    host_driver_branch: str
 
 
 class GpuSpec(_Strict):
@@ -68,6 +94,37 @@ class GpuSpec(_Strict):
     compute_capability: str | None = None
     numa_node: int | None = None
     mig: MigSpec | None = None
+    # GPU feature discovery's facts (docs/labels.md). mig_capable: default, the model has a MIG
+    # profile table or a mig block is given; pci_class: the sysfs class, default a 3D controller.
+    mig_capable: bool | None = None
+    pci_class: Annotated[int, Field(ge=0, le=0xFFFFFF)] | None = None
+    fabric: FabricSpec | None = None
+    vgpu: VgpuSpec | None = None
+
+    @field_validator("pci_class", mode="before")
+    @classmethod
+    def _hex_class(cls, value: Any) -> Any:
+        # Written as sysfs shows it ("0x030200") or as a YAML number.
+        if isinstance(value, str):
+            try:
+                return int(value, 16)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a PCI class such as 0x030200") from None
+        return value
+
+    @field_validator("pci_bus_id")
+    @classmethod
+    def _bus_id(cls, value: str | None) -> str | None:
+        if value is not None and not PCI_BUS_ID.fullmatch(value):
+            raise ValueError(f"{value!r} is not a PCI bus id like 00000000:3B:00.0 (domain:bus:device.function, hex)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_uuid_one_gpu(self) -> Self:
+        if self.uuid is not None and self.count > 1:
+            raise ValueError(f"uuid {self.uuid!r} with count {self.count}: a UUID names one GPU; give each GPU "
+                             "its own entry, or drop the uuid to get generated ones")
+        return self
 
 
 class NvlinkSpec(_Strict):
@@ -94,30 +151,30 @@ class Profile(_Strict):
     mig_minors_missing: list[str] = Field(default_factory=list)
 
 
-def builtin_profiles() -> list[str]:
-    return sorted(
-        p.name.removesuffix(".yaml")
-        for p in resources.files(PROFILES_PACKAGE).iterdir()
-        if p.name.endswith(".yaml")
-    )
-
-
-def load_profile(name_or_path: str) -> tuple[str, Profile]:
-    """A built-in profile by name, or a YAML file by path; errors name the field."""
+def load_profile(name_or_path: str, source: str = "--simulate") -> tuple[str, Profile]:
+    """A built-in profile by name, or a YAML file by path; errors name the field. `source` is how
+    the profile was given (`--simulate`, `NVDP_SIMULATE`, `flags.nvdp.simulate in <file>`)."""
     if name_or_path in builtin_profiles():
         label = name_or_path
         text = resources.files(PROFILES_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text()
     else:
         path = Path(name_or_path)
+        if path.is_dir():
+            raise ConfigError(source, f"{name_or_path} is a directory, not a profile file")
         if not path.is_file():
             raise ConfigError(
-                "--simulate",
+                source,
                 f"{name_or_path!r} is neither a built-in profile ({', '.join(builtin_profiles())}) nor a file",
             )
-        label, text = path.stem, path.read_text()
+        try:
+            label, text = path.stem, read_text_file(name_or_path)
+        except OSError as exc:
+            raise ConfigError(source, f"cannot read {name_or_path}: {exc.strerror or exc}") from exc
+        except InputFileError as exc:
+            raise ConfigError(source, str(exc)) from None
     try:
-        return label, Profile.model_validate(yaml.safe_load(text))
-    except (yaml.YAMLError, ValidationError) as exc:
-        if isinstance(exc, ValidationError):
-            raise config_error_from(exc, f"simulated profile {label}") from exc
+        return label, Profile.model_validate(yaml.load(text, Loader=YAML_LOADER))  # a safe loader
+    except ValidationError as exc:
+        raise config_error_from(exc, field_in(f"simulated profile {label}")) from exc
+    except yaml.YAMLError as exc:
         raise ConfigError(f"simulated profile {label}", f"not valid YAML: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The Kubernetes API edge: connection settings, the client calls, following a Node, Events."""
