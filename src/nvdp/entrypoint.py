@@ -7,7 +7,10 @@ config-manager sidecar finds the process to signal by that name, and a console s
 the interpreter there instead. Any other argv[0] runs the plugin (`nvdp.cli.image_main`).
 """
 
-from nvdp.cli import image_main
+from nvdp.app import early_signals
 
 if __name__ == "__main__":
+    early_signals.install()  # before the CLI and gRPC are imported (nvdp/launch.py says why)
+    from nvdp.cli import image_main
+
     image_main()

@@ -200,10 +200,10 @@ async def test_probes_flip_when_the_kubelet_goes_away(kubelet: FakeKubelet, make
         assert await readyz_turns(plugin, 200) == "[+]registered:nvidia.com/gpu ok\nok\n"
         assert (await get(plugin, "/healthz"))[0] == 200
 
-        await kubelet.stop()  # the kubelet dies: its ListAndWatch stream ends
+        await kubelet.stop()  # the kubelet dies: its ListAndWatch stream ends (and its kubelet.sock goes)
         await eventually(lambda: plugin.stats.open_streams(GPU) == 0, "no open ListAndWatch stream")
         status, body = await get(plugin, "/readyz")  # at once: the stream is the kubelet listening
-        assert status == 503 and "[-]registered:nvidia.com/gpu failed: registered, but the kubelet holds no" in body
+        assert status == 503 and "[-]registered:nvidia.com/gpu failed: " in body
         assert (await get(plugin, "/healthz"))[0] == 200  # the plugin itself is fine: no restart wanted
 
         await kubelet.restart()  # a new kubelet: folder wiped, kubelet.sock re-created

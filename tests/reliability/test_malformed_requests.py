@@ -205,16 +205,37 @@ def test_10000_valid_replica_ids_in_one_request(shared: Served, logs: LogWatch) 
     assert len(chosen.container_responses[0].deviceIDs) == 10_000
 
 
-def test_corrupt_bytes_are_refused_and_serving_goes_on(whole: Served, caplog: pytest.LogCaptureFixture) -> None:
+CORRUPT = {
+    "broken wire format": b"\xff\xff\xff\xff",
+    "trailing garbage": pb.RegisterRequest(version="v1beta1").SerializeToString() + b"\x00\x08",
+    "bad UTF-8 in a string field": b"\x0a\x04\x0a\x02\xff\xfe",  # container_requests[0] -> an ID of 2 bytes
+}
+
+
+def test_corrupt_requests_are_invalid_argument_with_one_log_line(
+    whole: Served, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
     caplog.set_level(logging.INFO)
-    raw: grpc.UnaryUnaryMultiCallable[bytes, bytes] = whole.channel.unary_unary("/v1beta1.DevicePlugin/Allocate")
-    for garbage in (b"\xff\xff\xff\xff", pb.RegisterRequest(version="v1beta1").SerializeToString() + b"\x00\x08"):
-        with pytest.raises(grpc.RpcError) as info:
-            raw(garbage, timeout=WAIT_S)
-        assert info.value.code() != grpc.StatusCode.OK
+    sent = 0
+    for method in ("Allocate", "GetPreferredAllocation"):
+        raw: grpc.UnaryUnaryMultiCallable[bytes, bytes] = whole.channel.unary_unary(f"/v1beta1.DevicePlugin/{method}")
+        for _ in range(10):
+            for what, garbage in CORRUPT.items():
+                with pytest.raises(grpc.RpcError) as info:
+                    raw(garbage, timeout=WAIT_S)
+                sent += 1
+                code, details = info.value.code(), info.value.details() or ""
+                expected = (grpc.StatusCode.INVALID_ARGUMENT, f"malformed {method} request")
+                assert (code, details.split(":")[0]) == expected, f"{what}: {code.name}: {details}"
+                assert "<class" not in details and "Exception" not in details, details
+        assert "bad UTF-8" in details  # the last one sent: the parser says what was wrong
     answer = whole.stub.Allocate(allocate([whole.ids[2]]), timeout=WAIT_S)
     assert answer.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == whole.ids[2]
-    assert [r for r in caplog.records if r.name.startswith("nvdp") and r.exc_info] == []
+    assert [r.getMessage() for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()] == []
+    assert "Traceback" not in capfd.readouterr().err
+    refused = [r for r in caplog.records if r.getMessage() == "malformed request refused"]
+    print(f"{sent} corrupt requests: {len(refused)} log lines")
+    assert sorted(getattr(r, "method", "") for r in refused) == ["Allocate", "GetPreferredAllocation"]  # one per method
 
 
 # --- generated requests ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ RANKS: Mapping[str, int] = {
     "errors": 0,
     "": 0,  # nvdp/__init__.py (__version__)
     "config": 1,
+    "unix_sockets": 1,  # nvdp/unix_sockets.py: the binding rules every socket follows (backends/ and kubelet/)
     "core": 2,
     "backends": 3,
     "ops": 4,
@@ -32,6 +33,7 @@ RANKS: Mapping[str, int] = {
     "tools": 7,
     "cli": 8,
     "entrypoint": 9,
+    "launch": 9,  # the console scripts' entry points (signal handlers before the CLI is imported)
     "__main__": 9,
 }
 # Third-party modules that only some folders may import.
@@ -47,8 +49,10 @@ ONLY: Mapping[str, frozenset[str]] = {
 }
 # The pure core: no servers, threads, sockets or subprocesses.
 CORE_FORBIDDEN = frozenset({"asyncio", "threading", "socket", "subprocess"})
-# Only the CLI reads the process's argv and environment (testing/process.py starts children with it).
-ENVIRON_READERS = frozenset({"nvdp.cli", "nvdp.testing.process"})
+# Only the CLI reads the process's argv and environment (launch.py looks for `serve` in argv before
+# the CLI is imported; testing/process.py starts children with it; testing/stalled_reader.py is
+# such a child's command line).
+ENVIRON_READERS = frozenset({"nvdp.cli", "nvdp.launch", "nvdp.testing.process", "nvdp.testing.stalled_reader"})
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,8 @@ async def test_registered_commands_may_be_async(backend: SimulatedBackend) -> No
 
 async def test_socket_round_trip_and_cleanup(backend: SimulatedBackend, plugin_dir: Path) -> None:
     path = str(plugin_dir / "control.sock")
-    (plugin_dir / "control.sock").write_text("stale")
+    with socket.socket(socket.AF_UNIX) as stale:  # a stale socket (nobody listens): replaced
+        stale.bind(path)
     server = ControlServer(path, context(backend))
     await server.start()
     try:

@@ -47,6 +47,7 @@ from nvdp.core.health import (
 )
 from nvdp.core.hygiene import dirty_reason
 from nvdp.errors import DeviceError, EventWaitError
+from nvdp.ops.repeated_log import RepeatedLog
 
 T = TypeVar("T")
 
@@ -199,6 +200,10 @@ class HealthMonitor:
         self._on_event = on_event
         self._on_timeout = on_timeout
         self.probes_run = 0
+        # An XID storm the policy ignores (e.g. XID 13 from a buggy app) would be a line per event:
+        # one line per kind and XID a minute, then the count (the metric counts every event).
+        self._ignored = RepeatedLog(log, logging.INFO, "health event ignored by policy",
+                                    "health events ignored by policy (repeats)")
         self._calls = DeadlineRunner(on_hung=on_timeout)
         self._events: _EventThread | None = None
         self._left_behind: list[_EventThread] = []  # event threads abandoned in a wait
@@ -252,6 +257,7 @@ class HealthMonitor:
                     tasks.create_task(self._watch_event_thread(source, node, loop, queue))
                 tasks.create_task(self._timers(source, gpus))
         finally:
+            self._ignored.flush(everything=True)
             await self._unsubscribe()
 
     # --- the event thread: subscribe, watch its waits, replace it when stuck -----------------------
@@ -369,9 +375,12 @@ class HealthMonitor:
             log.info("the driver's recovery action decides the XID's class", extra=_log_fields(
                 item.gpu, new.faults[_xid_key(item)].reason, item.xid, recovery_action=item.recovery_action))
         if new is self.state:
-            level = logging.DEBUG if item.kind is EventKind.ECC_CORRECTED else logging.INFO
-            log.log(level, "health event ignored by policy",
-                    extra=_log_fields(item.gpu, item.kind.value, item.xid))
+            fields = _log_fields(item.gpu, item.kind.value, item.xid)
+            if item.kind is EventKind.ECC_CORRECTED:  # routine on any GPU: debug only
+                log.debug("health event ignored by policy", extra=fields)
+            else:
+                self._ignored.note((item.kind, item.xid), fields,
+                                   {"reason": item.kind.value, "xid": fields["xid"]})
         self.state = new
 
     def _apply_wait(self, outcome: WaitOutcome, now: float) -> None:

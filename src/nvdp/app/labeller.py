@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TextIO
 
+from nvdp.app import early_signals
 from nvdp.app.discovery import BackendFactory, open_backend
 from nvdp.app.labels_output import LabelOutput, NodeFeatureClient, open_output
 from nvdp.backends.base import GpuBackend
@@ -130,6 +131,8 @@ class Labeller:
         for sig, handler in handlers.items():
             loop.add_signal_handler(sig, handler)
             cleanup.callback(loop.remove_signal_handler, sig)
+        if early_signals.take_reload():  # a SIGHUP during start-up (app/early_signals.py)
+            self.request_reload()
 
     def _open_backend(self) -> GpuBackend:
         try:

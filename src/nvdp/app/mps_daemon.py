@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nvdp.app import early_signals
 from nvdp.app.discovery import BackendFactory, discover_once, open_backend
 from nvdp.backends.mps import ComputeMode, MpsControl, is_mounted, mount_tmpfs
 from nvdp.config.options import Config
@@ -118,6 +119,8 @@ class ControlDaemon:
             for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
                                  (signal.SIGHUP, self.request_restart)):
                 loop.add_signal_handler(sig, handler)
+            if early_signals.take_reload():  # a SIGHUP during start-up (app/early_signals.py)
+                self.request_restart()
         try:
             while True:
                 daemons = await asyncio.to_thread(self._plan)

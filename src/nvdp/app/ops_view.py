@@ -10,6 +10,7 @@ from typing import Protocol
 from nvdp.app.health_monitor import HealthMonitor
 from nvdp.app.mps import MpsGate
 from nvdp.backends.base import GpuBackend
+from nvdp.config.options import Config
 from nvdp.core.devices import Node
 from nvdp.errors import DiscoveryError
 from nvdp.kubelet.liveness import answers
@@ -31,6 +32,8 @@ class Observed(Protocol):
     def backend(self) -> GpuBackend | None: ...
     @property
     def init_error(self) -> DiscoveryError | None: ...
+    @property
+    def cfg(self) -> Config: ...
     @property
     def health(self) -> HealthMonitor: ...
     @property
@@ -55,6 +58,7 @@ class PluginView:
             cuda_driver_version=node.cuda_driver_version if node is not None else 0,
             init_error=str(plugin.init_error) if plugin.init_error is not None else "",
             registers=manager.registers,
+            simulated=bool(plugin.cfg.simulate),
             nvml_stuck_threads=plugin.health.stuck_threads,
             mps=plugin.mps.status,
         )

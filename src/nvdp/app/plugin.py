@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from nvdp.app import early_signals, preflight
 from nvdp.app.cdi import SpecPublisher
 from nvdp.app.discovery import BackendFactory, discover, needs_new_backend, open_backend, plan
 from nvdp.app.health_monitor import DEFAULT_TUNING, HealthMonitor, HealthTask, PumpTuning
@@ -56,6 +57,12 @@ def unwrap_group(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def _restore_signal(loop: asyncio.AbstractEventLoop, sig: signal.Signals, before: Any) -> None:
+    loop.remove_signal_handler(sig)
+    if before is not None:
+        signal.signal(sig, before)
 
 
 class Request(enum.Enum):
@@ -133,6 +140,7 @@ class Plugin:
         self.init_error: DiscoveryError | None = None
         self.rescans = 0  # rescans that found a changed node and applied it
         self._requests: asyncio.Queue[Request] = asyncio.Queue()
+        self._stop_requested = asyncio.Event()
         self._tasks: asyncio.TaskGroup | None = None  # the root TaskGroup, while run() runs
         self._children: set[asyncio.Task[None]] = set()
         # One discovery-and-apply at a time: a slow rescan must not apply an older node over a reload.
@@ -162,38 +170,41 @@ class Plugin:
         self.stats.record_health_event(event.gpu, event.kind.value, event.xid, action)
 
     def stop(self) -> None:
+        self._stop_requested.set()
         self._requests.put_nowait(Request.STOP)
 
     def request_reload(self) -> None:
         self._requests.put_nowait(Request.RELOAD)
 
     async def run(self, handle_signals: bool = False) -> None:
-        log.info("Running with config", extra={"config": self.cfg.to_v1()})  # as upstream, in v1 names
         try:
             async with contextlib.AsyncExitStack() as resources:
-                if handle_signals:
+                if handle_signals:  # first: from here on a stop request also ends a start-up under way
                     self._handle_signals(resources)
+                log.info("Running with config", extra={"config": self.cfg.to_v1()})  # as upstream, in v1 names
+                preflight.check(self.cfg)  # before anything is opened: a ConfigError here touched nothing
+                preflight.announce(self.cfg)
                 resources.callback(self._close_backend)  # closed last, after every server stopped
                 resources.push_async_callback(self.manager.close)
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
                     # Discovery and planning first: a config error found there (a device list over
                     # the kubelet's limit) exits 2 before any listener is opened.
-                    await self._start()
-                    if self.cfg.metrics_address:
-                        from nvdp.ops.web import OpsServer
+                    if await self._start_unless_stopped():
+                        if self.cfg.metrics_address:
+                            from nvdp.ops.web import OpsServer
 
-                        listener = OpsServer(self.view, self.cfg.metrics_address)
-                        self.ops = await resources.enter_async_context(listener)
-                    if self.cfg.simulate_control:
-                        await self._open_control(self.cfg.simulate_control, resources)
-                    if self.cluster is not None:
-                        self._spawn(self.cluster.run(), "cluster-health")
-                    self._spawn(self.manager.keep_registered(), "registration")
-                    self._spawn(self.manager.watch_folder(), "folder-watch")
-                    self._spawn(self._rescan_periodically(), "rescan")
-                    self.started.set()
-                    await self._serve_until_stopped()
+                            listener = OpsServer(self.view, self.cfg.metrics_address)
+                            self.ops = await resources.enter_async_context(listener)
+                        if self.cfg.simulate_control:
+                            await self._open_control(self.cfg.simulate_control, resources)
+                        if self.cluster is not None:
+                            self._spawn(self.cluster.run(), "cluster-health")
+                        self._spawn(self.manager.keep_registered(), "registration")
+                        self._spawn(self.manager.watch_folder(), "folder-watch")
+                        self._spawn(self._rescan_periodically(), "rescan")
+                        self.started.set()
+                        await self._serve_until_stopped()
                     await self._health_task.stop()
                     for child in list(self._children):
                         child.cancel()
@@ -202,6 +213,23 @@ class Plugin:
         finally:
             self._tasks = None
             log.info("stopped")
+
+    async def _start_unless_stopped(self) -> bool:
+        """Start; a stop requested meanwhile cancels the start-up (a slow discovery's worker
+        thread finishes on its own) and returns False."""
+        start = asyncio.ensure_future(self._start())
+        stopped = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not start.done():
+            start.cancel()
+            await asyncio.wait({start})
+            log.info("stop requested during start-up; not serving")
+            return False
+        start.result()  # a start-up error propagates
+        return True
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         assert self._tasks is not None
@@ -214,8 +242,11 @@ class Plugin:
         loop = asyncio.get_running_loop()
         handlers = {signal.SIGTERM: self.stop, signal.SIGINT: self.stop, signal.SIGHUP: self.request_reload}
         for sig, handler in handlers.items():
+            before = signal.getsignal(sig)  # the console script's early handler, or the default
             loop.add_signal_handler(sig, handler)
-            resources.callback(loop.remove_signal_handler, sig)
+            resources.callback(_restore_signal, loop, sig, before)
+        if early_signals.take_reload():  # a SIGHUP during start-up (app/early_signals.py)
+            self.request_reload()
 
     def _close_backend(self) -> None:
         backend, self.backend = self.backend, None
@@ -381,7 +412,8 @@ class Plugin:
     async def _open_control(self, path: str, resources: contextlib.AsyncExitStack) -> None:
         from nvdp.backends.simulated.control import ControlContext, ControlServer
 
-        control = ControlServer(path, ControlContext(lambda: self.backend, self.request_reload, self.rescan))
+        control = ControlServer(path, ControlContext(lambda: self.backend, self.request_reload, self.rescan),
+                                kubelet_socket=self.cfg.kubelet_socket)
         await control.start()
         resources.push_async_callback(control.close)
 

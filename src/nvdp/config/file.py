@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 
 from nvdp.config.inputs import KUBELET_MAX_MESSAGE_BYTES, MAX_DEVICES, InputFileError, check_size
 from nvdp.config.options import (
+    FILE_REFUSED,
     GFD_OPTIONS,
     OPTIONS,
     DeviceSelection,
@@ -163,9 +164,11 @@ class _ConfigFile(_FileModel):
 def _struct_fields() -> dict[str, Any]:
     """The schema's struct fields as a tree of names, from the option tables plus the blocks."""
     tree: dict[str, Any] = {"version": {}, "flags": {}, "sharing": {"timeSlicing": {}, "mps": {}}, "imex": {}}
-    for opt in (*OPTIONS, *GFD_OPTIONS):
+    # refused keys (FILE_REFUSED): found as the others, then refused with an error by load()
+    keys = [*(opt.file_key for opt in (*OPTIONS, *GFD_OPTIONS) if opt.file_key), *FILE_REFUSED]
+    for key in keys:
         node = tree
-        for part in (opt.file_key or "").split(".") if opt.file_key else ():
+        for part in key.split("."):
             node = node.setdefault(part, {})
     return tree
 

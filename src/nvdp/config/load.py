@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nvdp.config.inputs import MAX_INPUT_BYTES, read_text_file
-from nvdp.config.options import OPTIONS, Config, Option, Sharing, XidOverride, flag_names
+from nvdp.config.options import FILE_REFUSED, OPTIONS, Config, Option, Sharing, XidOverride, flag_names
 from nvdp.config.parse import file_value, health_items, lookup, parse_text
 from nvdp.errors import ConfigError
 
@@ -59,6 +59,10 @@ def load(
         from nvdp.config.file import read_config_file
 
         doc, sharing, xid_overrides = read_config_file(config_file, read_text, sources["config_file"])
+        for key, flag in FILE_REFUSED.items():
+            if lookup(doc, key) is not None:
+                raise ConfigError(f"{key} in {config_file}", f"simulate mode is set only on the command line or "
+                                  f"in the environment ({flag}), never from the config file")
 
     for opt in options:
         if values[opt.field] is _UNSET:

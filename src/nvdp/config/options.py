@@ -110,8 +110,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_format", "log-format", "str", "text", ("NVDP_LOG_FORMAT",), "flags.nvdp.logFormat",
            choices=get_args(LogFormat), case_insensitive=True,
            help="log lines as key=value text or one JSON object each"),
-    Option("simulate", "simulate", "str", None, ("NVDP_SIMULATE",), "flags.nvdp.simulate",
-           help="run on a simulated node: a built-in profile name or a YAML file"),
+    # Simulate mode: from the command line or the environment only, never from the config file
+    # (FILE_REFUSED), so a ConfigMap cannot switch a node to fake GPUs; docs/simulated-profiles.md.
+    Option("simulate", "simulate", "str", None, ("NVDP_SIMULATE",),
+           help="run on a simulated node: a built-in profile name or a YAML file (not in the config file)"),
+    Option("simulate_on_real_kubelet", "simulate-on-real-kubelet", "bool", False, ("NVDP_SIMULATE_ON_REAL_KUBELET",),
+           help="allow --simulate with the default --kubelet-socket: the node's kubelet then advertises fake GPUs"),
     Option("mig_rescan_interval", "mig-rescan-interval", "float", 0.0, ("NVDP_MIG_RESCAN_INTERVAL",),
            "flags.nvdp.migRescanInterval",
            help="seconds between MIG layout rescans (changes are served without a restart); 0: only on SIGHUP"),
@@ -130,7 +134,7 @@ OPTIONS: tuple[Option, ...] = (
            ("NVDP_HEALTH_WAIT_ERROR_THRESHOLD",), "flags.nvdp.health.waitErrorThreshold",
            help="consecutive NVML event-wait failures before every device is marked unhealthy"),
     Option("simulate_control", "simulate-control", "str", None, ("NVDP_SIMULATE_CONTROL",),
-           "flags.nvdp.simulateControl", help="unix socket for fault injection into the simulated node"),
+           help="unix socket for fault injection into the simulated node (not in the config file)"),
     Option("cdi_spec_dir", "cdi-spec-dir", "str", "/var/run/cdi", ("NVDP_CDI_SPEC_DIR",), "flags.nvdp.cdiSpecDir",
            help="folder the CDI specs are written to with a cdi-* list strategy; empty: nvdp writes none"),
     # MPS (docs/sharing.md): the programs, as a path or a command line, and where this container
@@ -170,6 +174,13 @@ OPTIONS: tuple[Option, ...] = (
            ("NVDP_GPU_HYGIENE_MEMORY_THRESHOLD",), "flags.nvdp.health.hygieneMemoryThreshold",
            help="MiB of GPU memory in use above which --gpu-hygiene calls a GPU dirty"),
 )
+
+# Config-file keys refused with an error naming the flag to use instead: simulate mode is never
+# switched on from a file (they were accepted before; silently ignoring them would hide that).
+FILE_REFUSED: Mapping[str, str] = {
+    "flags.nvdp.simulate": "--simulate",
+    "flags.nvdp.simulateControl": "--simulate-control",
+}
 
 OPTIONS_BY_FIELD: Mapping[str, Option] = {o.field: o for o in OPTIONS}
 
@@ -310,6 +321,7 @@ class Config:
     metrics_address: str = _default("metrics_address")
     log_format: LogFormat = _default("log_format")
     simulate: str | None = _default("simulate")
+    simulate_on_real_kubelet: bool = _default("simulate_on_real_kubelet")
     mig_rescan_interval: float = _default("mig_rescan_interval")
     log_level: LogLevel = _default("log_level")
     disable_healthchecks: tuple[str, ...] = _default("disable_healthchecks")

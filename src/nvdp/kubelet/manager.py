@@ -14,12 +14,14 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from nvdp import unix_sockets
 from nvdp.core.backoff import Backoff
 from nvdp.core.devices import DeviceTree, Resource, diff
 from nvdp.errors import RegistrationError, ServeError
 from nvdp.kubelet._proto import api_pb2 as pb
-from nvdp.kubelet.registration import REGISTER_TIMEOUT_S, register
+from nvdp.kubelet.registration import REGISTER_TIMEOUT_S, FolderWatch, register
 from nvdp.kubelet.server import ResourceServer, ServingContext
 from nvdp.ops.logs import LogOnce
 
@@ -44,6 +46,13 @@ class RetryPolicy:
     def delay(self, failures: int) -> float:
         """The wait after `failures` consecutive failures (1 = the first)."""
         return Backoff(self.first_s, self.max_s).delay(failures)
+
+
+class KubeletMark(NamedTuple):
+    """kubelet.sock at one moment: which file it is, and how many creations of it had been seen."""
+
+    identity: unix_sockets.Identity | None
+    creations: int
 
 
 ServerFactory = Callable[[Resource, ServingContext, str], ResourceServer]
@@ -76,7 +85,12 @@ class Manager:
         self.socket_dir = socket_dir or os.path.dirname(kubelet_socket) or DEFAULT_SOCKET_DIR
         self.context = context
         self.servers: dict[str, ResourceServer] = {}
-        self.registered: set[str] = set()
+        # Registered resources -> what kubelet.sock was when their Register was dialled: a
+        # kubelet.sock that is not that any more (gone, another file, or created again since, as
+        # the folder watch saw) means not registered.
+        self._registered_with: dict[str, KubeletMark] = {}
+        self._watch: FolderWatch | None = None  # while watch_folder runs
+        self._kubelet_creations = 0  # kubelet.sock creations the folder watch saw
         self.registrations = 0  # successful Register calls, for metrics
         self.registration_failures = 0
         self.kubelet_restarts = 0
@@ -88,7 +102,6 @@ class Manager:
         # apply, check_sockets and close each await server starts and stops: one at a time, so a
         # folder event never iterates the servers while a reload adds one, nor restarts a stopped one.
         self._servers_lock = asyncio.Lock()
-        self._kubelet_identity: tuple[int, int] | None = None
         self._registration_failure = LogOnce()
         self._serve_failures = LogOnce()  # per resource: the last ServeError logged
         self._new_server = server_factory
@@ -104,6 +117,11 @@ class Manager:
         return {
             str(name): why for name, why in self._serve_failures.items() if not self.servers[str(name)].serving
         }
+
+    @property
+    def registered(self) -> set[str]:
+        """The resources registered with the kubelet that listens on kubelet.sock now (as far as known)."""
+        return set(self._registered_with)
 
     @property
     def registers(self) -> bool:
@@ -126,7 +144,7 @@ class Manager:
         change = diff(previous, tree)
         for name in change.removed:
             await self.servers.pop(name).stop()
-            self.registered.discard(name)
+            self._registered_with.pop(name, None)
             self._serve_failures.forget(name)
             log.info("resource removed", extra={"resource": name})
         for name, server in self.servers.items():
@@ -147,17 +165,20 @@ class Manager:
 
     async def close(self) -> None:
         async with self._servers_lock:
-            for server in self.servers.values():
-                await server.stop()
+            # Together: each stop has its own deadline, so closing takes one deadline, not one per resource.
+            await asyncio.gather(*(server.stop() for server in self.servers.values()))
             self.servers.clear()
-            self.registered.clear()
+            self._registered_with.clear()
 
-    def _kubelet_socket_identity(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.kubelet_socket)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_ctime_ns)
+    def _kubelet_mark(self) -> KubeletMark:
+        """What kubelet.sock is now: its identity (None when absent) and how many times the folder
+        watch saw it created. The identity alone is not enough: a socket re-created within the
+        same clock tick can get the freed inode number back and the same ctime."""
+        if self._watch is not None:
+            created = self._watch.created()
+            if os.path.basename(self.kubelet_socket) in created or FolderWatch.OVERFLOW in created:
+                self._kubelet_creations += 1
+        return KubeletMark(unix_sockets.identity(self.kubelet_socket), self._kubelet_creations)
 
     async def check_sockets(self) -> None:
         """After a change in the folder: serve again where our socket vanished; re-register all
@@ -172,8 +193,8 @@ class Manager:
         for name, server in self.servers.items():
             if not server.socket_alive():
                 if server.serving:
-                    log.info("socket removed, serving again", extra={"resource": name})
-                self.registered.discard(name)
+                    log.info("socket removed or replaced, serving again", extra={"resource": name})
+                self._registered_with.pop(name, None)
                 try:
                     await server.restart()
                 except ServeError as exc:  # retried on the next folder event or poll
@@ -181,23 +202,27 @@ class Manager:
                     continue
                 self._serve_failures.forget(name)
                 restarted = True
-        identity = self._kubelet_socket_identity()
-        if identity is not None and self._kubelet_identity is not None and identity != self._kubelet_identity:
-            log.info("kubelet restarted", extra={"socket": self.kubelet_socket})
-            self._kubelet_identity = identity  # one restart, however many folder events it causes
-            self.kubelet_restarts += 1
-            self.registered.clear()
+        mark = self._kubelet_mark()
+        stale = [name for name, dialled in self._registered_with.items() if dialled != mark]
+        if stale:  # kubelet.sock is gone or is a new file: the kubelet that knew us is gone
+            log.info("kubelet restarted", extra={"socket": self.kubelet_socket,
+                                                 "kubelet_sock": "gone" if mark.identity is None else "new"})
+            self.kubelet_restarts += 1  # once: the registrations are forgotten, later events find none
+            for name in stale:
+                del self._registered_with[name]
             restarted = True
-        if restarted or (identity is not None and not self.all_registered):
+        if restarted or (mark.identity is not None and not self.all_registered):
             self._wake.set()
 
     async def watch_folder(self) -> None:
         if not self.registers:
             return  # no kubelet to notice restarting, nothing to register again
-        from nvdp.kubelet.registration import folder_changes
-
-        async for _ in folder_changes(self.socket_dir):
-            await self.check_sockets()
+        self._watch = FolderWatch(self.socket_dir)
+        try:
+            async for _ in self._watch.changes():
+                await self.check_sockets()
+        finally:
+            self._watch = None
 
     async def keep_registered(self) -> None:
         """Runs forever: register every served resource that is not registered yet."""
@@ -211,10 +236,15 @@ class Manager:
             delay: float | None = None
             pending = [s for n, s in self.servers.items() if n not in self.registered and s.serving]
             for server in pending:
+                dialled = self._kubelet_mark()  # before dialling: whoever answers is this kubelet or a later one
                 try:
                     await self._register(
                         self.kubelet_socket, server.name, os.path.basename(server.socket_path), server.options()
                     )
+                    if dialled.identity is None or self._kubelet_mark() != dialled:
+                        # kubelet.sock changed while Register was in flight: the kubelet that said
+                        # yes may be gone already, so this does not count; register again.
+                        raise RegistrationError(f"kubelet socket {self.kubelet_socket} changed during Register")
                 except RegistrationError as exc:
                     if self._registration_failure.first(str(exc)):
                         log.warning("registration failed, retrying with back-off", extra={"error": str(exc)})
@@ -224,9 +254,8 @@ class Manager:
                     break
                 if self.servers.get(server.name) is not server:
                     continue  # stopped (or replaced) while Register was in flight: not registered
-                self.registered.add(server.name)
+                self._registered_with[server.name] = dialled
                 self.registrations += 1
-                self._kubelet_identity = self._kubelet_socket_identity()
                 self._registration_failure.forget()
                 failures = 0
                 log.info("registered with the kubelet", extra={"resource": server.name})

@@ -7,9 +7,11 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
+from nvdp import unix_sockets
 from nvdp.errors import RegistrationError
 from nvdp.kubelet._proto import api_pb2 as pb
 from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
@@ -28,8 +30,14 @@ async def register(
     timeout: float = REGISTER_TIMEOUT_S,
 ) -> None:
     """Register one resource; raises RegistrationError when the kubelet is absent or refuses."""
-    if not os.path.exists(kubelet_socket):
+    try:
+        what = unix_sockets.kind(kubelet_socket)
+    except OSError as exc:
+        raise RegistrationError(f"cannot check kubelet socket {kubelet_socket}: {exc.strerror or exc}") from exc
+    if what is None:
         raise RegistrationError(f"kubelet socket {kubelet_socket} does not exist")
+    if what != "a socket":  # dialling a file or a folder would only time out, saying nothing useful
+        raise RegistrationError(f"kubelet socket {kubelet_socket} is {what}, not a socket (is --kubelet-socket right?)")
     request = pb.RegisterRequest(
         version=API_VERSION, endpoint=endpoint, resource_name=resource_name, options=options
     )
@@ -56,42 +64,73 @@ async def kubelet_answers(kubelet_socket: str, timeout: float) -> bool:
     return True
 
 
-async def folder_changes(folder: str, poll_interval: float = 1.0) -> AsyncIterator[None]:
-    """Yield whenever a file is created or deleted in `folder` (the kubelet's restart signal).
+class FolderWatch:
+    """Wake-ups whenever a file is created or deleted in `folder` (the kubelet's restart signal),
+    and the names created since the last look.
 
     inotify gives sub-millisecond notice; a slow poll backs it up for the cases inotify misses
-    (the folder itself deleted and re-created). Consumers re-check the state on every yield, so a
-    spurious wake-up is harmless.
+    (the folder itself deleted and re-created). Consumers re-check the state on every wake-up, so
+    a spurious one is harmless. `created()` returns the names created (or moved in) since it was
+    last called, reading the pending events first, so a caller that looks just before dialling
+    the kubelet knows which kubelet.sock creations happened before that moment. A queue overflow
+    (events lost) counts as every name created (`OVERFLOW` is in the answer).
+
+    Resource handling: open on entering `changes()`, closed when the iteration ends.
     """
-    from inotify_simple import INotify, flags
 
-    loop = asyncio.get_running_loop()
-    woken = asyncio.Event()
-    inotify = INotify()
-    watch: int | None = None
-    mask = flags.CREATE | flags.DELETE | flags.MOVED_TO | flags.DELETE_SELF
+    OVERFLOW = "*"
 
-    def on_readable() -> None:
-        for _event in inotify.read(timeout=0):
-            pass
-        woken.set()
+    def __init__(self, folder: str, poll_interval: float = 1.0) -> None:
+        self.folder = folder
+        self.poll_interval = poll_interval
+        self._inotify: Any = None
+        self._created: list[str] = []
+        self._woken = asyncio.Event()
 
-    def ensure_watch() -> None:
-        nonlocal watch
-        if os.path.isdir(folder):
+    def created(self) -> list[str]:
+        self._read()
+        names, self._created = self._created, []
+        return names
+
+    def _read(self) -> None:
+        if self._inotify is None:
+            return
+        from inotify_simple import flags
+
+        for event in self._inotify.read(timeout=0):
+            self._woken.set()  # whoever read it, the consumer re-checks the folder
+            if event.mask & flags.Q_OVERFLOW:
+                self._created.append(self.OVERFLOW)
+            elif event.mask & (flags.CREATE | flags.MOVED_TO):
+                self._created.append(event.name)
+
+    def _on_readable(self) -> None:
+        self._read()
+        self._woken.set()
+
+    def _ensure_watch(self) -> None:
+        from inotify_simple import flags
+
+        if os.path.isdir(self.folder):
             with contextlib.suppress(OSError):
-                watch = inotify.add_watch(folder, mask)
+                self._inotify.add_watch(self.folder, flags.CREATE | flags.DELETE | flags.MOVED_TO | flags.DELETE_SELF)
 
-    ensure_watch()
-    loop.add_reader(inotify.fileno(), on_readable)
-    try:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(poll_interval):
-                    await woken.wait()
-            woken.clear()
-            ensure_watch()  # re-arms after the folder was removed and created again
-            yield
-    finally:
-        loop.remove_reader(inotify.fileno())
-        inotify.close()
+    async def changes(self) -> AsyncIterator[None]:
+        from inotify_simple import INotify
+
+        loop = asyncio.get_running_loop()
+        self._inotify = INotify()
+        self._ensure_watch()
+        loop.add_reader(self._inotify.fileno(), self._on_readable)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_interval):
+                        await self._woken.wait()
+                self._woken.clear()
+                self._ensure_watch()  # re-arms after the folder was removed and created again
+                yield
+        finally:
+            loop.remove_reader(self._inotify.fileno())
+            self._inotify.close()
+            self._inotify = None

@@ -8,9 +8,9 @@ nothing outside kubelet/ (and the shipped fakes in testing/) does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from nvdp import unix_sockets
 from nvdp.config.inputs import KUBELET_MAX_MESSAGE_BYTES as KUBELET_MAX_MESSAGE_BYTES  # re-exported
 from nvdp.config.options import Config
 from nvdp.core.allocation import preferred
@@ -26,10 +27,16 @@ from nvdp.core.devices import Device, Health, Resource, Topology
 from nvdp.errors import AllocationError, ServeError
 from nvdp.kubelet._proto import api_pb2 as pb
 from nvdp.kubelet._proto import api_pb2_grpc as pb_grpc
+from nvdp.kubelet.malformed import MalformedRequests
 
 log = logging.getLogger("nvdp.server")  # stable name: operators filter on it
 Context = grpc.aio.ServicerContext[Any, Any]
 AllocateHook = Callable[[str, Sequence[str], Exception | None], None]
+# Stopping: calls get STOP_GRACE_S to finish; after that the connections still open are closed
+# from our side (a client that stopped reading keeps grpc.aio's stop waiting forever otherwise),
+# and `stop()` returns by STOP_DEADLINE_S whatever the clients do.
+STOP_GRACE_S = 0.5
+STOP_DEADLINE_S = STOP_GRACE_S + 1.0
 # PreStartContainer's check (--gpu-hygiene): the resource and the device IDs the container gets;
 # None to let it start, else why not (the kubelet fails the container start with that text).
 PreStartHook = Callable[[Resource, Sequence[str]], Awaitable[str | None]]
@@ -90,8 +97,12 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     Every open ListAndWatch stream sends the full list, then waits for the next version, so any
     number of streams (the kubelet holds one; tools may hold more) all see the latest state.
 
-    Resource handling: `start()` removes a stale socket file, binds and starts the gRPC server;
-    `stop()` ends every stream, stops the server and removes the socket file.
+    Resource handling: `start()` replaces a stale socket (never anything else: a file or folder
+    at the path is a ServeError), binds 0600 and starts the gRPC server; `stop()` ends every
+    stream, stops the server within STOP_DEADLINE_S and removes the socket if it is still ours.
+
+    Memory: a stream sends only the latest list and gRPC takes one write at a time, so a client
+    that stops reading holds at most the list in flight, however many updates follow.
     """
 
     def __init__(
@@ -114,10 +125,14 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self._message: tuple[int, pb.ListAndWatchResponse] | None = None  # (version, list message)
         self._too_large = False
         self._server: grpc.aio.Server | None = None
+        self._identity: unix_sockets.Identity | None = None  # the socket we bound
         self._stopping = False
+        self._writing: set[asyncio.Task[Any]] = set()  # stream handlers with a list handed to gRPC
+        self._left_behind: set[asyncio.Future[None]] = set()  # stops that missed the deadline
         self._on_allocate = on_allocate
         self._pre_start = pre_start
-        self._interceptors = tuple(interceptors)
+        # Innermost: a request that does not decode is refused before any handler (or metrics) sees it.
+        self._interceptors = (*interceptors, MalformedRequests(resource.name))
         self._answers: dict[tuple[tuple[str, ...], ...], pb.AllocateResponse] = {}
         self._answers_for: tuple[int, Resource, ServingContext] | None = None  # what they were built from
 
@@ -145,40 +160,65 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
             self._changed.notify_all()
 
     def socket_alive(self) -> bool:
-        return self._server is not None and os.path.exists(self.socket_path)
+        """Serving, and the path is still our socket (not deleted, nor replaced by another file)."""
+        return self._server is not None and unix_sockets.is_ours(self.socket_path, self._identity)
 
     @property
     def serving(self) -> bool:
         return self._server is not None
 
     async def start(self) -> None:
-        """Raises ServeError when the socket cannot be bound (folder missing or read-only)."""
+        """Raises ServeError when the socket cannot be bound (folder missing or read-only, or
+        something other than a socket at the path)."""
+        problem = unix_sockets.replace_problem(self.socket_path)
+        if problem is not None:
+            raise ServeError(f"cannot serve {self.name}: {problem}")
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)  # a stale socket from an earlier run
+            unix_sockets.remove_stale(self.socket_path)  # from an earlier run
         except OSError as exc:
             raise ServeError(f"cannot serve {self.name} on {self.socket_path}: {exc}") from exc
         self._stopping = False
         server = grpc.aio.server(interceptors=self._interceptors)
         pb_grpc.add_DevicePluginServicer_to_server(self, server)
         try:
-            server.add_insecure_port(f"unix://{self.socket_path}")
-        except RuntimeError as exc:  # grpc says only "Failed to bind"; the folder is the usual cause
+            with unix_sockets.private_umask():
+                server.add_insecure_port(f"unix://{self.socket_path}")
+            self._identity = unix_sockets.bound(self.socket_path)
+        except (RuntimeError, OSError) as exc:  # grpc says only "Failed to bind"; the folder is the usual cause
             why = "the folder is missing" if not os.path.isdir(os.path.dirname(self.socket_path)) else exc
             raise ServeError(f"cannot serve {self.name} on {self.socket_path}: {why}") from exc
+        self._server = server  # before awaiting: a stop during start stops this server too
         await server.start()
-        self._server = server
         log.info("serving", extra={"resource": self.name, "socket": self.socket_path})
 
     async def stop(self) -> None:
         server, self._server = self._server, None
         async with self._changed:
             self._stopping = True
-            self._changed.notify_all()
+            self._changed.notify_all()  # streams waiting for news end now
         if server is not None:
-            await server.stop(grace=0.5)
-        with contextlib.suppress(OSError):  # gone already, or not ours to remove (start() says why)
-            os.unlink(self.socket_path)
+            for handler in list(self._writing):  # blocked in a write: they would never see `_stopping`
+                handler.cancel()
+            await self._stop_within_deadline(server)
+        ours, self._identity = self._identity, None
+        unix_sockets.remove_if_ours(self.socket_path, ours)  # not a socket someone else bound since
+
+    async def _stop_within_deadline(self, server: grpc.aio.Server) -> None:
+        """grpc.aio's stop waits until every connection is gone, and a connection whose client
+        stopped reading never goes while its write is stuck: after the grace, close what is left."""
+        stopping = asyncio.ensure_future(server.stop(grace=STOP_GRACE_S))
+        start = time.monotonic()
+        done, _ = await asyncio.wait({stopping}, timeout=STOP_GRACE_S + 0.1)
+        if not done:
+            closed = unix_sockets.close_connections(self.socket_path)
+            log.warning("a client did not let the server stop (it stopped reading?); its connection was closed",
+                        extra={"resource": self.name, "connections": closed})
+            done, _ = await asyncio.wait({stopping}, timeout=max(0.0, STOP_DEADLINE_S - (time.monotonic() - start)))
+        if not done:
+            log.error("the gRPC server did not stop in time; serving goes on without it",
+                      extra={"resource": self.name, "deadline_s": STOP_DEADLINE_S})
+            self._left_behind.add(stopping)  # keep a reference until it finishes on its own
+            stopping.add_done_callback(self._left_behind.discard)
 
     async def restart(self) -> None:
         """Serve again on a fresh socket (ours was deleted by a kubelet restart)."""
@@ -220,6 +260,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self, request: pb.Empty, context: Context
     ) -> AsyncIterator[pb.ListAndWatchResponse]:
         sent = -1
+        handler = asyncio.current_task()
+        assert handler is not None
         while True:
             async with self._changed:
                 await self._changed.wait_for(partial(self._has_news, sent))
@@ -227,7 +269,11 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
                     return
                 sent = self.version
                 message = self.list_message()
-            yield message
+            self._writing.add(handler)
+            try:
+                yield message  # returns once gRPC took the message: never, for a client that stopped reading
+            finally:
+                self._writing.discard(handler)
 
     async def GetPreferredAllocation(
         self, request: pb.PreferredAllocationRequest, context: Context

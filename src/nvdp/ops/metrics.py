@@ -74,9 +74,10 @@ class PluginCollector(Collector):
         yield from self._grpc(state.stats)
 
     def _info(self, state: PluginState) -> Iterator[Metric]:
-        build = GaugeMetricFamily(BUILD_INFO, "nvdp version and Python version (value 1)",
-                                  labels=["version", "python_version"])
-        build.add_metric([__version__, platform.python_version()], 1)
+        build = GaugeMetricFamily(BUILD_INFO, 'nvdp version and Python version; simulated="true" on a simulated '
+                                  "node (fake GPUs, --simulate) (value 1)",
+                                  labels=["version", "python_version", "simulated"])
+        build.add_metric([__version__, platform.python_version(), "true" if state.simulated else "false"], 1)
         yield build
         node = GaugeMetricFamily(NODE_INFO, "the discovery backend and driver versions (value 1)",
                                  labels=["backend", "driver_version", "cuda_driver_version"])

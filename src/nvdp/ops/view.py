@@ -38,6 +38,7 @@ class PluginState:
     cuda_driver_version: int = 0
     init_error: str = ""  # why initialisation failed, while idling with fail-on-init-error=false
     registers: bool = True  # False with an empty --kubelet-socket: serving is all there is to do
+    simulated: bool = False  # --simulate: the GPUs are fake
     nvml_stuck_threads: int = 0  # threads still inside an NVML call that passed its deadline
     # MPS resources -> "" while their control daemon answers, else why they are held back (not served)
     mps: Mapping[str, str] = field(default_factory=dict)

@@ -6,6 +6,7 @@ and crash recovery are measured on exactly that (not on an in-process `Plugin`).
 Resource handling: `start()` spawns the child with stdout/stderr going to a log file in the
 folder; `stop()` sends SIGTERM (SIGKILL after a timeout) and waits; `kill()` sends SIGKILL and
 leaves the socket files behind, as a crash would. Use `async with` to never leak a child.
+`StalledReader` is a ListAndWatch client in a child process that stops reading (SIGSTOP).
 """
 
 from __future__ import annotations
@@ -136,3 +137,53 @@ class PluginProcess:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of /proc/<pid>/stat: R running, S sleeping, T stopped, Z zombie..."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[0]  # the command name (in parentheses) may hold spaces
+
+
+class StalledReader:
+    """A ListAndWatch client (`python -m nvdp.testing.stalled_reader`) that reads `messages`
+    messages and then stops itself with SIGSTOP, keeping its connection open and unread.
+
+    Resource handling: `start()` returns once the child is stopped; `kill()` (or leaving the
+    `async with`) sends SIGKILL, which also ends a stopped process, and reaps it.
+    """
+
+    def __init__(self, socket_path: str, messages: int = 1) -> None:
+        self.socket_path = socket_path
+        self.messages = messages
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 30.0) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "nvdp.testing.stalled_reader", self.socket_path, str(self.messages),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert self.process.stdout is not None
+        async with asyncio.timeout(timeout):
+            line = await self.process.stdout.readline()
+            if line.strip() != b"stalled":
+                raise RuntimeError(f"the stalled reader exited before stalling: {line!r}")
+            while process_state(self.process.pid) != "T":
+                await asyncio.sleep(0.005)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGCONT)
+
+    async def kill(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    async def __aenter__(self) -> StalledReader:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()

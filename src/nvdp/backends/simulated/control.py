@@ -3,7 +3,13 @@
 Protocol (kept trivial on purpose): a unix stream socket; each request is one JSON object on one
 line with a "command" field and the command's arguments; each reply is one JSON object on one
 line, `{"ok": true, "message": ...}` or `{"ok": false, "error": ...}`. A connection may carry any
-number of requests. `nvdp simulate inject --control PATH ...` is the command-line client.
+number of requests; a line may be up to `MAX_LINE_BYTES` long (a longer one is answered with an
+error naming the limit, and the connection goes on). `nvdp simulate inject --control PATH ...` is
+the command-line client.
+
+The socket is created 0600 and replaces only a stale socket: a file, a folder, the kubelet's
+socket or a socket something listens on is refused (`path_problem`, checked before the plugin
+opens anything); on close it is removed only if it is still ours.
 
 Commands live in `COMMANDS`; adding one is a function decorated with `@command("name")` that
 takes the `ControlContext` and the request's `Args` and returns the reply fields.
@@ -23,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nvdp import unix_sockets
 from nvdp.backends.simulated.backend import SimulatedBackend
 from nvdp.core.mig import describe_layout
 from nvdp.core.xid_policy import RecoveryAction, recovery_label
@@ -31,6 +38,10 @@ from nvdp.errors import ConfigError, PluginError
 log = logging.getLogger("nvdp.simcontrol")  # stable name: operators filter on it
 
 Reply = dict[str, Any]
+# The largest legitimate request is a mig-layout listing many devices: 10,000 profile names are
+# about 110 KB. asyncio's default (64 KiB) dropped such a line with a traceback.
+MAX_LINE_BYTES = 1024 * 1024
+FLAG = "--simulate-control"
 
 
 class ControlError(Exception):
@@ -220,6 +231,17 @@ async def handle(context: ControlContext, line: bytes) -> Reply:
         return {"ok": False, "error": str(exc)}
 
 
+def path_problem(path: str, kubelet_socket: str = "") -> str | None:
+    """Why the control socket must not be bound at `path`, None when it may (nothing there, or a
+    stale socket nobody listens on)."""
+    if kubelet_socket and os.path.abspath(path) == os.path.abspath(kubelet_socket):
+        return f"{path} is the kubelet's socket (--kubelet-socket); pick another path"
+    problem = unix_sockets.replace_problem(path)
+    if problem is None and unix_sockets.is_listening(path):
+        problem = f"{path} is a socket another process listens on; pick another path"
+    return problem
+
+
 def check_socket_path(path: str, field: str = "--simulate-control") -> None:
     """Refuse, before anything starts, a control socket path that cannot work: a directory, an
     existing file that is not a socket (it would be deleted), or a folder that does not exist."""
@@ -239,19 +261,32 @@ def check_socket_path(path: str, field: str = "--simulate-control") -> None:
 
 
 class ControlServer:
-    """Resource handling: `start()` replaces a stale socket file and listens; `close()` closes
-    every connection and removes the socket file."""
+    """Resource handling: `start()` replaces a stale socket file (ConfigError for anything else
+    at the path) and listens; `close()` closes every connection and removes the socket file if
+    it is still ours."""
 
-    def __init__(self, path: str, context: ControlContext) -> None:
+    def __init__(self, path: str, context: ControlContext, kubelet_socket: str = "") -> None:
         self.path = path
         self.context = context
+        self.kubelet_socket = kubelet_socket
         self._server: asyncio.Server | None = None
+        self._identity: unix_sockets.Identity | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        problem = path_problem(self.path, self.kubelet_socket)
+        if problem is not None:
+            raise ConfigError(FLAG, problem)
+        unix_sockets.remove_stale(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with unix_sockets.private_umask():
+                sock.bind(self.path)
+            self._identity = unix_sockets.bound(self.path)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE_BYTES)
+        except BaseException:
+            sock.close()
+            raise
         log.info("fault-injection control socket open", extra={"socket": self.path})
 
     async def close(self) -> None:
@@ -263,14 +298,14 @@ class ControlServer:
             writer.close()
         with contextlib.suppress(Exception):
             await server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        ours, self._identity = self._identity, None
+        unix_sockets.remove_if_ours(self.path, ours)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         try:
-            while line := await reader.readline():
-                reply = await handle(self.context, line)
+            while line := await read_line(reader):
+                reply = await handle(self.context, line) if line is not TOO_LONG else TOO_LONG_REPLY
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -278,6 +313,30 @@ class ControlServer:
         finally:
             self._writers.discard(writer)
             writer.close()
+
+
+TOO_LONG = b"<too long>"  # what read_line returns for a line over the reader's limit
+TOO_LONG_REPLY: Reply = {"ok": False, "error": f"request line longer than {MAX_LINE_BYTES} bytes "
+                         "(1 MiB, the control socket's limit); nothing was done"}
+
+
+async def read_line(reader: asyncio.StreamReader) -> bytes:
+    """The next line (b"" at the end of the stream), or TOO_LONG for a line over the limit, whose
+    rest is read and dropped so that the next request starts on a line of its own."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial  # the last line had no newline (or nothing came)
+    except asyncio.LimitOverrunError:
+        pass
+    while True:  # drop what the reader holds, up to and including the newline
+        try:
+            await reader.readuntil(b"\n")
+            return TOO_LONG
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+        except asyncio.IncompleteReadError:
+            return TOO_LONG
 
 
 def request(path: str, message: Mapping[str, Any], timeout: float = 5.0) -> Reply:
