@@ -346,3 +346,35 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   value: /config/config.yaml
 {{- end }}
 {{- end -}}
+
+{{/* The config-map key GPU feature discovery reads (daemonset-gfd.yaml), "" for none; the plugin's
+     pod picks its key per node with the config-manager instead. Restored after the merge of the
+     per-node configuration work dropped it while GFD still used it (gfd.enabled failed to render). Inline maps are resolved here, at render
+     time (config.default, then config.fallbackStrategies); an external ConfigMap cannot be
+     inspected, so config.default or else "default" is used. */}}
+{{- define "nvidia-device-plugin.configKey" -}}
+{{- $c := .Values.config -}}
+{{- if $c.default -}}
+{{- $c.default -}}
+{{- else if $c.name -}}
+default
+{{- else if $c.map -}}
+{{- $key := "" -}}
+{{- $done := false -}}
+{{- range $c.fallbackStrategies -}}
+{{- if not $done -}}
+{{- if and (eq . "named") (hasKey $c.map "default") -}}
+{{- $key = "default" -}}{{- $done = true -}}
+{{- else if and (eq . "single") (eq (len $c.map) 1) -}}
+{{- $key = keys $c.map | first -}}{{- $done = true -}}
+{{- else if eq . "empty" -}}
+{{- $done = true -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if not $done -}}
+{{- fail (printf "config.map has %d entries and none was chosen: set config.default to one of %s" (len $c.map) (keys $c.map | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- $key -}}
+{{- end -}}
+{{- end -}}
