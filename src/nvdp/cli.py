@@ -165,9 +165,11 @@ def _serve(cli_values: dict[str, Any], backend_factory: BackendFactory | None = 
     cluster_api = None
     if cfg.cluster_health:
         from nvdp.app.cluster_api import open_cluster_api
+        from nvdp.kube.connection import client_config
 
-        try:
-            cluster_api = open_cluster_api(cfg)
+        try:  # as the config-manager: KUBECONFIG / --kubeconfig, else the in-cluster service account
+            cluster_api = open_cluster_api(client_config(cfg.kubeconfig, os.environ.get("KUBERNETES_SERVICE_HOST"),
+                                                         os.environ.get("KUBERNETES_SERVICE_PORT")))
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_CONFIG_ERROR)
@@ -198,12 +200,26 @@ def _serve(cli_values: dict[str, Any], backend_factory: BackendFactory | None = 
 
 def _labels(cli_values: dict[str, Any]) -> None:
     from nvdp.app.labeller import Labeller
+    from nvdp.app.labels_output import NodeFeatureClient
     from nvdp.ops import logs
 
     _early_logging(cli_values)
     cfg = _config_or_exit(cli_values, GFD_OPTIONS)
     logs.setup(cfg.log_level, fmt=cfg.log_format)
-    labeller = Labeller(cfg, reload_config=lambda: resolve(cli_values, GFD_OPTIONS))
+    def node_feature_client(cfg: Config) -> NodeFeatureClient:  # only with --use-node-feature-api=true
+        from nvdp.app.nodefeature_client import KubeNodeFeatureClient
+        from nvdp.kube.connection import client_config
+
+        try:
+            config = client_config(cfg.kubeconfig, os.environ.get("KUBERNETES_SERVICE_HOST"),
+                                   os.environ.get("KUBERNETES_SERVICE_PORT"))
+        except ConfigError as exc:
+            raise ConfigError("--use-node-feature-api", f"{exc}; or run with --use-node-feature-api=false "
+                              "(USE_NODE_FEATURE_API=false) to write the NFD local feature file instead") from exc
+        return KubeNodeFeatureClient(config)
+
+    labeller = Labeller(cfg, reload_config=lambda: resolve(cli_values, GFD_OPTIONS),
+                        client_factory=node_feature_client)
     import asyncio
 
     try:

@@ -23,7 +23,7 @@ from nvdp.config.load import load
 from nvdp.config.manager import MANAGER_OPTIONS, load_manager_settings
 from nvdp.config.options import OPTIONS
 from nvdp.core.nodeconfig import Chosen, choose
-from nvdp.kube.rbac import CONFIG_MANAGER_RULES
+from nvdp.kube.rbac import CLUSTER_HEALTH_RULES, CONFIG_MANAGER_RULES
 from tests.deploy.deploy_tools import (
     CHART,
     HELMS,
@@ -130,6 +130,10 @@ CASES = [
                        "device_discovery_strategy": "nvml", "dev_root": "/", "log_level": "debug",
                        "nvidia_cdi_hook_path": "/opt/nvidia-cdi-hook", "cdi_feature_flags": FLAGS}),
                  id="other-plugin-settings"),
+    pytest.param(Case({"clusterHealth": {"enabled": True, "taintOnFatal": True}},
+                      {"NVDP_CLUSTER_HEALTH": "true", "NVDP_TAINT_ON_FATAL": "true",
+                       "NODE_NAME": "fieldRef:spec.nodeName"}, RESTRICTED,
+                      {"cluster_health": True, "taint_on_fatal": True}), id="cluster-health"),
     pytest.param(Case({"metrics": {"enabled": True, "serviceMonitor": {"enabled": True}}, "probes": {"enabled": True}},
                       {"NVDP_METRICS_ADDRESS": "0.0.0.0:9401"}), id="metrics-probes-servicemonitor"),
     pytest.param(Case(files=("seed-v0.9.0-values.yaml",),
@@ -589,6 +593,38 @@ def test_the_rbac_is_what_the_config_manager_needs_and_no_more(render: Any) -> N
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["name"],
                                         "namespace": account["namespace"]}]
         assert binding["roleRef"]["name"] == only(docs, kind.replace("Binding", ""))["metadata"]["name"]
+
+
+def granted_rules(docs: list[dict[str, Any]]) -> set[tuple[str, str, frozenset[str], str | None]]:
+    granted = set()
+    for role in (d for d in docs if d["kind"] in ("ClusterRole", "Role")):
+        namespace = role["metadata"].get("namespace")
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    granted.add((group, resource, frozenset(rule["verbs"]), namespace))
+    return granted
+
+
+def test_cluster_health_gets_its_rbac_and_a_token_only_in_the_plugin(render: Any) -> None:
+    rules = {(r.group, r.resource, r.verbs, r.namespace) for r in CLUSTER_HEALTH_RULES}
+    docs = render("helm4", Case({"clusterHealth": {"enabled": True}}))
+    assert granted_rules(docs) == rules
+    pod = plugin_daemonset(docs)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == only(docs, "ServiceAccount")["metadata"]["name"]
+    assert "shareProcessNamespace" not in pod and pod["automountServiceAccountToken"] is False
+    mounts = {m["name"]: m["mountPath"] for m in plugin_container(plugin_daemonset(docs))["volumeMounts"]}
+    assert mounts["kube-api-access"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert "serviceAccountToken" in str(_volume(pod, "kube-api-access"))
+    both = render("helm4", Case({"clusterHealth": {"enabled": True}, **OFFICIAL_CONFIG}))
+    assert granted_rules(both) == rules | {(r.group, r.resource, r.verbs, r.namespace) for r in CONFIG_MANAGER_RULES}
+    assert [v["name"] for v in plugin_daemonset(both)["spec"]["template"]["spec"]["volumes"]].count(
+        "kube-api-access") == 1
+
+
+def test_cluster_health_is_off_by_default(render: Any) -> None:
+    env = env_of(plugin_container(plugin_daemonset(render("helm4", Case()))))
+    assert "NVDP_CLUSTER_HEALTH" not in env and "NODE_NAME" not in env
 
 
 def test_no_config_no_config_manager(render: Any) -> None:

@@ -287,3 +287,25 @@ def test_static_manifest() -> None:
     cfg = load({}, env, options=GFD_OPTIONS)
     assert (cfg.mig_strategy, cfg.use_node_feature_api, cfg.node_name) == ("none", False, "node-1")
     assert os.path.dirname(cfg.output_file) == FEATURES_D
+
+
+def test_node_feature_api_mode_gets_exactly_its_rbac(tmp_path: Path) -> None:
+    from nvdp.kube.rbac import GFD_RULES
+
+    docs = render("helm4", {"gfd": {"enabled": True, "useNodeFeatureAPI": True, "namespaceOverride": "nfd"}}, tmp_path)
+    pod = gfd_of(docs)["spec"]["template"]["spec"]
+    assert env_of(container(gfd_of(docs)))["USE_NODE_FEATURE_API"] == "true"
+    (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"] and "automountServiceAccountToken" not in pod
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    granted = {(g, r, frozenset(rule["verbs"])) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"]}
+    assert granted == {(r.group, r.resource, r.verbs) for r in GFD_RULES}
+    assert role["metadata"]["namespace"] == account["metadata"]["namespace"] == "nfd"
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "nfd"}]
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    # file mode (the default): no account, no token, no RBAC
+    plain = render("helm4", {"gfd": {"enabled": True}}, tmp_path)
+    assert gfd_of(plain)["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert not [d for d in plain if "Role" in d["kind"] or d["kind"] == "ServiceAccount"]

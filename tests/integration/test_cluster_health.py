@@ -1,15 +1,13 @@
 """What the cluster sees (--cluster-health): the real plugin on a simulated node reporting to the
-in-memory cluster (the ClusterApi the Kubernetes client will implement)."""
+in-memory cluster (tests/integration/test_kube_wiring.py runs it on the real client and the fake
+API server)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from click.testing import CliRunner
-
 from nvdp.app.plugin import Plugin
 from nvdp.backends.simulated.backend import SimulatedBackend
-from nvdp.cli import main
 from nvdp.config.options import Config
 from nvdp.core.backoff import Backoff
 from nvdp.ops.cluster import TAINT_KEY
@@ -80,10 +78,3 @@ async def test_an_api_away_does_not_hold_up_the_kubelet(kubelet: FakeKubelet, ma
         cluster.heal()
         await cluster.wait_for(lambda: len(cluster.events_with("GPUUnhealthy")) == 1, timeout=10)
         assert plugin.stats.snapshot().cluster_updates[("condition", "error")] >= 1
-
-
-def test_without_an_api_client_the_flag_stops_the_start() -> None:
-    result = CliRunner().invoke(main, ["serve", "--simulate", "h200", "--kubelet-socket", "", "--cluster-health",
-                                       "--node-name", NODE])
-    assert result.exit_code == 2
-    assert "invalid --cluster-health: this build has no Kubernetes API client yet" in result.output

@@ -102,10 +102,12 @@ def test_oneshot_leaves_the_file(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
-def test_node_feature_api_is_refused_clearly_for_now() -> None:
-    result = gfd("--oneshot", "--simulate", "h200", NODE_NAME="node-1")  # the default: NodeFeature API
+def test_node_feature_api_without_api_settings_stops_clearly() -> None:
+    # the default: the NodeFeature API (tests/integration/test_kube_wiring.py runs it on the fake API server)
+    result = gfd("--oneshot", "--simulate", "h200", NODE_NAME="node-1", KUBECONFIG="", KUBERNETES_SERVICE_HOST="")
     assert result.returncode == 2
-    assert "--use-node-feature-api=false" in result.stderr and "Traceback" not in result.stderr
+    assert "KUBERNETES_SERVICE_HOST" in result.stderr and "Traceback" not in result.stderr
+    assert "--use-node-feature-api=false" in result.stderr  # the way to the file mode
     result = gfd("--oneshot", "--simulate", "h200")
     assert result.returncode == 2 and "required flag node-name not set" in result.stderr
 

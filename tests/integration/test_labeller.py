@@ -233,6 +233,6 @@ async def test_node_feature_api_without_a_client_fails_before_discovery(tmp_path
         opened.append(c)
         return broken_backend(c)
 
-    with pytest.raises(ConfigError, match="not available in this nvdp build yet"):
+    with pytest.raises(ConfigError, match="no Kubernetes API client was given"):
         await Labeller(cfg, backend_factory=factory).run()
     assert opened == []

@@ -147,8 +147,16 @@ class Labeller:
     async def _serve(self) -> bool:
         """Label until stopped (False) or asked to reload (True)."""
         cfg = self.cfg
-        output = open_output(cfg, self._client_factory(cfg), self._stdout or sys.stdout)  # before any discovery
-        backend = self._open_backend()
+        # The output before any discovery; the API client only in the NodeFeature API mode, and
+        # only once the node and namespace are known (open_output names a missing one first).
+        client = self._client_factory(cfg) if cfg.use_node_feature_api and cfg.node_name and cfg.namespace else None
+        try:
+            output = open_output(cfg, client, self._stdout or sys.stdout)
+            backend = self._open_backend()
+        except BaseException:
+            if client is not None:
+                client.close()
+            raise
         timestamp = None if cfg.no_timestamp else int(self._clock())
         try:
             while True:
@@ -169,6 +177,8 @@ class Labeller:
             raise
         finally:
             backend.close()
+            if client is not None:
+                client.close()
 
     def _label_once(self, backend: GpuBackend, output: LabelOutput, timestamp: int | None) -> None:
         node = backend.discover()

@@ -5,9 +5,8 @@
   half a file; NFD skips hidden files in features.d, so it never reads the temporary one either.
 - Stdout: the same lines, for an empty path or `-`.
 - NodeFeature API (the default, as upstream v0.19+): the object of `core.nodefeature`, created or
-  updated through a `NodeFeatureClient`, and not sent when nothing changed. No client is wired
-  into nvdp yet (the Kubernetes API client comes with the per-node configuration work), so
-  `open_output` refuses this mode with a message saying how to run in file mode instead.
+  updated through a `NodeFeatureClient` (app/nodefeature_client.py on kube.KubeClient), and not
+  sent when nothing changed.
 """
 
 from __future__ import annotations
@@ -110,6 +109,10 @@ class NodeFeatureClient(Protocol):
 
     def get_namespaced_pod(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
+    def close(self) -> None:
+        """Free the connection (the labeller calls it when it stops or reloads)."""
+        ...
+
 
 class NodeFeatureOutput:
     """The labels as this node's NodeFeature object. Owner references come from GFD's own pod
@@ -163,12 +166,8 @@ def open_output(cfg: Config, client: NodeFeatureClient | None, stdout: TextIO) -
         raise ConfigError("--node-name (NODE_NAME)", "required flag node-name not set (the NodeFeature API needs it)")
     if not cfg.namespace:
         raise ConfigError("--namespace (NAMESPACE)", "required flag namespace not set (the NodeFeature API needs it)")
-    if client is None:
-        raise ConfigError(
-            "--use-node-feature-api",
-            "publishing labels through the NodeFeature API is not available in this nvdp build yet "
-            "(it needs the Kubernetes API client); run with --use-node-feature-api=false "
-            "(USE_NODE_FEATURE_API=false) to write the NFD local feature file "
-            f"({cfg.output_file or 'stdout'}) that NFD's worker reads",
-        )
+    if client is None:  # the CLI always gives one (app/nodefeature_client.py); a caller that does not
+        raise ConfigError("--use-node-feature-api", "no Kubernetes API client was given for the NodeFeature API; "
+                          "run with --use-node-feature-api=false (USE_NODE_FEATURE_API=false) to write the "
+                          f"NFD local feature file ({cfg.output_file or 'stdout'}) instead")
     return NodeFeatureOutput(client, cfg.node_name, cfg.namespace, cfg.pod_name)

@@ -199,6 +199,7 @@ class Plugin:
                         if self.cfg.simulate_control:
                             await self._open_control(self.cfg.simulate_control, resources)
                         if self.cluster is not None:
+                            resources.push_async_callback(self.cluster.close)  # its API client's connections
                             self._spawn(self.cluster.run(), "cluster-health")
                         self._spawn(self.manager.keep_registered(), "registration")
                         self._spawn(self.manager.watch_folder(), "folder-watch")

@@ -22,7 +22,7 @@ from lightkube.config.kubeconfig import KubeConfig
 from lightkube.config.models import Cluster, User
 from lightkube.core.exceptions import ApiError, ConfigError
 from lightkube.generic_resource import create_namespaced_resource
-from lightkube.resources.core_v1 import Event, Node
+from lightkube.resources.core_v1 import Event, Node, Pod
 from lightkube.types import PatchType, on_error_raise
 
 from nvdp.errors import KubeApiError, KubeConfigError, KubeUnavailable, ResourceExpired
@@ -166,6 +166,39 @@ class KubeClient:
             patched = await self._client.patch(Node, name, {"metadata": {"labels": dict(labels)}},
                                                patch_type=PatchType.MERGE)
             return node_info(patched)
+
+    async def get_node_object(self, name: str) -> dict[str, Any] | None:
+        """The whole Node as the API's JSON (spec.taints, metadata.resourceVersion), None when absent."""
+        try:
+            with _translated(f"get node {name}"):
+                return dict((await self._client.get(Node, name)).to_dict())
+        except KubeApiError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    async def patch_node(self, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch of the Node (metadata.resourceVersion in it: 409 Conflict when stale)."""
+        with _translated(f"patch node {name}"):
+            patched = await self._client.patch(Node, name, dict(patch), patch_type=PatchType.MERGE)
+            return dict(patched.to_dict())
+
+    async def patch_node_status(self, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """A strategic merge patch of nodes/<name>/status (conditions merge by `type`: the others stay)."""
+        with _translated(f"patch node {name} status"):
+            patched = await self._client.patch(Node.Status, name, dict(patch), patch_type=PatchType.STRATEGIC)
+            return dict(patched.to_dict())
+
+    # --- pods -------------------------------------------------------------------------------------
+
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            with _translated(f"get pod {namespace}/{name}"):
+                return dict((await self._client.get(Pod, name, namespace=namespace)).to_dict())
+        except KubeApiError as exc:
+            if exc.code == 404:
+                return None
+            raise
 
     # --- events -----------------------------------------------------------------------------------
 

@@ -27,3 +27,16 @@ CONFIG_MANAGER_RULES = (
     Rule("", "nodes", frozenset({"get", "list", "watch"})),  # read and follow its own node's label
     Rule("", "events", frozenset({"create"}), EVENT_NAMESPACE),  # an Event on the node for an unknown label
 )
+
+# --cluster-health (the plugin; ops/cluster.py, app/cluster_api.py)
+CLUSTER_HEALTH_RULES = (
+    Rule("", "events", frozenset({"create"}), EVENT_NAMESPACE),  # an Event on the node per GPU health change
+    Rule("", "nodes/status", frozenset({"patch"})),  # the GPUHealthy condition
+    Rule("", "nodes", frozenset({"get", "patch"})),  # the node's uid for events; --taint-on-fatal: spec.taints
+)
+
+# GPU feature discovery with the NodeFeature API (app/labels_output.py)
+GFD_RULES = (
+    Rule("nfd.k8s-sigs.io", "nodefeatures", frozenset({"get", "create", "update"})),  # in its namespace
+    Rule("", "pods", frozenset({"get"})),  # its own pod, for the NodeFeature's owner references
+)

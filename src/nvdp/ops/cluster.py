@@ -37,13 +37,7 @@ TAINT_EFFECT = "NoSchedule"
 COMPONENT = "nvidia-device-plugin"
 EVENT_UNHEALTHY, EVENT_HEALTHY, EVENT_CHANGED = "GPUUnhealthy", "GPUHealthy", "GPUHealthChanged"
 RETRY = Backoff(1.0, 60.0)  # after a failed API call
-# The API permissions this needs, as (API group, resource, verbs, namespace or None for cluster-wide);
-# the chart's RBAC and the fake API server's token rules should grant exactly these.
-RBAC_RULES: tuple[tuple[str, str, tuple[str, ...], str | None], ...] = (
-    ("", "events", ("create",), "default"),  # an Event on the node per GPU health change
-    ("", "nodes/status", ("patch",), None),  # the GPUHealthy condition
-    ("", "nodes", ("get", "patch"), None),  # --taint-on-fatal: read spec.taints, write it back
-)
+# The API permissions this needs: kube/rbac.py CLUSTER_HEALTH_RULES (the chart grants exactly those).
 MAX_QUEUED_EVENTS = 256  # while the API is away; the oldest are dropped first (and logged)
 
 
@@ -96,6 +90,10 @@ class ClusterApi(Protocol):
 
     async def remove_taint(self, node: str, key: str) -> None:
         """Remove taints with this key (`taints_without`); none there is not an error."""
+        ...
+
+    async def close(self) -> None:
+        """Free the connection (the plugin calls it once, on the way out)."""
         ...
 
 
@@ -255,6 +253,10 @@ class ClusterReporter:
                 except TimeoutError:
                     pass
                 self._wake.clear()
+
+    async def close(self) -> None:
+        """Close the API (after `run` is cancelled)."""
+        await self._api.close()
 
     async def _send_all(self) -> bool:
         """Send what is pending, in order (events first); False at the first failure."""

@@ -1,7 +1,7 @@
 """A small Kubernetes API server for tests and demos: HTTP/1.1 on 127.0.0.1 (optionally TLS), the
 real paths and JSON shapes, kept as strict as kube-apiserver on everything it serves.
 
-Served (core/v1 Nodes and Events built in; namespaced custom types added with `add_type`):
+Served (core/v1 Nodes and Events built in; Pods (`PODS`) and namespaced custom types added with `add_type`):
 
     GET    /api/v1/nodes/<name>                         get      (404 NotFound Status when absent)
     GET    /api/v1/nodes?fieldSelector=..&labelSelector=..   list (NodeList, metadata.resourceVersion)
@@ -87,6 +87,7 @@ class ResourceType:
 NODES = ResourceType("", "v1", "nodes", "Node", namespaced=False, status_subresource=True,
                      merge_keys=(("status.conditions", "type"), ("status.addresses", "type")))
 EVENTS = ResourceType("", "v1", "events", "Event", namespaced=True)
+PODS = ResourceType("", "v1", "pods", "Pod", namespaced=True)  # not built in: tests that read a pod add it
 NODE_FEATURES = ResourceType("nfd.k8s-sigs.io", "v1alpha1", "nodefeatures", "NodeFeature", namespaced=True,
                              custom=True)
 

@@ -36,6 +36,7 @@ class InMemoryCluster:
                           "spec": {"taints": []},
                           "status": {"conditions": conditions if conditions is not None else [kubelet_ready]}}
         self.events: list[Obj] = []
+        self.closed = False  # close() was called (the plugin's way out)
         self.calls: list[str] = []  # "event", "condition", "taint", in the order they took effect
         self._failures: list[tuple[str | None, Exception]] = []
         self._changed: asyncio.Condition | None = None
@@ -66,6 +67,9 @@ class InMemoryCluster:
             await self._cond().wait_for(predicate)
 
     # --- ClusterApi --------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        self.closed = True
 
     async def post_event(self, event: NodeEvent) -> None:
         self._maybe_fail("event")

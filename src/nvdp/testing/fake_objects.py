@@ -33,7 +33,11 @@ class FakeObjects:
     pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)  # (method, object name)
     fail_pods: bool = False  # reading a pod fails (e.g. RBAC without pods/get)
+    closed: bool = False  # close() was called
     _versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def close(self) -> None:
+        self.closed = True
 
     def add_pod(self, namespace: str, pod: dict[str, Any]) -> None:
         self.pods[(namespace, pod["metadata"]["name"])] = pod

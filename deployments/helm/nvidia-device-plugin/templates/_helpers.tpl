@@ -377,3 +377,4 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   value: /config/config.yaml
 {{- end }}
 {{- end -}}
+
