@@ -218,7 +218,10 @@ async def plugin(engine: str, image: str, plugin_dir: Path, kubelet: FakeKubelet
     container = Container(engine, f"nvdp-test-{uuid.uuid4().hex[:12]}", config_dir / "config.yaml")
     rc, out = await engine_call(engine, *run_args(engine)[1:], "-d", "--name", container.name,
                                 "-v", f"{plugin_dir}:{DEVICE_PLUGINS}", "-v", f"{config_dir}:/config:ro",
-                                image, "--simulate", "dgx-h100", "--config-file", "/config/config.yaml")
+                                # Inside the container the default kubelet socket is the test kubelet's
+                                # folder mounted there: say so (the simulate guard, docs/simulated-profiles.md).
+                                image, "--simulate", "dgx-h100", "--simulate-on-real-kubelet",
+                                "--config-file", "/config/config.yaml")
     assert rc == 0, out
     try:
         try:
