@@ -10,7 +10,8 @@ docs/operations.md lists every metric; a test keeps that list and this module in
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -53,6 +54,14 @@ MPS_DAEMON_READY = "nvdp_mps_daemon_ready"
 def _cuda_version(encoded: int) -> str:
     """NVML's 13000 -> "13.0"."""
     return f"{encoded // 1000}.{encoded % 1000 // 10}" if encoded else ""
+
+
+def _counter(name: str, documentation: str, labels: list[str], counts: Mapping[Any, int]) -> CounterMetricFamily:
+    """A counter family from a count per label tuple (or per single label value); values become text."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, n in sorted(counts.items()):
+        family.add_metric([str(k) for k in (key if isinstance(key, tuple) else (key,))], n)
+    return family
 
 
 class PluginCollector(Collector):
@@ -119,49 +128,31 @@ class PluginCollector(Collector):
         yield ready
 
     def _health(self, stats: StatsSnapshot) -> Iterator[Metric]:
-        transitions = CounterMetricFamily(
-            HEALTH_TRANSITIONS, "devices changing health, by the new health and the reason",
-            labels=["resource", "health", "reason"])
-        for (resource, health, reason), n in sorted(stats.health_transitions.items()):
-            transitions.add_metric([resource, health, reason], n)
-        yield transitions
-        events = CounterMetricFamily(HEALTH_EVENTS, "health events reported by the driver, by GPU and kind "
-                                     "(xid, ecc, ecc-corrected)", labels=["gpu_uuid", "kind"])
-        for (gpu, kind), n in sorted(stats.health_events.items()):
-            events.add_metric([gpu, kind], n)
-        yield events
-        xids = CounterMetricFamily(XID_EVENTS, "XID events reported by the driver, by GPU and XID",
-                                   labels=["gpu_uuid", "xid"])
-        for (gpu, xid), n in sorted(stats.xid_events.items()):
-            xids.add_metric([gpu, str(xid)], n)
-        yield xids
+        yield _counter(HEALTH_TRANSITIONS, "devices changing health, by the new health and the reason",
+                       ["resource", "health", "reason"], stats.health_transitions)
+        yield _counter(HEALTH_EVENTS, "health events reported by the driver, by GPU and kind "
+                       "(xid, ecc, ecc-corrected)",
+                       ["gpu_uuid", "kind"], stats.health_events)
+        yield _counter(XID_EVENTS, "XID events reported by the driver, by GPU and XID",
+                       ["gpu_uuid", "xid"], stats.xid_events)
 
     def _steering(self, state: PluginState) -> Iterator[Metric]:
         """Recovery actions, NVML deadlines, GPU hygiene and --cluster-health (docs/health.md)."""
         stats = state.stats
-        actions = CounterMetricFamily(XID_RECOVERY_ACTIONS, "XID events by the GPU recovery action the driver asked "
-                                      "for with them (where it reports one)", labels=["gpu_uuid", "xid", "action"])
-        for (gpu, xid, action), n in sorted(stats.xid_recovery_actions.items()):
-            actions.add_metric([gpu, str(xid), action], n)
-        yield actions
-        timeouts = CounterMetricFamily(NVML_TIMEOUTS, "NVML calls on the health path that passed their deadline, "
-                                       "by kind (probe, subscribe, event-wait, usage)", labels=["call"])
-        for call, n in sorted(stats.nvml_timeouts.items()):
-            timeouts.add_metric([call], n)
-        yield timeouts
+        yield _counter(XID_RECOVERY_ACTIONS, "XID events by the GPU recovery action the driver asked "
+                       "for with them (where it reports one)",
+                       ["gpu_uuid", "xid", "action"], stats.xid_recovery_actions)
+        yield _counter(NVML_TIMEOUTS, "NVML calls on the health path that passed their deadline, "
+                       "by kind (probe, subscribe, event-wait, usage)",
+                       ["call"], stats.nvml_timeouts)
         yield GaugeMetricFamily(NVML_STUCK_THREADS, "threads left behind inside an NVML call that passed its "
                                 "deadline and has not returned", value=state.nvml_stuck_threads)
-        refusals = CounterMetricFamily(HYGIENE_REFUSALS, "PreStartContainer calls refused by --gpu-hygiene, by "
-                                       "resource, GPU and why (dirty, nvml-timeout)",
-                                       labels=["resource", "gpu_uuid", "why"])
-        for (resource, gpu, why), n in sorted(stats.hygiene_refusals.items()):
-            refusals.add_metric([resource, gpu, why], n)
-        yield refusals
-        updates = CounterMetricFamily(CLUSTER_UPDATES, "Kubernetes API calls made for --cluster-health, by kind "
-                                      "(event, condition, taint) and outcome (ok, error)", labels=["kind", "outcome"])
-        for (kind, outcome), n in sorted(stats.cluster_updates.items()):
-            updates.add_metric([kind, outcome], n)
-        yield updates
+        yield _counter(HYGIENE_REFUSALS, "PreStartContainer calls refused by --gpu-hygiene, by "
+                       "resource, GPU and why (dirty, nvml-timeout)",
+                       ["resource", "gpu_uuid", "why"], stats.hygiene_refusals)
+        yield _counter(CLUSTER_UPDATES, "Kubernetes API calls made for --cluster-health, by kind "
+                       "(event, condition, taint) and outcome (ok, error)",
+                       ["kind", "outcome"], stats.cluster_updates)
 
     def _allocations(self, stats: StatsSnapshot) -> Iterator[Metric]:
         allocations = CounterMetricFamily(ALLOCATIONS, "container requests answered by Allocate",
@@ -172,11 +163,8 @@ class PluginCollector(Collector):
             devices.add_metric([resource], stats.allocated_devices.get(resource, 0))
         yield allocations
         yield devices
-        errors = CounterMetricFamily(ALLOCATION_ERRORS, "container requests refused by Allocate, by error",
-                                     labels=["resource", "error"])
-        for (resource, error), n in sorted(stats.allocation_errors.items()):
-            errors.add_metric([resource, error], n)
-        yield errors
+        yield _counter(ALLOCATION_ERRORS, "container requests refused by Allocate, by error",
+                       ["resource", "error"], stats.allocation_errors)
 
     def _grpc(self, stats: StatsSnapshot) -> Iterator[Metric]:
         duration = HistogramMetricFamily(
@@ -186,11 +174,8 @@ class PluginCollector(Collector):
             buckets = [("+Inf" if bound == float("inf") else repr(bound), n) for bound, n in histogram.cumulative()]
             duration.add_metric([resource, method], buckets, histogram.total)
         yield duration
-        requests = CounterMetricFamily(GRPC_REQUESTS, "device-plugin gRPC calls by status code",
-                                       labels=["resource", "method", "code"])
-        for (resource, method, code), n in sorted(stats.rpc_codes.items()):
-            requests.add_metric([resource, method, code], n)
-        yield requests
+        yield _counter(GRPC_REQUESTS, "device-plugin gRPC calls by status code",
+                       ["resource", "method", "code"], stats.rpc_codes)
 
 
 def make_registry(read: Callable[[], PluginState]) -> CollectorRegistry:
